@@ -1,0 +1,282 @@
+"""The `boomerang` command line: thin, one function per command, every listing also as `--json`.
+
+A teacher (`--teacher T`) is `default`, a hub id, a local model folder or a `.gguf` file. A size is
+named by its layer count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+
+from boomerang.errors import BoomerangError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "func"):
+        parser.print_help()
+        return 2
+    _quiet_libraries()
+    try:
+        return args.func(args) or 0
+    except BoomerangError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+# ----------------------------------------------------------------------------- shared arguments
+
+
+def _add_teacher(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--teacher", default=None,
+                   help="default | hub id | local model folder | .gguf file (default: the student's teacher, "
+                        "or the packaged SmolLM2-135M-Instruct)")
+    p.add_argument("--dtype", default="float32", help="float32 (default on CPU) | bfloat16 | float16")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the hub")
+
+
+def _add_plan(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("layer plan (paper default: keep first 1, every 2nd, last 2)")
+    g.add_argument("--keep-first", type=int, default=1)
+    g.add_argument("--every", type=int, default=2)
+    g.add_argument("--keep-last", type=int, default=2)
+    g.add_argument("--keep", default=None, help="explicit kept teacher layers instead, e.g. 0,2,4-10,29")
+
+
+def _add_order(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--order", default="last",
+                   help="patch order: last (paper default) | first (paper's choice for Llama-3) | greedy "
+                        "(closest to the teacher in KL at each size) | a list of student layers")
+    p.add_argument("--calibration", default=None, help="text file for the greedy order (default: a built-in text)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="boomerang", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(title="commands")
+
+    p = sub.add_parser("family", help="the plan and every size of a family")
+    _add_teacher(p), _add_plan(p), _add_order(p)
+    p.add_argument("--student", default=None, help="a student folder (default: a freshly cut student)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_family)
+
+    p = sub.add_parser("cut", help="write the freshly cut (undistilled) student folder")
+    _add_teacher(p), _add_plan(p)
+    p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing model folder at --out")
+    p.set_defaults(func=cmd_cut)
+
+    p = sub.add_parser("export", help="one size as a standalone Hugging Face model folder")
+    _add_teacher(p), _add_order(p)
+    p.add_argument("--student", required=True)
+    p.add_argument("--layers", type=int, required=True, help="the size, by its number of layers")
+    p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("generate", help="one prompt through any size, streamed")
+    _add_teacher(p), _add_plan(p), _add_order(p)
+    p.add_argument("--student", default=None)
+    p.add_argument("--layers", type=int, default=None, help="size to use (default: the teacher)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--no-chat-template", action="store_true", help="send the prompt as raw text")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("teacher", help="load (and cache) a teacher and describe it")
+    _add_teacher(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_teacher)
+    return parser
+
+
+# ----------------------------------------------------------------------------- loading helpers
+
+
+def _plan_from_args(args, n_teacher: int):
+    from boomerang.plan import LayerPlan, PaperRule, parse_layer_list
+
+    if getattr(args, "keep", None):
+        return LayerPlan(n_teacher, tuple(parse_layer_list(args.keep)))
+    return LayerPlan.from_rule(n_teacher, PaperRule(args.keep_first, args.every, args.keep_last))
+
+
+def _load_teacher(args, default_source: str = "default"):
+    from boomerang.models import load_teacher
+
+    return load_teacher(args.teacher or default_source, dtype=args.dtype, device=args.device,
+                        trust_remote_code=args.trust_remote_code)
+
+
+def _load_family(args):
+    """(teacher, family, student label) from --teacher/--student and plan/order flags."""
+    from boomerang.family import Family
+    from boomerang.student import cut_student, load_student, read_manifest
+
+    if args.student:
+        manifest = read_manifest(args.student)
+        teacher = _load_teacher(args, manifest.teacher_source)
+        student, manifest = load_student(args.student, teacher)
+        plan, label = manifest.plan, str(Path(args.student).expanduser().resolve())
+    else:
+        teacher = _load_teacher(args)
+        plan = _plan_from_args(args, teacher.n_layers)
+        student, label = cut_student(teacher.model, plan, share=True), "(freshly cut, undistilled)"
+    order = _resolve_order_arg(args, teacher, student, plan)
+    return teacher, Family(teacher.model, student, plan, order=order), label
+
+
+def _resolve_order_arg(args, teacher, student, plan):
+    from boomerang.family import greedy_patch_order
+    from boomerang.plan import parse_layer_list
+
+    order = args.order
+    if order in ("last", "first"):
+        return order
+    if order == "greedy":
+        text = (Path(args.calibration).read_text() if args.calibration
+                else resources.files("boomerang.resources").joinpath("calibration.txt").read_text())
+        ids = teacher.tokenizer(text, return_tensors="pt").input_ids[:, :256].to(teacher.model.device)
+        print(f"computing the greedy order on {ids.shape[1]} calibration tokens...", file=sys.stderr)
+        return greedy_patch_order(teacher.model, student, plan, ids)
+    return parse_layer_list(order)
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def cmd_family(args) -> int:
+    teacher, family, label = _load_family(args)
+    sizes = family.sizes()
+    if args.json:
+        print(json.dumps({
+            "teacher": teacher.source, "teacher_fingerprint": teacher.fingerprint, "student": label,
+            "plan": family.plan.to_dict(), "alignment": [list(a) for a in family.plan.alignment],
+            "order": list(family.order), "sizes": [s.to_dict() for s in sizes],
+        }, indent=2))
+        return 0
+    plan = family.plan
+    print(f"teacher  {teacher.source}  ({plan.n_teacher} layers, {family.arch.family})")
+    print(f"student  {label}  ({plan.n_student} layers)")
+    print(f"kept     {list(plan.kept)}")
+    print(f"order    {list(family.order)}  (student layers, first patched first)\n")
+    print(f"{'layers':>6}  {'params':>12}  {'no embed':>12}  {'patched':>7}  runs")
+    for s in sizes:
+        tag = " (teacher)" if s.is_teacher else " (student)" if s.is_student else ""
+        print(f"{s.n_layers:>6}  {s.params:>12,}  {s.params_no_embed:>12,}  {len(s.patched):>7}  "
+              f"{_compress_runs(s.layers)}{tag}")
+    return 0
+
+
+def _compress_runs(layers) -> str:
+    """["S0","S1","T4","T5","T6"] -> "S0-1 T4-6"."""
+    out, start, prev = [], None, None
+    for name in (*layers, None):
+        kind, idx = (name[0], int(name[1:])) if name else (None, None)
+        if prev and (kind != prev[0] or idx != prev[1] + 1):
+            out.append(f"{start[0]}{start[1]}" + (f"-{prev[1]}" if prev[1] != start[1] else ""))
+            start = None
+        if name and start is None:
+            start = (kind, idx)
+        prev = (kind, idx) if name else None
+    return " ".join(out)
+
+
+def cmd_cut(args) -> int:
+    from boomerang.outputs import check_output_dir
+    from boomerang.student import Manifest, cut_student, save_student
+
+    check_output_dir(args.out, overwrite=args.overwrite)  # fail before loading anything
+    teacher = _load_teacher(args)
+    plan = _plan_from_args(args, teacher.n_layers)
+    student = cut_student(teacher.model, plan)
+    manifest = Manifest(teacher.source, teacher.fingerprint, plan, teacher_revision=teacher.revision)
+    out = save_student(student, teacher.tokenizer, manifest, args.out, overwrite=args.overwrite)
+    print(f"wrote the {plan.n_student}-layer student (teacher layers {list(plan.kept)}) to {out}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from boomerang.export import export_size
+    from boomerang.outputs import check_output_dir
+
+    check_output_dir(args.out, overwrite=args.overwrite)
+    teacher, family, label = _load_family(args)
+    out = export_size(family, args.layers, args.out, tokenizer=teacher.tokenizer, teacher_source=teacher.source,
+                      student_source=label, overwrite=args.overwrite)
+    info = family.info(args.layers)
+    print(f"exported the {info.n_layers}-layer size ({info.params:,} parameters) to {out}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    import torch
+    from transformers import TextStreamer
+
+    teacher, family, _ = _load_family(args)
+    n_layers = args.layers or family.plan.n_teacher
+    model = family.build(n_layers)
+    tok = teacher.tokenizer
+    if tok.chat_template and not args.no_chat_template:
+        ids = tok.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True,
+                                      return_tensors="pt", return_dict=True)["input_ids"]
+    else:
+        ids = tok(args.prompt, return_tensors="pt").input_ids
+    ids = ids.to(model.device)
+    sampling = {} if args.greedy else {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p}
+    streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
+                             do_sample=not args.greedy, streamer=streamer, pad_token_id=tok.pad_token_id or tok.eos_token_id,
+                             **{k: v for k, v in sampling.items() if k != "do_sample"})
+    new = out.shape[1] - ids.shape[1]
+    took = time.perf_counter() - start
+    print(f"[{n_layers} layers: {new} tokens in {took:.2f} s, {new / took:.1f} tokens/s]", file=sys.stderr)
+    return 0
+
+
+def cmd_teacher(args) -> int:
+    start = time.perf_counter()
+    teacher = _load_teacher(args)
+    from boomerang.arch import adapter_for
+
+    cfg = teacher.model.config
+    info = {"source": teacher.source, "family": adapter_for(cfg).family, "model_type": cfg.model_type,
+            "layers": teacher.n_layers, "hidden_size": cfg.hidden_size,
+            "parameters": sum(p.numel() for p in teacher.model.parameters()),
+            "fingerprint": teacher.fingerprint, "revision": teacher.revision,
+            "load_seconds": round(time.perf_counter() - start, 2)}
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        for k, v in info.items():
+            print(f"{k:>12}  {v:,}" if isinstance(v, int) else f"{k:>12}  {v}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

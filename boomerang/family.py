@@ -1,0 +1,282 @@
+"""Building any size between student and teacher by patching teacher blocks back into the student.
+
+A size is assembled, never copied: its layer list holds the teacher's and the student's own layer
+modules (their parameters are the same tensors), so building one costs microseconds per layer and no
+weight memory. Two things a shared layer carries must differ per size, and are handled here:
+
+- `layer_idx`, which indexes the KV cache. Each size gets a shallow clone of every layer (and of each
+  submodule that carries `layer_idx`) with its own index; the parameters are still shared, and the
+  teacher's and student's own modules are never mutated, so a size and the teacher can generate at
+  the same time in two threads.
+- per-layer config fields (`layer_types`: sliding vs. full attention). Each block keeps the type it
+  was trained with, and the size's config lists, position by position, the type of the block there.
+
+The size with every block patched is the teacher itself (as in the paper's reference code); smaller
+sizes take the embeddings, final norm and head from the student ("ends").
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from boomerang.arch import Arch, adapter_for
+from boomerang.errors import BoomerangError
+from boomerang.plan import LayerPlan
+
+ORDERS = ("last", "first", "greedy")
+
+
+# ----------------------------------------------------------------------------- assembling a model
+
+
+def _shallow(module: nn.Module) -> nn.Module:
+    """A new module object sharing every parameter, buffer and child of `module`."""
+    clone = copy.copy(module)
+    clone._parameters = dict(module._parameters)
+    clone._buffers = dict(module._buffers)
+    clone._modules = dict(module._modules)
+    return clone
+
+
+def _carries_layer_idx(module: nn.Module) -> bool:
+    return "layer_idx" in module.__dict__ or any(_carries_layer_idx(c) for c in module._modules.values() if c is not None)
+
+
+def rebind_layer(layer: nn.Module, idx: int) -> nn.Module:
+    """A clone of a decoder layer whose `layer_idx` (and its submodules') is `idx`; weights shared."""
+    clone = _shallow(layer)
+    if "layer_idx" in layer.__dict__:
+        clone.layer_idx = idx
+    for name, child in layer._modules.items():
+        if child is not None and _carries_layer_idx(child):
+            clone._modules[name] = rebind_layer(child, idx)
+    return clone
+
+
+def assemble(
+    skeleton: nn.Module,
+    layers: Sequence[nn.Module],
+    layer_types: Sequence[str] | None,
+    ends: dict[tuple[str, ...], nn.Module] | None = None,
+) -> nn.Module:
+    """A causal LM shaped like `skeleton` running `layers` in order, sharing every weight.
+
+    `ends` replaces some of the skeleton's non-layer modules (keyed as in `Arch.end_modules`). The
+    returned model has its own config (layer count, per-layer fields, tying) and its own layer clones;
+    if its head and token embedding end up different tensors, it is marked untied.
+    """
+    arch = adapter_for(skeleton)
+    top = _shallow(skeleton)
+    base = _shallow(arch.base_model(skeleton))
+    top._modules[arch.base] = base
+    for path, module in (ends or {}).items():
+        (top if len(path) == 1 else base)._modules[path[-1]] = module
+    base._modules[arch.layers] = nn.ModuleList(rebind_layer(layer, i) for i, layer in enumerate(layers))
+    config = copy.deepcopy(skeleton.config)
+    config.num_hidden_layers = len(layers)
+    if layer_types is not None:
+        config.layer_types = list(layer_types)
+    config.tie_word_embeddings = arch.head_module(top).weight is arch.token_embedding(top).weight
+    top.config = config
+    base.config = config
+    return top
+
+
+def layer_types_of(model: nn.Module) -> list[str] | None:
+    types = getattr(model.config, "layer_types", None)
+    return list(types) if types is not None else None
+
+
+# ----------------------------------------------------------------------------- sizes
+
+
+@dataclass(frozen=True)
+class SizeInfo:
+    """One member of a family."""
+
+    n_layers: int
+    """Decoder layers of this size (its name)."""
+    patched: tuple[int, ...]
+    """Student layers replaced by the teacher blocks they stand for."""
+    layers: tuple[str, ...]
+    """What runs, position by position: "T5" is teacher layer 5, "S3" student layer 3."""
+    params: int
+    """All parameters (embeddings and head counted once if tied)."""
+    params_no_embed: int
+    """Parameters without the input embeddings and output head."""
+    is_teacher: bool = False
+    is_student: bool = False
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _count(modules: Iterable[nn.Module]) -> int:
+    seen: set[int] = set()
+    total = 0
+    for module in modules:
+        for p in module.parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                total += p.numel()
+    return total
+
+
+class Family:
+    """A teacher and a student of it, and every size in between, built on demand.
+
+    `order` is "last" (patch the last student blocks first; the paper's default), "first" (the
+    paper's choice for Llama-3), "greedy" (needs `greedy_order` computed, see `greedy_patch_order`),
+    or an explicit sequence of student layers.
+    """
+
+    def __init__(self, teacher: nn.Module, student: nn.Module, plan: LayerPlan,
+                 order: str | Sequence[int] = "last"):
+        self.teacher, self.student, self.plan = teacher, student, plan
+        self.arch: Arch = adapter_for(teacher)
+        if adapter_for(student) is not self.arch:
+            raise BoomerangError("the student is not of the teacher's architecture")
+        _check_shapes(self.arch, teacher, student, plan)
+        self.order = resolve_order(plan, order)
+        self._t_layers = list(self.arch.layer_list(teacher))
+        self._s_layers = list(self.arch.layer_list(student))
+        self._t_types = layer_types_of(teacher)
+        self._s_types = layer_types_of(student)
+
+    # sizes are named by their layer count
+    @property
+    def layer_counts(self) -> list[int]:
+        return [self.plan.n_layers(set(self.order[:k])) for k in range(len(self.order) + 1)]
+
+    def patched_for(self, n_layers: int) -> tuple[int, ...]:
+        counts = self.layer_counts
+        if n_layers not in counts:
+            raise BoomerangError(
+                f"no size with {n_layers} layers in this family: sizes are {counts[0]}..{counts[-1]} "
+                f"layers ({', '.join(map(str, counts))})"
+            )
+        return tuple(self.order[: counts.index(n_layers)])
+
+    def build(self, n_layers: int) -> nn.Module:
+        """The size with `n_layers` decoder layers, sharing every weight with teacher and student."""
+        if n_layers == self.plan.n_teacher:
+            return self.teacher
+        return self.build_patched(self.patched_for(n_layers))
+
+    def build_patched(self, patched: Iterable[int], *, embeddings: str = "student",
+                      head: str = "student") -> nn.Module:
+        """Any set of patched student layers (singletons too).
+
+        `embeddings` and `head` ("student" or "teacher") say whose input embeddings and whose final
+        norm + head the model uses; mixing them on a tied model leaves the two untied.
+        """
+        for what, who in (("embeddings", embeddings), ("head", head)):
+            if who not in ("student", "teacher"):
+                raise BoomerangError(f"{what} must come from 'student' or 'teacher', got {who!r}")
+        patched = set(patched)
+        bad = patched - set(range(self.plan.n_student))
+        if bad:
+            raise BoomerangError(f"student layers {sorted(bad)} do not exist: the student has {self.plan.n_student}")
+        seq = self.plan.layers_after_patching(patched)
+        layers = [self._t_layers[i] if who == "teacher" else self._s_layers[i] for who, i in seq]
+        types = None
+        if self._t_types is not None:
+            types = [self._t_types[i] if who == "teacher" else self._s_types[i] for who, i in seq]
+        pick = {"student": self.student, "teacher": self.teacher}
+        a = self.arch
+        ends = {path: m for path, m in a.end_modules(pick[embeddings]).items() if path[-1] in a.embeddings}
+        ends.update({path: m for path, m in a.end_modules(pick[head]).items() if path[-1] not in a.embeddings})
+        return assemble(self.student, layers, types, ends=ends)
+
+    def info(self, n_layers: int) -> SizeInfo:
+        patched = self.patched_for(n_layers)
+        is_teacher = n_layers == self.plan.n_teacher
+        seq = ([("teacher", i) for i in range(self.plan.n_teacher)] if is_teacher
+               else self.plan.layers_after_patching(set(patched)))
+        ends_model = self.teacher if is_teacher else self.student
+        layer_mods = [self._t_layers[i] if w == "teacher" else self._s_layers[i] for w, i in seq]
+        ends = self.arch.end_modules(ends_model)
+        body = _count(layer_mods) + _count([ends[(self.arch.base, self.arch.norm)]])
+        total = _count([*layer_mods, *ends.values()])
+        return SizeInfo(
+            n_layers=n_layers,
+            patched=tuple(sorted(patched)),
+            layers=tuple(("T" if w == "teacher" else "S") + str(i) for w, i in seq),
+            params=total,
+            params_no_embed=body,
+            is_teacher=is_teacher,
+            is_student=not patched,
+        )
+
+    def sizes(self) -> list[SizeInfo]:
+        return [self.info(n) for n in self.layer_counts]
+
+
+def _check_shapes(arch: Arch, teacher: nn.Module, student: nn.Module, plan: LayerPlan) -> None:
+    n_t, n_s = len(arch.layer_list(teacher)), len(arch.layer_list(student))
+    if n_t != plan.n_teacher or n_s != plan.n_student:
+        raise BoomerangError(
+            f"the plan is for a {plan.n_teacher}-layer teacher and {plan.n_student}-layer student, "
+            f"got {n_t} and {n_s} layers"
+        )
+    for j, i in enumerate(plan.kept):
+        s_shapes = [tuple(p.shape) for p in arch.layer_list(student)[j].parameters()]
+        t_shapes = [tuple(p.shape) for p in arch.layer_list(teacher)[i].parameters()]
+        if s_shapes != t_shapes:
+            raise BoomerangError(f"student layer {j} does not have the shapes of teacher layer {i}")
+
+
+def resolve_order(plan: LayerPlan, order: str | Sequence[int]) -> tuple[int, ...]:
+    """The full patch order (student layers) for "last", "first" or an explicit list."""
+    blocks = plan.patchable
+    if isinstance(order, str):
+        if order == "last":
+            return tuple(reversed(blocks))
+        if order == "first":
+            return tuple(blocks)
+        if order == "greedy":
+            raise BoomerangError("the greedy order must be computed first: use greedy_patch_order(...)")
+        raise BoomerangError(f"unknown patch order {order!r}: use one of {', '.join(ORDERS)} or a list of student layers")
+    order = tuple(int(j) for j in order)
+    if sorted(order) != sorted(blocks):
+        raise BoomerangError(
+            f"an explicit patch order must list every patchable student layer once: expected a "
+            f"permutation of {list(blocks)}, got {list(order)}"
+        )
+    return order
+
+
+# ----------------------------------------------------------------------------- greedy order
+
+
+def mean_kl(teacher_logits: torch.Tensor, logits: torch.Tensor) -> float:
+    """Mean over positions of KL(teacher || model), logits (B, T, V)."""
+    t = torch.log_softmax(teacher_logits.float(), -1)
+    s = torch.log_softmax(logits.float(), -1)
+    return float((t.exp() * (t - s)).sum(-1).mean())
+
+
+@torch.no_grad()
+def greedy_patch_order(teacher: nn.Module, student: nn.Module, plan: LayerPlan,
+                       calibration: torch.Tensor, on_step=None) -> tuple[int, ...]:
+    """Size by size, patch the block that keeps the model closest to the teacher (mean KL).
+
+    `calibration` is a (B, T) batch of token ids; it costs about n^2/2 forwards for n blocks.
+    """
+    fam = Family(teacher, student, plan, order="last")
+    ref = teacher(calibration).logits
+    chosen: list[int] = []
+    remaining = list(plan.patchable)
+    while remaining:
+        scores = {j: mean_kl(ref, fam.build_patched({*chosen, j})(calibration).logits) for j in remaining}
+        best = min(scores, key=scores.get)
+        chosen.append(best)
+        remaining.remove(best)
+        if on_step:
+            on_step(len(chosen), len(plan.patchable), best, scores[best])
+    return tuple(chosen)

