@@ -131,11 +131,11 @@ def load_teacher(source: str = DEFAULT_TEACHER, *, dtype: str | torch.dtype | No
     return Teacher(model, tok, norm_source, weights_fingerprint(model), revision)
 
 
-def _load_folder(folder: Path, dtype: torch.dtype, trust_remote_code: bool):
+def _load_folder(folder: Path, dtype: torch.dtype, trust_remote_code: bool, **kwargs):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=trust_remote_code)
-    tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
+    tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code, **kwargs)
     return model, tok
 
 
@@ -143,19 +143,52 @@ def _hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
 
 
+def _hub_unreachable_reason(timeout: float = 3.0) -> str | None:
+    """Why the hub cannot be reached, checked in seconds rather than the client's retries; None if it can."""
+    import socket
+    from urllib.parse import urlparse
+
+    if _hub_offline():
+        return "the hub is switched off (HF_HUB_OFFLINE=1)"
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((endpoint.hostname, port), timeout=timeout).close()
+    except OSError as exc:
+        return f"cannot reach {endpoint.hostname}:{port}: {exc}"
+    return None
+
+
 def _load_hub(repo_id: str, dtype: torch.dtype, trust_remote_code: bool):
     hint = (
         f"Download it where the hub is reachable (e.g. `hf download {repo_id} --local-dir DIR`), "
         "copy the folder here and pass --teacher DIR"
     )
+    reason = _hub_unreachable_reason()
+    if reason and not _in_hub_cache(repo_id):
+        raise BoomerangError(
+            f"could not load teacher {repo_id!r} from the Hugging Face Hub, and there is no local folder "
+            f"of that name ({reason}). {hint}"
+        )
     try:
-        return _load_folder(repo_id, dtype, trust_remote_code)  # type: ignore[arg-type]
+        # unreachable but cached: load from the cache without the client's retries
+        return _load_folder(repo_id, dtype, trust_remote_code, local_files_only=reason is not None)  # type: ignore[arg-type]
     except Exception as exc:  # the hub client raises many types for "unreachable" and "not found"
-        reason = "the hub is switched off (HF_HUB_OFFLINE=1)" if _hub_offline() else f"{type(exc).__name__}: {exc}"
+        reason = reason or f"{type(exc).__name__}: {exc}"
         raise BoomerangError(
             f"could not load teacher {repo_id!r} from the Hugging Face Hub, and there is no local folder "
             f"of that name ({reason.splitlines()[0][:300]}). {hint}"
         ) from exc
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    """Whether the hub client has this model cached locally (then it loads without the network)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:
+        return False
 
 
 # ----------------------------------------------------------------------------- GGUF conversion cache

@@ -36,3 +36,27 @@ def tiny_model(model_type: str, seed: int = 0):
 def tokens(batch: int = 2, length: int = 12, seed: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, VOCAB, (batch, length), generator=g)
+
+
+def tiny_tokenizer():
+    """A character-level tokenizer over printable ASCII whose vocabulary fits the tiny models (97)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for code in range(32, 126):
+        vocab[chr(code)] = len(vocab)
+    assert len(vocab) == VOCAB
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    core.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="</s>")
+
+
+def save_tiny_teacher(folder, model_type: str = "llama", seed: int = 0):
+    """A tiny random teacher saved as a local Hugging Face folder, with a tokenizer."""
+    model = tiny_model(model_type, seed)
+    model.save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return model
