@@ -106,11 +106,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-chat-template", action="store_true", help="send the prompt as raw text")
     p.set_defaults(func=cmd_generate)
 
+    p = sub.add_parser("distill", help="distill a student the boomerang way (resumable; Ctrl-C stops and checkpoints)")
+    p.add_argument("--recipe", default=None, help="JSON file whose keys are the settings below")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    _add_config_flags(p)
+    p.set_defaults(func=cmd_distill)
+
     p = sub.add_parser("teacher", help="load (and cache) a teacher and describe it")
     _add_teacher(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_teacher)
     return parser
+
+
+def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per DistillConfig field, help from its docstring; unset flags leave the recipe's value."""
+    import dataclasses
+
+    from boomerang.distill import DistillConfig
+
+    docs = _field_docs(DistillConfig)
+    g = p.add_argument_group("settings (defaults: the paper's; a recipe file sets them too)")
+    for f in dataclasses.fields(DistillConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default
+        help_text = f"{docs.get(f.name, '')} (default: {default})"
+        if f.type in ("bool", bool):
+            g.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
+        elif f.name == "keep":
+            g.add_argument(flag, default=argparse.SUPPRESS, help=help_text + "; e.g. 0,2,4-10,29")
+        else:
+            kind = {"int": int, "float": float, "int | None": int}.get(str(f.type), str)
+            g.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=help_text)
+
+
+def _field_docs(cls) -> dict[str, str]:
+    """The one-line docstrings under dataclass fields."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(cls))
+    body, docs = tree.body[0].body, {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[node.target.id] = str(nxt.value.value).strip()
+    return docs
 
 
 # ----------------------------------------------------------------------------- loading helpers
@@ -256,6 +296,57 @@ def cmd_generate(args) -> int:
     new = out.shape[1] - ids.shape[1]
     took = time.perf_counter() - start
     print(f"[{n_layers} layers: {new} tokens in {took:.2f} s, {new / took:.1f} tokens/s]", file=sys.stderr)
+    return 0
+
+
+def cmd_distill(args) -> int:
+    import dataclasses
+    import signal
+
+    from tqdm import tqdm
+
+    from boomerang.distill import DistillConfig, distill, read_recipe
+    from boomerang.plan import parse_layer_list
+
+    names = {f.name for f in dataclasses.fields(DistillConfig)}
+    given = {k: v for k, v in vars(args).items() if k in names}
+    if "keep" in given:
+        given["keep"] = parse_layer_list(given["keep"])
+    if args.resume:
+        if "out" not in given:
+            raise BoomerangError("--resume needs --out: the run folder to continue")
+        base = read_recipe(given["out"]).to_dict()
+    else:
+        base = DistillConfig.from_file(args.recipe).to_dict() if args.recipe else {}
+    cfg = DistillConfig.from_dict({**base, **given})
+
+    stop = {"asked": False}
+
+    def ask_stop(signum, frame):
+        if stop["asked"]:
+            raise KeyboardInterrupt
+        stop["asked"] = True
+        bar.write("stopping after this step (Ctrl-C again to abort without a checkpoint)...")
+
+    bar = tqdm(total=cfg.steps, unit="step", dynamic_ncols=True, desc="distill")
+    previous = signal.signal(signal.SIGINT, ask_stop)
+
+    def on_step(r):
+        bar.set_postfix_str(f"loss {r.loss:.3f} ce {r.ce:.3f} kl {r.kl:.3f} cos {r.cosine:.3f} "
+                            f"lr {r.lr:.1e} {r.tokens_per_s:,.0f} tok/s", refresh=False)
+        bar.update(r.step - bar.n)  # a resumed run starts past 0
+
+    try:
+        result = distill(cfg, on_step=on_step, should_stop=lambda: stop["asked"], resume=args.resume)
+    finally:
+        bar.close()
+        signal.signal(signal.SIGINT, previous)
+    if result.stopped:
+        print(f"stopped at step {result.steps_done}/{cfg.steps}; checkpoint saved. "
+              f"Continue with: boomerang distill --out {result.out} --resume")
+        return 0
+    print(f"student written to {result.student_dir} ({result.steps_done} steps)")
+    print(f"its family: boomerang family --student {result.student_dir}")
     return 0
 
 

@@ -43,10 +43,17 @@ def check_output_dir(out: str | Path, *, overwrite: bool = False) -> Path:
     return path
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def replace_dir_atomically(out: str | Path, write: Callable[[Path], None], *, overwrite: bool = False) -> Path:
     """Run `write(tmp)` into a fresh temporary sibling of `out`, then move it into place."""
     path = check_output_dir(out, overwrite=overwrite)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; a model folder is as readable as any other
     try:
         write(tmp)
         if path.exists():

@@ -1,0 +1,211 @@
+"""Corpora to packed, fixed-length token batches with a held-out split.
+
+Sources (`DataSpec.source`):
+- a local `.txt`, `.jsonl` (a `text` field or the one named) or `.parquet` file, or a folder of them;
+- `hub:NAME[:SPLIT]`, a Hugging Face dataset streamed from the hub (online only);
+- `teacher`, text the teacher writes itself from seed prompts (batched, cached on disk, reusable),
+  so a user with no dataset can still distill.
+
+Documents are tokenised, joined with the end-of-text token and cut into blocks of `seq_len`. The
+last `heldout_fraction` of the token stream is held out. Batches come in a seeded order that
+depends only on the step, so a resumed run sees exactly the batches it would have seen.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from boomerang.errors import BoomerangError
+
+TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")
+
+
+@dataclass
+class TokenData:
+    """Packed token blocks for training and held-out evaluation."""
+
+    train: torch.Tensor
+    """(N, seq_len) int64 training blocks."""
+    heldout: torch.Tensor
+    """(M, seq_len) int64 held-out blocks."""
+    description: str
+    """Where the text came from, for logs and manifests."""
+
+    def batch(self, step: int, batch_size: int, seed: int) -> torch.Tensor:
+        """Batch number `step` (B, seq_len): a seeded permutation per epoch, the same on every resume."""
+        n = self.train.shape[0]
+        idx = []
+        for k in range(step * batch_size, (step + 1) * batch_size):
+            epoch, pos = divmod(k, n)
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+            idx.append(int(perm[pos]))
+        return self.train[idx]
+
+
+# ----------------------------------------------------------------------------- reading text
+
+
+def read_documents(source: str, *, text_field: str = "text") -> list[str]:
+    """The documents of a local file or folder; errors name the file and line."""
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise BoomerangError(f"data not found: {path} (give a .txt/.jsonl/.parquet file or folder, hub:NAME, or teacher)")
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix in TEXT_SUFFIXES)
+    if not files:
+        raise BoomerangError(f"{path} holds no .txt, .jsonl or .parquet files")
+    docs: list[str] = []
+    for f in files:
+        if f.suffix not in TEXT_SUFFIXES:
+            raise BoomerangError(f"{f}: unsupported file type {f.suffix!r}; use .txt, .jsonl or .parquet")
+        got = {".txt": _read_txt, ".jsonl": _read_jsonl, ".parquet": _read_parquet}[f.suffix](f, text_field)
+        if not any(d.strip() for d in got):
+            raise BoomerangError(f"{f} is empty: it holds no text")
+        docs.extend(got)
+    return docs
+
+
+def _read_txt(path: Path, _field: str) -> list[str]:
+    raw = path.read_bytes()
+    try:
+        return [raw.decode("utf-8")]
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise BoomerangError(f"{path}, line {line}: not UTF-8 text (byte {exc.start}); convert the file to UTF-8") from None
+
+
+def _read_jsonl(path: Path, field: str) -> list[str]:
+    docs = []
+    for number, line in enumerate(_read_txt(path, field)[0].splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise BoomerangError(f"{path}, line {number}: not valid JSON ({exc.msg})") from None
+        if not isinstance(row, dict) or not isinstance(row.get(field), str):
+            raise BoomerangError(f"{path}, line {number}: no text field {field!r} (choose the field with --text-field)")
+        docs.append(row[field])
+    return docs
+
+
+def _read_parquet(path: Path, field: str) -> list[str]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise BoomerangError(f"{path}: reading parquet needs pyarrow: pip install pyarrow") from None
+    table = pq.read_table(path)
+    if field not in table.column_names:
+        raise BoomerangError(f"{path}: no column {field!r} (columns: {table.column_names}); choose one with --text-field")
+    return [t for t in table.column(field).to_pylist() if isinstance(t, str)]
+
+
+def stream_hub_documents(name: str, *, text_field: str, max_chars: int) -> list[str]:
+    """Documents of a hub dataset, streamed until `max_chars` characters; online only."""
+    import os
+
+    dataset, _, split = name.partition(":")
+    if os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise BoomerangError(
+            f"hub dataset {dataset!r} needs the Hugging Face Hub, which is switched off here "
+            "(HF_HUB_OFFLINE/HF_DATASETS_OFFLINE=1). Save the text as .txt/.jsonl files and pass that folder"
+        )
+    try:
+        from datasets import load_dataset
+    except ImportError:
+        raise BoomerangError("streaming a hub dataset needs the datasets package: pip install datasets") from None
+    try:
+        rows = load_dataset(dataset, split=split or "train", streaming=True)
+        docs, total = [], 0
+        for row in rows:
+            docs.append(row[text_field])
+            total += len(docs[-1])
+            if total >= max_chars:
+                break
+        return docs
+    except Exception as exc:
+        raise BoomerangError(
+            f"could not stream hub dataset {dataset!r} ({type(exc).__name__}: {str(exc)[:200]}). "
+            "Save the text as .txt/.jsonl files and pass that folder instead"
+        ) from exc
+
+
+# ----------------------------------------------------------------------------- teacher-written text
+
+
+def teacher_documents(teacher, *, n_docs: int, max_new_tokens: int = 192, batch_size: int = 8,
+                      seed: int = 0, cache_dir: Path | None = None) -> list[str]:
+    """Text written by the teacher from built-in seed prompts; cached by teacher and settings."""
+    prompts = [p for p in resources.files("boomerang.resources").joinpath("seed_prompts.txt").read_text().splitlines()
+               if p.strip()]
+    key = hashlib.sha256(json.dumps([teacher.fingerprint, n_docs, max_new_tokens, seed, prompts]).encode()).hexdigest()
+    path = cache_dir / f"teacher-{key[:16]}.jsonl" if cache_dir else None
+    if path and path.is_file():
+        return _read_jsonl(path, "text")
+    docs = _generate(teacher, [prompts[i % len(prompts)] for i in range(n_docs)], max_new_tokens, batch_size, seed)
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+        tmp.replace(path)
+    return docs
+
+
+@torch.no_grad()
+def _generate(teacher, prompts: list[str], max_new_tokens: int, batch_size: int, seed: int) -> list[str]:
+    tok, model = teacher.tokenizer, teacher.model
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    torch.manual_seed(seed)
+    docs = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start:start + batch_size]
+        if tok.chat_template:
+            chunk = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+                     for p in chunk]
+        enc = tok(chunk, return_tensors="pt", padding=True, add_special_tokens=not tok.chat_template).to(model.device)
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=True, temperature=0.8, top_p=0.95,
+                             pad_token_id=tok.pad_token_id)
+        docs.extend(tok.batch_decode(out[:, enc.input_ids.shape[1]:], skip_special_tokens=True))
+    return docs
+
+
+# ----------------------------------------------------------------------------- packing
+
+
+def pack(docs: list[str], tokenizer, seq_len: int, *, max_tokens: int | None = None) -> torch.Tensor:
+    """Tokenise, join with end-of-text and return the flat token stream (int64)."""
+    sep = tokenizer.eos_token_id
+    ids: list[int] = []
+    for doc in docs:
+        ids.extend(tokenizer(doc, add_special_tokens=False).input_ids)
+        if sep is not None:
+            ids.append(sep)
+        if max_tokens and len(ids) >= max_tokens:
+            break
+    return torch.tensor(ids[:max_tokens] if max_tokens else ids, dtype=torch.long)
+
+
+def blocks(stream: torch.Tensor, seq_len: int) -> torch.Tensor:
+    n = stream.numel() // seq_len
+    return stream[: n * seq_len].view(n, seq_len)  # (N, seq_len)
+
+
+def split_blocks(stream: torch.Tensor, seq_len: int, heldout_fraction: float, source: str) -> tuple[torch.Tensor, torch.Tensor]:
+    cut = int(stream.numel() * (1 - heldout_fraction))
+    train, heldout = blocks(stream[:cut], seq_len), blocks(stream[cut:], seq_len)
+    if train.shape[0] == 0:
+        raise BoomerangError(
+            f"{source} gives only {stream.numel()} tokens: not one training block of {seq_len}; "
+            "use more text or a shorter --seq-len"
+        )
+    return train, heldout
+
+

@@ -1,0 +1,481 @@
+"""The training half of the method: distill a cut student toward its teacher, resumably.
+
+`distill(cfg, on_step=..., should_stop=...)` reads `setup -> run -> finish`. The library reports
+(every step goes to the callback and to `metrics.jsonl`) and the caller decides (the stop flag is
+checked after every optimizer step; stopping saves a checkpoint).
+
+A run folder (`cfg.out`) holds `recipe.json` (every setting), `metrics.jsonl` (one line per step),
+`checkpoint.pt` (written atomically every `checkpoint_every` steps, on stop and at the end) and, at
+the end, `student/`: the student folder with its manifest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from boomerang.arch import adapter_for
+from boomerang.errors import BoomerangError
+from boomerang.losses import cosine_alignment, kl_to_teacher, next_token_cross_entropy
+from boomerang.models import Teacher, boomerang_home, load_teacher
+from boomerang.plan import LayerPlan, PaperRule
+
+RECIPE, METRICS, CHECKPOINT, STUDENT = "recipe.json", "metrics.jsonl", "checkpoint.pt", "student"
+
+
+@dataclass
+class DistillConfig:
+    """Every setting of a distillation run; a recipe file has exactly these keys."""
+
+    teacher: str = "default"
+    """Teacher: default | hub id | local folder | .gguf file."""
+    data: str = "teacher"
+    """Training text: a .txt/.jsonl/.parquet file or folder, hub:NAME[:SPLIT], or teacher (self-written)."""
+    out: str = "runs/distill"
+    """Run folder: recipe, metrics, checkpoint and, at the end, the student folder."""
+    steps: int = 300
+    """Optimizer steps; 0 writes the freshly cut, undistilled student."""
+    batch_size: int = 8
+    """Sequences per micro-batch."""
+    seq_len: int = 128
+    """Tokens per sequence."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    lr: float = 3e-4
+    """Peak learning rate (AdamW)."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    weight_decay: float = 0.1
+    """AdamW weight decay (matrices only; not norms, biases or embeddings)."""
+    warmup: float = 0.01
+    """Warm-up, as a fraction of the steps."""
+    schedule: str = "cosine"
+    """Learning-rate schedule after warm-up: cosine | constant."""
+    min_lr_ratio: float = 0.0
+    """Floor of the cosine schedule, as a fraction of lr."""
+    clip: float = 1.0
+    """Gradient-norm clipping; 0 turns it off."""
+    ce_weight: float = 1.0
+    """Weight of next-token cross-entropy on the training text; 0 switches it off."""
+    kl_weight: float = 0.1
+    """Weight of KL(teacher || student) on the logits; 0 switches it off."""
+    cosine_weight: float = 2.0
+    """Weight of the cosine alignment loss, divided by the number of aligned states; 0 switches it off."""
+    temperature: float = 1.0
+    """Softmax temperature of the KL term."""
+    freeze_embeddings: bool = False
+    """Keep the input embeddings at the teacher's (with tied embeddings, the head too)."""
+    freeze_head: bool = False
+    """Keep the output head and final norm at the teacher's (with tied embeddings, the embeddings too)."""
+    keep_first: int = 1
+    """Plan: leading teacher layers kept."""
+    every: int = 2
+    """Plan: keep one layer in `every` after the first ones."""
+    keep_last: int = 2
+    """Plan: trailing teacher layers kept."""
+    keep: list[int] | None = None
+    """Plan: explicit kept teacher layers (overrides the rule)."""
+    text_field: str = "text"
+    """Field holding the text in .jsonl/.parquet/hub data."""
+    heldout_fraction: float = 0.1
+    """Fraction of the token stream held out (its end)."""
+    max_tokens: int | None = None
+    """Use at most this many tokens of the data (None: all)."""
+    teacher_docs: int = 256
+    """Documents the teacher writes when data is `teacher`."""
+    checkpoint_every: int = 50
+    """Checkpoint every this many steps (and always on stop and at the end)."""
+    seed: int = 0
+    """Seed for the batch order and everything random."""
+    device: str = "auto"
+    """auto (CUDA if present) | cpu | cuda | cuda:N."""
+    dtype: str = "float32"
+    """Weights' dtype; on CUDA the forward runs under bf16 autocast."""
+
+    def __post_init__(self):
+        positive = ("batch_size", "seq_len", "grad_accum", "checkpoint_every", "teacher_docs")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise BoomerangError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.steps < 0:
+            raise BoomerangError(f"steps must be 0 or more, got {self.steps}")
+        if self.lr <= 0:
+            raise BoomerangError(f"lr must be positive, got {self.lr}")
+        for name in ("ce_weight", "kl_weight", "cosine_weight", "weight_decay", "clip", "min_lr_ratio"):
+            if getattr(self, name) < 0:
+                raise BoomerangError(f"{name} must be 0 or more, got {getattr(self, name)}")
+        if self.ce_weight == self.kl_weight == self.cosine_weight == 0:
+            raise BoomerangError("every loss weight is 0: switch on at least one of ce_weight, kl_weight, cosine_weight")
+        if not 0 <= self.warmup < 1:
+            raise BoomerangError(f"warmup is a fraction of the steps in [0, 1), got {self.warmup}")
+        if not 0 < self.heldout_fraction < 1:
+            raise BoomerangError(f"heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
+        if self.schedule not in ("cosine", "constant"):
+            raise BoomerangError(f"schedule must be cosine or constant, got {self.schedule!r}")
+        if self.temperature <= 0:
+            raise BoomerangError(f"temperature must be positive, got {self.temperature}")
+        for beta in ("beta1", "beta2"):
+            if not 0 <= getattr(self, beta) < 1:
+                raise BoomerangError(f"{beta} must be in [0, 1), got {getattr(self, beta)}")
+        PaperRule(self.keep_first, self.every, self.keep_last)  # validates the rule's numbers
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "DistillConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise BoomerangError(f"unknown recipe keys {unknown}; valid keys: {sorted(known)}")
+        return cls(**data)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "DistillConfig":
+        try:
+            data = json.loads(Path(path).expanduser().read_text())
+        except FileNotFoundError:
+            raise BoomerangError(f"recipe file not found: {path}") from None
+        except json.JSONDecodeError as exc:
+            raise BoomerangError(f"{path}: not valid JSON ({exc.msg}, line {exc.lineno})") from None
+        return cls.from_dict(data)
+
+    def plan_for(self, n_teacher: int) -> LayerPlan:
+        if self.keep:
+            return LayerPlan(n_teacher, tuple(self.keep))
+        return LayerPlan.from_rule(n_teacher, PaperRule(self.keep_first, self.every, self.keep_last))
+
+
+@dataclass
+class StepReport:
+    """What the callback gets after every optimizer step."""
+
+    step: int
+    total: int
+    loss: float
+    ce: float
+    kl: float
+    cosine: float
+    lr: float
+    grad_norm: float
+    tokens: int
+    """Tokens seen so far in the run."""
+    tokens_per_s: float
+    elapsed_s: float
+    eta_s: float
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class DistillResult:
+    out: Path
+    steps_done: int
+    stopped: bool
+    student_dir: Path | None
+    last: StepReport | None = None
+
+
+@dataclass
+class _Run:
+    cfg: DistillConfig
+    out: Path
+    teacher: Teacher
+    student: torch.nn.Module
+    plan: LayerPlan
+    data: object
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    device: torch.device
+    start_step: int = 0
+    captured: dict = field(default_factory=dict)
+    hooks: list = field(default_factory=list)
+    """Hook handles on the teacher and student; removed when the run ends (the teacher may be reused)."""
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise BoomerangError(f"device {name!r} asked for, but CUDA is not available here; use --device cpu")
+    return torch.device(name)
+
+
+def setup(cfg: DistillConfig, *, resume: bool = False, teacher: Teacher | None = None) -> _Run:
+    out = _prepare_out(cfg, resume)
+    device = resolve_device(cfg.device)
+    teacher = teacher or load_teacher(cfg.teacher, dtype=cfg.dtype, device=str(device))
+    plan = cfg.plan_for(teacher.n_layers)
+    data = load_data(cfg, teacher)
+    from boomerang.student import cut_student
+
+    student = cut_student(teacher.model, plan).to(device).train().requires_grad_(True)
+    _freeze(student, cfg)
+    optimizer = _optimizer(student, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg))
+    run = _Run(cfg, out, teacher, student, plan, data, optimizer, scheduler, device)
+    _attach_capture(run)
+    if resume:
+        _load_checkpoint(run)
+    else:
+        (out / RECIPE).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        (out / METRICS).write_text("")
+    return run
+
+
+def _prepare_out(cfg: DistillConfig, resume: bool) -> Path:
+    out = Path(cfg.out).expanduser().resolve()
+    if resume:
+        if not (out / CHECKPOINT).is_file():
+            raise BoomerangError(f"nothing to resume in {out}: it has no {CHECKPOINT}; start a run without --resume")
+        return out
+    if (out / CHECKPOINT).is_file() or (out / RECIPE).is_file():
+        raise BoomerangError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise BoomerangError(f"{out} exists and is not an empty folder; choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def load_data(cfg: DistillConfig, teacher: Teacher):
+    from boomerang import data as d
+
+    if cfg.data == "teacher":
+        docs = d.teacher_documents(teacher, n_docs=cfg.teacher_docs, seed=cfg.seed,
+                                   cache_dir=boomerang_home() / "corpora")
+        desc = f"teacher-written ({cfg.teacher_docs} documents)"
+    elif cfg.data.startswith("hub:"):
+        max_chars = (cfg.max_tokens or 2_000_000) * 6
+        docs, desc = d.stream_hub_documents(cfg.data[4:], text_field=cfg.text_field, max_chars=max_chars), cfg.data
+    else:
+        docs, desc = d.read_documents(cfg.data, text_field=cfg.text_field), str(Path(cfg.data).expanduser().resolve())
+    stream = d.pack(docs, teacher.tokenizer, cfg.seq_len, max_tokens=cfg.max_tokens)
+    train, heldout = d.split_blocks(stream, cfg.seq_len, cfg.heldout_fraction, desc)
+    return d.TokenData(train, heldout, desc)
+
+
+def _freeze(student: torch.nn.Module, cfg: DistillConfig) -> None:
+    arch = adapter_for(student)
+    ends = arch.end_modules(student)
+    for path, module in ends.items():
+        is_embedding = path[-1] in arch.embeddings
+        if (is_embedding and cfg.freeze_embeddings) or (not is_embedding and cfg.freeze_head):
+            module.requires_grad_(False)
+
+
+def _optimizer(student: torch.nn.Module, cfg: DistillConfig) -> torch.optim.Optimizer:
+    arch = adapter_for(student)
+    embed_ids = {id(p) for path, m in arch.end_modules(student).items() for p in m.parameters()
+                 if path[-1] in arch.embeddings}
+    decay, no_decay = [], []
+    for p in student.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 and id(p) not in embed_ids else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+
+
+def _schedule(cfg: DistillConfig) -> Callable[[int], float]:
+    warm = max(1, math.ceil(cfg.warmup * cfg.steps)) if cfg.warmup > 0 else 0
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        if cfg.schedule == "constant":
+            return 1.0
+        progress = (step - warm) / max(1, cfg.steps - warm)
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def _attach_capture(run: _Run) -> None:
+    """Forward hooks that keep the outputs of aligned layers: every student layer, its teacher block."""
+    arch = adapter_for(run.student)
+
+    def keep(store: dict, key):
+        def hook(module, args, output):
+            store[key] = output[0] if isinstance(output, tuple) else output
+        return hook
+
+    run.captured = {"student": {}, "teacher": {}}
+    if run.cfg.cosine_weight == 0:
+        return
+    for j, i in run.plan.alignment:
+        run.hooks.append(arch.layer_list(run.student)[j].register_forward_hook(keep(run.captured["student"], j)))
+        run.hooks.append(arch.layer_list(run.teacher.model)[i].register_forward_hook(keep(run.captured["teacher"], j)))
+
+
+# ----------------------------------------------------------------------------- one step
+
+
+@dataclass
+class LossParts:
+    total: torch.Tensor
+    ce: float
+    kl: float
+    cosine: float
+
+
+def _loss_step(run: _Run, ids: torch.Tensor) -> LossParts:
+    cfg, mask = run.cfg, torch.ones_like(ids)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if run.device.type == "cuda" else _nullcontext()
+    with autocast:
+        with torch.no_grad():
+            teacher_logits = run.teacher.model(ids).logits if (cfg.kl_weight or cfg.cosine_weight) else None
+        student_logits = run.student(ids).logits
+        zero = student_logits.new_zeros((), dtype=torch.float32)
+        ce = next_token_cross_entropy(student_logits, ids, mask) if cfg.ce_weight else zero
+        kl = kl_to_teacher(student_logits, teacher_logits, mask, cfg.temperature) if cfg.kl_weight else zero
+        cos = zero
+        if cfg.cosine_weight:
+            pairs = sorted(run.captured["student"])
+            cos = cosine_alignment([run.captured["student"][j] for j in pairs],
+                                   [run.captured["teacher"][j] for j in pairs], mask)
+            cos = cos / len(pairs)
+    total = cfg.ce_weight * ce + cfg.kl_weight * kl + cfg.cosine_weight * cos
+    run.captured["student"].clear(), run.captured["teacher"].clear()
+    return LossParts(total, float(ce.detach()), float(kl.detach()), float(cos.detach()))
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _optimizer_step(run: _Run, step: int) -> tuple[LossParts, float]:
+    cfg = run.cfg
+    run.optimizer.zero_grad(set_to_none=True)
+    parts = []
+    for micro in range(cfg.grad_accum):
+        ids = run.data.batch(step * cfg.grad_accum + micro, cfg.batch_size, cfg.seed).to(run.device)
+        p = _loss_step(run, ids)
+        (p.total / cfg.grad_accum).backward()
+        parts.append(p)
+    params = [p for p in run.student.parameters() if p.requires_grad]
+    norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else float("inf"))
+    run.optimizer.step()
+    run.scheduler.step()
+    n = len(parts)
+    mean = LossParts(sum(float(p.total.detach()) for p in parts) / n, sum(p.ce for p in parts) / n,
+                     sum(p.kl for p in parts) / n, sum(p.cosine for p in parts) / n)
+    return mean, float(norm)
+
+
+# ----------------------------------------------------------------------------- run and finish
+
+
+def distill(cfg: DistillConfig, *, on_step: Callable[[StepReport], None] | None = None,
+            should_stop: Callable[[], bool] | None = None, resume: bool = False,
+            teacher: Teacher | None = None) -> DistillResult:
+    """Distill a student as `cfg` says; resumable, observable, stoppable within one step."""
+    run = setup(cfg, resume=resume, teacher=teacher)
+    try:
+        return run_loop(run, on_step=on_step, should_stop=should_stop)
+    finally:
+        for handle in run.hooks:
+            handle.remove()
+
+
+def run_loop(run: _Run, *, on_step=None, should_stop=None) -> DistillResult:
+    cfg = run.cfg
+    tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
+    start, last = time.perf_counter(), None
+    step = run.start_step
+    while step < cfg.steps:
+        parts, norm = _optimizer_step(run, step)
+        step += 1
+        elapsed = time.perf_counter() - start
+        rate = (step - run.start_step) * tokens_per_step / elapsed
+        last = StepReport(step, cfg.steps, float(parts.total), parts.ce, parts.kl, parts.cosine,
+                          run.scheduler.get_last_lr()[0], norm, step * tokens_per_step, rate, elapsed,
+                          (cfg.steps - step) * tokens_per_step / rate)
+        with open(run.out / METRICS, "a") as f:
+            f.write(json.dumps(last.to_dict()) + "\n")
+        if on_step:
+            on_step(last)
+        stop = bool(should_stop and should_stop())
+        if stop or step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            save_checkpoint(run, step)
+        if stop and step < cfg.steps:
+            return DistillResult(run.out, step, True, None, last)
+    return DistillResult(run.out, step, False, finish(run, step), last)
+
+
+def finish(run: _Run, step: int) -> Path:
+    from boomerang.student import Manifest, save_student
+
+    cfg = run.cfg
+    summary = {"steps": step, "tokens": step * cfg.batch_size * cfg.seq_len * cfg.grad_accum,
+               "data": run.data.description, "recipe": str(run.out / RECIPE)}
+    manifest = Manifest(run.teacher.source, run.teacher.fingerprint, run.plan,
+                        teacher_revision=run.teacher.revision, distilled=summary if step else None)
+    student = run.student.eval()
+    return save_student(student, run.teacher.tokenizer, manifest, run.out / STUDENT, overwrite=True)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(run: _Run, step: int) -> Path:
+    """Everything needed to continue: written to a temporary file, then renamed over the last one."""
+    state = {
+        "step": step,
+        "student": run.student.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+        "config": run.cfg.to_dict(),
+    }
+    path = run.out / CHECKPOINT
+    tmp = path.with_name(f".{CHECKPOINT}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def _load_checkpoint(run: _Run) -> None:
+    state = torch.load(run.out / CHECKPOINT, map_location=run.device, weights_only=False)
+    if state["config"] != run.cfg.to_dict():
+        changed = sorted(k for k in state["config"] if state["config"][k] != run.cfg.to_dict().get(k))
+        raise BoomerangError(f"the recipe differs from the run's in {changed}; resume with the run's own recipe "
+                             f"({run.out / RECIPE})")
+    run.student.load_state_dict(state["student"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"]["torch"].cpu())
+    random.setstate(state["rng"]["python"])
+    if state["rng"]["cuda"]:
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    run.start_step = state["step"]
+    _truncate_metrics(run.out / METRICS, run.start_step)
+
+
+def _truncate_metrics(path: Path, steps: int) -> None:
+    """Keep the metric lines of the steps the checkpoint holds: a resumed step is logged once."""
+    lines = path.read_text().splitlines(keepends=True) if path.is_file() else []
+    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= steps]
+    path.write_text("".join(kept))
+
+
+def read_recipe(out: str | Path) -> DistillConfig:
+    return DistillConfig.from_file(Path(out).expanduser() / RECIPE)

@@ -1,0 +1,143 @@
+"""The distillation loop on a tiny teacher: resume equals uninterrupted, stop, checkpoints, outputs."""
+
+import json
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from boomerang.distill import CHECKPOINT, METRICS, DistillConfig, distill, read_recipe, save_checkpoint, setup
+from boomerang.errors import BoomerangError
+from boomerang.models import load_teacher
+from boomerang.student import load_student
+from tiny import save_tiny_teacher
+
+TEXT = "The quick brown fox jumps over the lazy dog. " * 60
+
+
+@pytest.fixture
+def teacher_dir(tmp_path):
+    save_tiny_teacher(tmp_path / "teacher", "llama")
+    (tmp_path / "corpus.txt").write_text(TEXT)
+    return tmp_path
+
+
+def config(tmp, name, **kw):
+    base = dict(teacher=str(tmp / "teacher"), data=str(tmp / "corpus.txt"), out=str(tmp / name), steps=4,
+                batch_size=2, seq_len=16, lr=1e-3, warmup=0.25, checkpoint_every=100)
+    return DistillConfig(**{**base, **kw})
+
+
+def student_weights(out):
+    return torch.load(out / CHECKPOINT, weights_only=False)["student"]
+
+
+def test_two_steps_stop_resume_two_equals_four_uninterrupted(teacher_dir):
+    full = distill(config(teacher_dir, "full"))
+    assert full.steps_done == 4 and not full.stopped
+    stops = iter([False, True])
+    part = distill(config(teacher_dir, "split"), should_stop=lambda: next(stops))
+    assert part.stopped and part.steps_done == 2 and part.student_dir is None
+    resumed = distill(config(teacher_dir, "split"), resume=True)
+    assert resumed.steps_done == 4
+    a, b = student_weights(full.out), student_weights(resumed.out)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+    steps = [json.loads(line)["step"] for line in (resumed.out / METRICS).read_text().splitlines()]
+    assert steps == [1, 2, 3, 4], "a step's metrics were lost or duplicated"
+    full_losses = [json.loads(l)["loss"] for l in (full.out / METRICS).read_text().splitlines()]
+    split_losses = [json.loads(l)["loss"] for l in (resumed.out / METRICS).read_text().splitlines()]
+    assert full_losses == pytest.approx(split_losses, rel=1e-6)
+
+
+def test_outputs_progress_and_teacher_frozen(teacher_dir):
+    teacher = load_teacher(str(teacher_dir / "teacher"))
+    before = {k: v.clone() for k, v in teacher.model.state_dict().items()}
+    reports = []
+    result = distill(config(teacher_dir, "run", steps=3), on_step=reports.append, teacher=teacher)
+    assert [r.step for r in reports] == [1, 2, 3] and all(r.total == 3 for r in reports)
+    r = reports[-1]
+    assert r.tokens == 3 * 2 * 16 and r.tokens_per_s > 0 and r.eta_s == 0 and r.ce > 0 and r.kl > 0 and r.cosine > 0
+    assert reports[0].eta_s > 0
+    for k, v in teacher.model.state_dict().items():
+        assert torch.equal(v, before[k]), f"the teacher changed: {k}"
+    assert all(p.grad is None for p in teacher.model.parameters())
+    assert not any(h for layer in teacher.model.model.layers for h in layer._forward_hooks.values()), "hooks left behind"
+    student, manifest = load_student(result.student_dir, teacher)
+    assert manifest.distilled["steps"] == 3 and manifest.distilled["tokens"] == 96
+    cut = teacher.model.model.layers[2].mlp.up_proj.weight
+    assert not torch.equal(student.model.layers[1].mlp.up_proj.weight, cut), "the student did not train"
+    assert read_recipe(result.out).steps == 3
+
+
+def test_zero_steps_writes_the_cut_student(teacher_dir):
+    result = distill(config(teacher_dir, "zero", steps=0))
+    teacher = load_teacher(str(teacher_dir / "teacher"))
+    student, manifest = load_student(result.student_dir, teacher)
+    assert manifest.distilled is None
+    assert torch.equal(student.model.layers[1].mlp.up_proj.weight, teacher.model.model.layers[2].mlp.up_proj.weight)
+
+
+def test_each_loss_can_be_switched_off(teacher_dir):
+    reports = []
+    distill(config(teacher_dir, "kl-only", steps=1, ce_weight=0, cosine_weight=0), on_step=reports.append)
+    assert reports[0].ce == 0 and reports[0].cosine == 0 and reports[0].kl > 0
+    assert reports[0].loss == pytest.approx(0.1 * reports[0].kl)
+
+
+def test_frozen_embeddings_stay_the_teachers(teacher_dir):
+    result = distill(config(teacher_dir, "frozen", steps=2, freeze_embeddings=True))
+    teacher = load_teacher(str(teacher_dir / "teacher"))
+    student, _ = load_student(result.student_dir, teacher)
+    assert torch.equal(student.model.embed_tokens.weight, teacher.model.model.embed_tokens.weight)
+
+
+def test_a_crash_while_checkpointing_keeps_the_last_good_one(teacher_dir, monkeypatch):
+    stops = iter([True])
+    result = distill(config(teacher_dir, "crash"), should_stop=lambda: next(stops))
+    good = student_weights(result.out)
+    run = setup(config(teacher_dir, "crash"), resume=True)
+
+    def dies_half_way(obj, path, *a, **k):
+        open(path, "wb").write(b"partial")
+        raise OSError("killed")
+
+    monkeypatch.setattr(torch, "save", dies_half_way)
+    with pytest.raises(OSError):
+        save_checkpoint(run, 99)
+    monkeypatch.undo()
+    state = torch.load(result.out / CHECKPOINT, weights_only=False)
+    assert state["step"] == 1 and all(torch.equal(good[k], state["student"][k]) for k in good)
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(steps=-1), "steps must be 0 or more"),
+    (dict(batch_size=0), "batch_size must be at least 1"),
+    (dict(ce_weight=0, kl_weight=0, cosine_weight=0), "every loss weight is 0"),
+    (dict(warmup=1.5), "warmup is a fraction"),
+    (dict(schedule="linear"), "schedule must be cosine or constant"),
+    (dict(every=0), "--every must be at least 1"),
+])
+def test_bad_settings(teacher_dir, kw, message):
+    with pytest.raises(BoomerangError, match=message):
+        config(teacher_dir, "bad", **kw)
+
+
+def test_run_folder_rules(teacher_dir):
+    distill(config(teacher_dir, "once", steps=1))
+    with pytest.raises(BoomerangError, match="already holds a run: pass --resume"):
+        distill(config(teacher_dir, "once", steps=1))
+    with pytest.raises(BoomerangError, match="nothing to resume"):
+        distill(config(teacher_dir, "never"), resume=True)
+    with pytest.raises(BoomerangError, match=r"recipe differs from the run's in \['lr'\]"):
+        distill(config(teacher_dir, "once", steps=1, lr=5e-4), resume=True)
+
+
+def test_recipe_file_keys_are_the_config_fields(tmp_path):
+    (tmp_path / "r.json").write_text(json.dumps({"steps": 7, "kl_weight": 0.5}))
+    cfg = DistillConfig.from_file(tmp_path / "r.json")
+    assert cfg.steps == 7 and cfg.kl_weight == 0.5 and cfg.lr == 3e-4
+    (tmp_path / "bad.json").write_text(json.dumps({"stepz": 7}))
+    with pytest.raises(BoomerangError, match=r"unknown recipe keys \['stepz'\]"):
+        DistillConfig.from_file(tmp_path / "bad.json")
