@@ -112,6 +112,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(p)
     p.set_defaults(func=cmd_distill)
 
+    p = sub.add_parser("heldout", help="held-out perplexity, KL to the teacher and top-1 agreement of every size")
+    _add_teacher(p), _add_plan(p), _add_order(p)
+    p.add_argument("--student", default=None, help="a student folder (default: a freshly cut student)")
+    p.add_argument("--data", required=True, help="text file or folder; its last --heldout-fraction is used")
+    p.add_argument("--heldout-fraction", type=float, default=0.1)
+    p.add_argument("--tokens", type=int, default=4096, help="held-out tokens to measure (default 4096)")
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_heldout)
+
     p = sub.add_parser("teacher", help="load (and cache) a teacher and describe it")
     _add_teacher(p)
     p.add_argument("--json", action="store_true")
@@ -347,6 +358,30 @@ def cmd_distill(args) -> int:
         return 0
     print(f"student written to {result.student_dir} ({result.steps_done} steps)")
     print(f"its family: boomerang family --student {result.student_dir}")
+    return 0
+
+
+def cmd_heldout(args) -> int:
+    from boomerang import data as d
+    from boomerang.evaluate import family_label_free
+
+    teacher, family, label = _load_family(args)
+    stream = d.pack(d.read_documents(args.data), teacher.tokenizer, args.seq_len)
+    _, held = d.split_blocks(stream, args.seq_len, args.heldout_fraction, args.data)
+    held = held[: max(1, args.tokens // args.seq_len)]
+    if not args.json:
+        print(f"student {label}; {held.numel():,} held-out tokens from the end of {args.data}")
+        print(f"{'layers':>6} {'params':>12} {'perplexity':>11} {'KL':>8} {'top-1':>7}")
+
+    def show(r):
+        if not args.json:
+            print(f"{r.n_layers:>6} {family.info(r.n_layers).params:>12,} {r.perplexity:>11.2f} "
+                  f"{r.kl_to_teacher:>8.4f} {r.top1_agreement:>7.3f}", flush=True)
+
+    results = family_label_free(family, held, batch_size=args.batch_size, on_size=show)
+    if args.json:
+        print(json.dumps({"student": label, "data": args.data, "tokens": int(held.numel()),
+                          "sizes": [r.to_dict() for r in results]}, indent=2))
     return 0
 
 

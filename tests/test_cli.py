@@ -78,3 +78,12 @@ def test_export_a_size_the_family_lacks(teacher_dir, tmp_path, capsys):
     assert main(["export", "--student", str(student), "--layers", "12", "--out", str(tmp_path / "o")]) == 2
     assert "no size with 12 layers" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_heldout_lists_every_size(teacher_dir, tmp_path, capsys):
+    (tmp_path / "text.txt").write_text("Some held-out text for the tiny model. " * 40)
+    assert main(["heldout", "--teacher", teacher_dir, "--data", str(tmp_path / "text.txt"), "--seq-len", "16",
+                 "--tokens", "64", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert [s["n_layers"] for s in data["sizes"]] == [5, 6, 7, 8] and data["tokens"] == 64
+    assert data["sizes"][-1]["kl_to_teacher"] == pytest.approx(0, abs=1e-6)
