@@ -25,7 +25,7 @@ import torch
 
 from boomerang.arch import adapter_for
 from boomerang.errors import BoomerangError
-from boomerang.losses import cosine_alignment, kl_to_teacher, next_token_cross_entropy
+from boomerang.losses import cosine_alignment, kl_to_teacher, next_token_cross_entropy, relative_mse
 from boomerang.models import Teacher, boomerang_home, load_teacher
 from boomerang.plan import LayerPlan, PaperRule
 
@@ -72,6 +72,8 @@ class DistillConfig:
     """Weight of KL(teacher || student) on the logits; 0 switches it off."""
     cosine_weight: float = 2.0
     """Weight of the cosine alignment loss, divided by the number of aligned states; 0 switches it off."""
+    mse_weight: float = 0.0
+    """Weight of a relative-MSE term on the aligned states (norms as well as directions), divided like cosine; 0: off (paper)."""
     temperature: float = 1.0
     """Softmax temperature of the KL term."""
     freeze_embeddings: bool = False
@@ -112,11 +114,12 @@ class DistillConfig:
             raise BoomerangError(f"steps must be 0 or more, got {self.steps}")
         if self.lr <= 0:
             raise BoomerangError(f"lr must be positive, got {self.lr}")
-        for name in ("ce_weight", "kl_weight", "cosine_weight", "weight_decay", "clip", "min_lr_ratio"):
+        for name in ("ce_weight", "kl_weight", "cosine_weight", "mse_weight", "weight_decay", "clip", "min_lr_ratio"):
             if getattr(self, name) < 0:
                 raise BoomerangError(f"{name} must be 0 or more, got {getattr(self, name)}")
-        if self.ce_weight == self.kl_weight == self.cosine_weight == 0:
-            raise BoomerangError("every loss weight is 0: switch on at least one of ce_weight, kl_weight, cosine_weight")
+        if self.ce_weight == self.kl_weight == self.cosine_weight == self.mse_weight == 0:
+            raise BoomerangError("every loss weight is 0: switch on at least one of ce_weight, kl_weight, "
+                                 "cosine_weight, mse_weight")
         if not 0 <= self.warmup < 1:
             raise BoomerangError(f"warmup is a fraction of the steps in [0, 1), got {self.warmup}")
         if not 0 < self.heldout_fraction < 1:
@@ -167,6 +170,7 @@ class StepReport:
     ce: float
     kl: float
     cosine: float
+    mse: float
     lr: float
     grad_norm: float
     tokens: int
@@ -314,7 +318,7 @@ def _attach_capture(run: _Run) -> None:
         return hook
 
     run.captured = {"student": {}, "teacher": {}}
-    if run.cfg.cosine_weight == 0:
+    if run.cfg.cosine_weight == 0 and run.cfg.mse_weight == 0:
         return
     for j, i in run.plan.alignment:
         run.hooks.append(arch.layer_list(run.student)[j].register_forward_hook(keep(run.captured["student"], j)))
@@ -330,6 +334,7 @@ class LossParts:
     ce: float
     kl: float
     cosine: float
+    mse: float
 
 
 def _loss_step(run: _Run, ids: torch.Tensor) -> LossParts:
@@ -337,20 +342,20 @@ def _loss_step(run: _Run, ids: torch.Tensor) -> LossParts:
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if run.device.type == "cuda" else _nullcontext()
     with autocast:
         with torch.no_grad():
-            teacher_logits = run.teacher.model(ids).logits if (cfg.kl_weight or cfg.cosine_weight) else None
+            needs_teacher = cfg.kl_weight or cfg.cosine_weight or cfg.mse_weight
+            teacher_logits = run.teacher.model(ids).logits if needs_teacher else None
         student_logits = run.student(ids).logits
         zero = student_logits.new_zeros((), dtype=torch.float32)
         ce = next_token_cross_entropy(student_logits, ids, mask) if cfg.ce_weight else zero
         kl = kl_to_teacher(student_logits, teacher_logits, mask, cfg.temperature) if cfg.kl_weight else zero
-        cos = zero
-        if cfg.cosine_weight:
-            pairs = sorted(run.captured["student"])
-            cos = cosine_alignment([run.captured["student"][j] for j in pairs],
-                                   [run.captured["teacher"][j] for j in pairs], mask)
-            cos = cos / len(pairs)
-    total = cfg.ce_weight * ce + cfg.kl_weight * kl + cfg.cosine_weight * cos
+        pairs = sorted(run.captured["student"])
+        s_states = [run.captured["student"][j] for j in pairs]
+        t_states = [run.captured["teacher"][j] for j in pairs]
+        cos = cosine_alignment(s_states, t_states, mask) / len(pairs) if cfg.cosine_weight else zero
+        mse = relative_mse(s_states, t_states, mask) / len(pairs) if cfg.mse_weight else zero
+    total = cfg.ce_weight * ce + cfg.kl_weight * kl + cfg.cosine_weight * cos + cfg.mse_weight * mse
     run.captured["student"].clear(), run.captured["teacher"].clear()
-    return LossParts(total, float(ce.detach()), float(kl.detach()), float(cos.detach()))
+    return LossParts(total, *(float(x.detach()) for x in (ce, kl, cos, mse)))
 
 
 class _nullcontext:
@@ -376,7 +381,7 @@ def _optimizer_step(run: _Run, step: int) -> tuple[LossParts, float]:
     run.scheduler.step()
     n = len(parts)
     mean = LossParts(sum(float(p.total.detach()) for p in parts) / n, sum(p.ce for p in parts) / n,
-                     sum(p.kl for p in parts) / n, sum(p.cosine for p in parts) / n)
+                     sum(p.kl for p in parts) / n, sum(p.cosine for p in parts) / n, sum(p.mse for p in parts) / n)
     return mean, float(norm)
 
 
@@ -405,7 +410,7 @@ def run_loop(run: _Run, *, on_step=None, should_stop=None) -> DistillResult:
         step += 1
         elapsed = time.perf_counter() - start
         rate = (step - run.start_step) * tokens_per_step / elapsed
-        last = StepReport(step, cfg.steps, float(parts.total), parts.ce, parts.kl, parts.cosine,
+        last = StepReport(step, cfg.steps, float(parts.total), parts.ce, parts.kl, parts.cosine, parts.mse,
                           run.scheduler.get_last_lr()[0], norm, step * tokens_per_step, rate, elapsed,
                           (cfg.steps - step) * tokens_per_step / rate)
         with open(run.out / METRICS, "a") as f:

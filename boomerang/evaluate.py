@@ -58,3 +58,108 @@ def family_label_free(family: Family, blocks: torch.Tensor, *, batch_size: int =
         if on_size:
             on_size(result)
     return out
+
+
+# ----------------------------------------------------------------------------- lm-eval on models in memory
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """What an lm-eval run depends on besides the model; part of every result's identity."""
+
+    num_fewshot: int = 0
+    """Few-shot examples per item."""
+    limit: int | None = None
+    """At most this many items per task (None: all)."""
+    batch_size: int = 8
+    """Batch size of the model calls (does not change scores)."""
+    seed: int = 0
+    """Seed for few-shot sampling and everything random in lm-eval."""
+
+    def __post_init__(self):
+        from boomerang.errors import BoomerangError
+
+        if self.num_fewshot < 0:
+            raise BoomerangError(f"num_fewshot must be 0 or more, got {self.num_fewshot}")
+        if self.limit is not None and self.limit < 1:
+            raise BoomerangError(f"limit must be at least 1, got {self.limit}")
+        if self.batch_size < 1:
+            raise BoomerangError(f"batch_size must be at least 1, got {self.batch_size}")
+
+
+def lm_eval_task(model, tokenizer, task: dict | str, settings: EvalSettings) -> dict:
+    """Run one lm-eval task on an in-memory model; returns lm-eval's own result for it, with settings."""
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    local = isinstance(task, dict)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=settings.batch_size)
+    out = lm_eval.simple_evaluate(
+        model=lm, tasks=[task], num_fewshot=settings.num_fewshot, limit=settings.limit,
+        task_manager=TaskManager(include_defaults=not local), bootstrap_iters=0, log_samples=False,
+        random_seed=settings.seed, numpy_random_seed=settings.seed, torch_random_seed=settings.seed,
+        fewshot_random_seed=settings.seed,
+    )
+    name = task["task"] if local else task
+    return {
+        "task": name,
+        "results": out["results"][name],
+        "versions": out["versions"].get(name),
+        "n-shot": out["n-shot"].get(name),
+        "n-samples": out["n-samples"].get(name),
+        "higher_is_better": out["higher_is_better"].get(name),
+        "lm_eval_version": out.get("lm_eval_version"),
+        "settings": asdict(settings),
+    }
+
+
+def metrics_of(result: dict) -> dict[str, tuple[float, float | None]]:
+    """{metric: (value, stderr)} from an lm-eval result; "N/A" stderr becomes None."""
+    out = {}
+    for key, value in result["results"].items():
+        if "," not in key or "_stderr" in key or not isinstance(value, (int, float)):
+            continue
+        metric = key.split(",")[0]
+        stderr = result["results"].get(key.replace(",", "_stderr,", 1))
+        out[metric] = (float(value), float(stderr) if isinstance(stderr, (int, float)) else None)
+    return out
+
+
+# ----------------------------------------------------------------------------- cost
+
+
+@torch.no_grad()
+def measure_cost(model, *, prompt_len: int = 128, new_tokens: int = 32, repeats: int = 3, vocab: int | None = None) -> dict:
+    """Weights, peak memory (CUDA), prefill latency and decode speed at a fixed, recorded setting."""
+    import statistics
+    import time
+
+    device = next(model.parameters()).device
+    vocab = vocab or model.config.vocab_size
+    ids = torch.randint(10, vocab, (1, prompt_len), generator=torch.Generator().manual_seed(0)).to(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    prefill, decode = [], []
+    for _ in range(repeats):
+        sync(); t0 = time.perf_counter()
+        model(ids)
+        sync(); t1 = time.perf_counter()
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                       do_sample=False, pad_token_id=0)
+        sync(); t2 = time.perf_counter()
+        prefill.append(t1 - t0)
+        decode.append(max(1e-9, (t2 - t1) - (t1 - t0)))
+    weights = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+    return {
+        "metrics": {
+            "weights_mb": (weights / 2**20, None),
+            "peak_mb": ((torch.cuda.max_memory_allocated(device) / 2**20) if device.type == "cuda" else float("nan"), None),
+            "prefill_ms": (statistics.median(prefill) * 1e3, None),
+            "decode_tokens_per_s": (new_tokens / statistics.median(decode), None),
+        },
+        "setting": {"prompt_len": prompt_len, "new_tokens": new_tokens, "batch": 1, "repeats": repeats,
+                    "device": str(device), "dtype": str(next(model.parameters()).dtype),
+                    "threads": torch.get_num_threads()},
+    }

@@ -141,3 +141,11 @@ def test_recipe_file_keys_are_the_config_fields(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps({"stepz": 7}))
     with pytest.raises(BoomerangError, match=r"unknown recipe keys \['stepz'\]"):
         DistillConfig.from_file(tmp_path / "bad.json")
+
+
+def test_mse_term_reported_when_on(teacher_dir):
+    reports = []
+    distill(config(teacher_dir, "mse", steps=1, mse_weight=1.0), on_step=reports.append)
+    assert reports[0].mse > 0
+    assert reports[0].loss == pytest.approx(reports[0].ce + 0.1 * reports[0].kl + 2 * reports[0].cosine + reports[0].mse,
+                                            rel=1e-5)

@@ -66,3 +66,13 @@ def test_gradients_flow_to_the_student_only():
     loss.backward()
     assert s.grad is not None and s.grad.abs().sum() > 0 and hs.grad.abs().sum() > 0
     assert t.grad is None and ht.grad is None
+
+
+def test_relative_mse_is_zero_for_identical_states_and_sees_norms():
+    from boomerang.losses import relative_mse
+
+    h, mask = logits(shape=(2, 6, 8)), torch.ones(2, 6)
+    assert relative_mse([h], [h.clone()], mask).item() == pytest.approx(0, abs=1e-7)
+    # the cosine loss cannot tell 3h from h; the relative MSE can: ||3h - h||^2 / ||h||^2 = 4
+    assert cosine_alignment([3 * h], [h], mask).item() == pytest.approx(0, abs=1e-6)
+    assert relative_mse([3 * h], [h], mask).item() == pytest.approx(4.0, rel=1e-5)

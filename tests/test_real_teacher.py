@@ -40,3 +40,22 @@ def test_every_block_patched_back_is_the_real_teacher(default_teacher):
     with torch.no_grad():
         full = fam.build_patched(range(plan.n_student), embeddings="teacher", head="teacher")
         assert_close(full(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
+def test_gguf_conversion_cache_is_bit_identical_and_reused(tmp_path, monkeypatch):
+    """The default teacher's GGUF file, converted into a fresh cache, equals a direct GGUF load."""
+    from transformers import AutoModelForCausalLM
+
+    from boomerang.models import cached_gguf_folder, default_gguf_path, load_teacher
+
+    monkeypatch.setenv("BOOMERANG_HOME", str(tmp_path))
+    gguf = default_gguf_path()
+    folder = cached_gguf_folder(gguf)
+    assert folder.parent == tmp_path / "teachers" and (folder / "model.safetensors").is_file()
+    assert cached_gguf_folder(gguf) == folder  # second call: no conversion
+    assert [p.name for p in (tmp_path / "teachers").iterdir() if p.is_dir()] == [folder.name]
+    direct = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
+    teacher = load_teacher(str(gguf))
+    ids = torch.tensor([[1, 504, 3458, 282, 4649, 314]])
+    with torch.no_grad():
+        assert_close(teacher.model(ids).logits, direct(ids).logits, rtol=0, atol=0)

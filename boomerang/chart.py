@@ -1,0 +1,110 @@
+"""The size-vs-score chart: one series per kind of model, the Pareto frontier marked.
+
+`points(rows, task, metric)` picks one value per model (task "average" averages the metric over every
+task the model has, keeping only models that have them all); `figure(...)` draws it with plotly;
+`save(...)` writes HTML (plotly) and PNG (matplotlib, which needs no browser).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+LOWER_IS_BETTER = {"perplexity", "kl_to_teacher", "word_perplexity", "byte_perplexity", "bits_per_byte",
+                   "prefill_ms", "weights_mb", "peak_mb"}
+COLORS = {"interpolated": "#1f77b4", "teacher": "#d62728", "student": "#2ca02c", "undistilled": "#7f7f7f",
+          "drop-bi": "#ff7f0e", "reference": "#9467bd"}
+
+
+def points(rows: list[dict], task: str, metric: str) -> list[dict]:
+    """One point per model: its entry fields plus `value` (and `stderr` for a single task)."""
+    if task != "average":
+        return [dict(r) for r in rows if r["task"] == task and r["metric"] == metric]
+    tasks = {r["task"] for r in rows if r["metric"] == metric and r["task"] not in ("heldout", "cost")}
+    by_model: dict[str, list[dict]] = {}
+    for r in rows:
+        if r["metric"] == metric and r["task"] in tasks:
+            by_model.setdefault(r["key"], []).append(r)
+    out = []
+    for group in by_model.values():
+        if len({r["task"] for r in group}) == len(tasks):
+            out.append({**group[0], "task": "average", "value": sum(r["value"] for r in group) / len(group),
+                        "stderr": None})
+    return out
+
+
+def pareto(pts: list[dict], higher_is_better: bool = True) -> list[dict]:
+    """Points no other point beats with fewer or equal parameters."""
+    best, frontier = None, []
+    for p in sorted(pts, key=lambda p: (p["params"], -p["value"] if higher_is_better else p["value"])):
+        if best is None or (p["value"] > best if higher_is_better else p["value"] < best):
+            frontier.append(p)
+            best = p["value"]
+    return frontier
+
+
+def figure(pts: list[dict], task: str, metric: str, *, log_x: bool = False, highlight: str | None = None):
+    import plotly.graph_objects as go
+
+    higher = metric not in LOWER_IS_BETTER
+    fig = go.Figure()
+    for series in COLORS:
+        group = sorted((p for p in pts if p["series"] == series), key=lambda p: p["params"])
+        if not group:
+            continue
+        fig.add_trace(go.Scatter(
+            x=[p["params"] for p in group], y=[p["value"] for p in group], name=series,
+            mode="lines+markers" if len(group) > 1 else "markers",
+            marker={"color": COLORS[series], "size": 9 if series in ("teacher", "student") else 7},
+            error_y={"type": "data", "array": [p.get("stderr") or 0 for p in group],
+                     "visible": any(p.get("stderr") for p in group)},
+            customdata=[[p["key"], p["n_layers"], p.get("blocks", "")] for p in group],
+            hovertemplate="%{customdata[0]}<br>%{customdata[1]} layers, %{x:,} params<br>"
+                          f"{metric}: " + "%{y:.4f}<br>%{customdata[2]}<extra></extra>",
+        ))
+    front = pareto(pts, higher)
+    if front:
+        fig.add_trace(go.Scatter(x=[p["params"] for p in front], y=[p["value"] for p in front], name="Pareto frontier",
+                                 mode="lines", line={"dash": "dot", "color": "black", "width": 1}, hoverinfo="skip"))
+    if highlight:
+        chosen = [p for p in pts if p["key"] == highlight]
+        fig.add_trace(go.Scatter(x=[p["params"] for p in chosen], y=[p["value"] for p in chosen], name="fits the budget",
+                                 mode="markers", marker={"symbol": "star", "size": 18, "color": "gold",
+                                                         "line": {"color": "black", "width": 1}}))
+    fig.update_layout(title=f"{task}: {metric} vs. parameters", xaxis_title="parameters", yaxis_title=metric,
+                      template="plotly_white", legend={"orientation": "h", "y": -0.2})
+    fig.update_xaxes(type="log" if log_x else "linear")
+    return fig
+
+
+def save(pts: list[dict], task: str, metric: str, out_dir: str | Path, *, log_x: bool = False) -> tuple[Path, Path]:
+    """Write `<task>-<metric>.html` (interactive) and `.png` (static) into `out_dir`."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"{task}-{metric}"
+    figure(pts, task, metric, log_x=log_x).write_html(f"{stem}.html", include_plotlyjs="cdn")
+    _png(pts, task, metric, f"{stem}.png", log_x)
+    return Path(f"{stem}.html"), Path(f"{stem}.png")
+
+
+def _png(pts: list[dict], task: str, metric: str, path: str, log_x: bool) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
+    for series, color in COLORS.items():
+        group = sorted((p for p in pts if p["series"] == series), key=lambda p: p["params"])
+        if group:
+            ax.plot([p["params"] / 1e6 for p in group], [p["value"] for p in group], "o-" if len(group) > 1 else "o",
+                    color=color, label=series, markersize=5)
+    front = pareto(pts, metric not in LOWER_IS_BETTER)
+    if front:
+        ax.plot([p["params"] / 1e6 for p in front], [p["value"] for p in front], ":", color="black", label="Pareto frontier")
+    if log_x:
+        ax.set_xscale("log")
+    ax.set_xlabel("parameters (millions)"), ax.set_ylabel(metric), ax.set_title(f"{task}: {metric} vs. parameters")
+    ax.grid(alpha=0.3), ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

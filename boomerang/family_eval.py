@@ -1,0 +1,143 @@
+"""Evaluating a whole family, resumably: which models, which (model, task) cells, and the outputs.
+
+Models: the family's sizes (series `teacher`, `student`, `interpolated`), optional baselines
+(`undistilled`, `drop-bi`) at the same layer counts, and reference models. Tasks: lm-eval tasks
+(local files or the registry), `heldout` (label-free metrics on held-out text) and `cost`.
+Every finished cell is a file (see `results.py`); a cell already on disk is not recomputed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+
+from boomerang import tasks as local_tasks
+from boomerang.baselines import block_influence, drop_order, dropped_teacher
+from boomerang.errors import BoomerangError
+from boomerang.evaluate import EvalSettings, label_free, lm_eval_task, measure_cost, metrics_of
+from boomerang.family import Family, _count
+from boomerang.results import ModelEntry, ResultStore, cell_key
+from boomerang.student import cut_student
+
+BASELINES = ("undistilled", "drop-bi")
+
+
+@dataclass
+class Candidate:
+    entry: ModelEntry
+    build: Callable[[], torch.nn.Module]
+
+
+def _runs(layers) -> str:
+    from boomerang.cli import _compress_runs
+
+    return _compress_runs(layers)
+
+
+def family_candidates(family: Family, sizes: list[int] | None) -> list[Candidate]:
+    out = []
+    for n in sizes or family.layer_counts:
+        info = family.info(n)
+        series = "teacher" if info.is_teacher else "student" if info.is_student else "interpolated"
+        entry = ModelEntry(f"{series}-{n}", series, n, info.params, info.params_no_embed, _runs(info.layers))
+        out.append(Candidate(entry, lambda n=n: family.build(n)))
+    return out
+
+
+def baseline_candidates(family: Family, names: list[str], sizes: list[int] | None, bi_ids: torch.Tensor | None) -> list[Candidate]:
+    unknown = sorted(set(names) - set(BASELINES))
+    if unknown:
+        raise BoomerangError(f"unknown baselines {unknown}: choose from {', '.join(BASELINES)}")
+    counts = [n for n in (sizes or family.layer_counts) if n < family.plan.n_teacher]
+    out = []
+    if "undistilled" in names:
+        fresh = Family(family.teacher, cut_student(family.teacher, family.plan, share=True), family.plan,
+                       order=family.order)
+        for n in counts:
+            info = fresh.info(n)
+            entry = ModelEntry(f"undistilled-{n}", "undistilled", n, info.params, info.params_no_embed, _runs(info.layers))
+            out.append(Candidate(entry, lambda n=n: fresh.build(n)))
+    if "drop-bi" in names:
+        if bi_ids is None:
+            raise BoomerangError("the drop-bi baseline needs text to measure block influence on: give --heldout-data")
+        order = drop_order(block_influence(family.teacher, bi_ids))
+        n_t = family.plan.n_teacher
+        for n in counts:
+            drop = order[: n_t - n]
+            kept = [i for i in range(n_t) if i not in set(drop)]
+            model = dropped_teacher(family.teacher, drop)
+            params = _count([model])
+            body = params - _count([m for p, m in family.arch.end_modules(model).items() if p[-1] != family.arch.norm])
+            entry = ModelEntry(f"drop-bi-{n}", "drop-bi", n, params, body, _runs([f"T{i}" for i in kept]))
+            out.append(Candidate(entry, lambda model=model: model))
+    return out
+
+
+def reference_candidate(source: str, model: torch.nn.Module) -> Candidate:
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", source.rstrip("/").split("/")[-1]).strip("-").lower()
+    params = _count([model])
+    embed = model.get_input_embeddings().weight.numel()
+    entry = ModelEntry(f"reference-{slug}", "reference", model.config.num_hidden_layers, params, params - embed, source)
+    return Candidate(entry, lambda: model)
+
+
+@dataclass
+class CellJob:
+    """One (model, task) cell to compute."""
+
+    candidate: Candidate
+    task_name: str
+    task: dict | str
+    key: str
+
+
+def plan_cells(candidates: list[Candidate], task_names: list[str], data_dir, settings: EvalSettings,
+               heldout: torch.Tensor | None, cost: bool) -> list[CellJob]:
+    specs = local_tasks.resolve(task_names, data_dir) if task_names else []
+    jobs = []
+    for cand in candidates:
+        for name, spec in zip(task_names, specs):
+            jobs.append(CellJob(cand, name, spec, cell_key(spec, asdict(settings))))
+        if heldout is not None:
+            digest = hashlib.sha256(heldout.numpy().tobytes()).hexdigest()[:12]
+            jobs.append(CellJob(cand, "heldout", "heldout", cell_key({"heldout": digest}, {})))
+        if cost:
+            jobs.append(CellJob(cand, "cost", "cost", cell_key({"cost": 1, "threads": torch.get_num_threads()}, {})))
+    return jobs
+
+
+def run_cells(jobs: list[CellJob], store: ResultStore, *, family: Family, tokenizer, settings: EvalSettings,
+              heldout: torch.Tensor | None, on_cell=None, should_stop=None) -> int:
+    """Compute every cell not on disk yet; returns how many were computed."""
+    computed, built = 0, {}
+    for done, job in enumerate(jobs, start=1):
+        entry = job.candidate.entry
+        if store.get(entry.key, job.task_name, job.key) is None:
+            model = built.get(entry.key) or job.candidate.build()
+            built = {entry.key: model}  # hold one model at a time
+            store.put(entry, job.task_name, job.key, _compute(job, model, family, tokenizer, settings, heldout))
+            computed += 1
+            skipped = False
+        else:
+            skipped = True
+        if on_cell:
+            on_cell(done, len(jobs), entry.key, job.task_name, skipped)
+        if should_stop and should_stop():
+            break
+    return computed
+
+
+def _compute(job: CellJob, model, family: Family, tokenizer, settings: EvalSettings, heldout) -> dict:
+    with torch.no_grad():
+        if job.task_name == "heldout":
+            r = label_free(model, family.teacher, heldout, batch_size=settings.batch_size, n_layers=job.candidate.entry.n_layers)
+            return {"task": "heldout", "metrics": {"perplexity": (r.perplexity, None), "kl_to_teacher": (r.kl_to_teacher, None),
+                                                  "top1_agreement": (r.top1_agreement, None)}, "tokens": r.tokens}
+        if job.task_name == "cost":
+            return {"task": "cost", **measure_cost(model)}
+    result = lm_eval_task(model, tokenizer, job.task, settings)
+    return {**result, "metrics": metrics_of(result)}

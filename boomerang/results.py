@@ -1,0 +1,81 @@
+"""Evaluation results on disk: one JSON file per (model, task, settings) cell, and the family table.
+
+A cell's file name carries a hash of everything its score depends on (task definition, n-shot,
+limit, seed, lm-eval version), so evaluating again with the same settings finds the file and does
+nothing, and a change of settings gives a new cell instead of overwriting the old one.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+SERIES = ("interpolated", "teacher", "student", "undistilled", "drop-bi", "reference")
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One model measured: a family size, a baseline or a reference."""
+
+    key: str
+    """Unique name, e.g. "interpolated-23", "drop-bi-20", "reference-qwen3-0.6b"."""
+    series: str
+    """One of SERIES."""
+    n_layers: int
+    params: int
+    params_no_embed: int
+    blocks: str = ""
+    """What runs (compressed), for hover text."""
+
+
+def cell_key(task: dict | str, settings: dict) -> str:
+    import lm_eval
+
+    payload = json.dumps({"task": task, "settings": {k: v for k, v in settings.items() if k != "batch_size"},
+                          "lm_eval": lm_eval.__version__}, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:12]
+
+
+class ResultStore:
+    def __init__(self, root: str | Path):
+        self.root = Path(root).expanduser()
+
+    def path(self, model_key: str, task_name: str, key: str) -> Path:
+        return self.root / "cells" / model_key / f"{task_name}.{key}.json"
+
+    def get(self, model_key: str, task_name: str, key: str) -> dict | None:
+        path = self.path(model_key, task_name, key)
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def put(self, entry: ModelEntry, task_name: str, key: str, result: dict) -> Path:
+        path = self.path(entry.key, task_name, key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"model": asdict(entry), **result}, indent=2, default=str) + "\n")
+        os.replace(tmp, path)  # a killed run never leaves a half-written cell
+        return path
+
+    def rows(self) -> list[dict]:
+        """Every (model, task, metric) value on disk, flat."""
+        out = []
+        for path in sorted((self.root / "cells").glob("*/*.json")):
+            cell = json.loads(path.read_text())
+            for metric, (value, stderr) in cell.get("metrics", {}).items():
+                out.append({**cell["model"], "task": cell["task"], "metric": metric, "value": value,
+                            "stderr": stderr, "cell": path.name})
+        return out
+
+    def write_table(self, path: str | Path | None = None) -> Path:
+        path = Path(path) if path else self.root / "family.csv"
+        rows = self.rows()
+        fields = ["key", "series", "n_layers", "params", "params_no_embed", "task", "metric", "value", "stderr",
+                  "blocks", "cell"]
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+        return path

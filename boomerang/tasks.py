@@ -1,0 +1,119 @@
+"""lm-eval task definitions for local evaluation files, so every size can be scored offline.
+
+Three formats are understood, told apart by the keys of a file's first line:
+- multiple choice `{query, choices, gold}`: score `query + " " + choice`, predict the most likely;
+- partial scoring `{context_options, continuation, gold}` (WinoGrande-style): score the same
+  continuation after each context;
+- cloze `{context, continuation}` (LAMBADA-style): log-likelihood and greedy exact match of the
+  continuation.
+
+Each `.jsonl` file in a data folder becomes one task named after the file (`arc_easy_test.jsonl` ->
+`arc_easy_test`); `NAME.partKofN.jsonl` files are joined into one task `NAME`. Definitions are
+dicts that lm-eval's TaskManager loads directly; no YAML is written anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from boomerang.errors import BoomerangError
+
+FORMATS = {
+    "multiple_choice": {"query", "choices", "gold"},
+    "partial": {"context_options", "continuation", "gold"},
+    "cloze": {"context", "continuation"},
+}
+_PART = re.compile(r"^(?P<name>.+)\.part\d+of\d+$")
+VERSION = 1
+
+
+@dataclass(frozen=True)
+class LocalTask:
+    name: str
+    format: str
+    files: tuple[Path, ...]
+
+    def config(self) -> dict:
+        """The lm-eval task config for this file set."""
+        base = {
+            "task": self.name,
+            "dataset_path": "json",
+            "dataset_kwargs": {"data_files": {"test": [str(f) for f in self.files]}},
+            "test_split": "test",
+            "metadata": {"version": VERSION, "boomerang_format": self.format},
+        }
+        if self.format == "multiple_choice":
+            base.update(output_type="multiple_choice", doc_to_text="{{query}}", doc_to_choice="choices",
+                        doc_to_target="gold", target_delimiter=" ",
+                        metric_list=[{"metric": "acc", "aggregation": "mean", "higher_is_better": True},
+                                     {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True}])
+        elif self.format == "partial":
+            # doc_to_text names an int field: lm-eval then treats the choices as contexts for one continuation
+            base.update(output_type="multiple_choice", doc_to_text="gold", doc_to_choice="context_options",
+                        doc_to_target="continuation", target_delimiter=" ",
+                        metric_list=[{"metric": "acc", "aggregation": "mean", "higher_is_better": True}])
+        else:
+            # lm-eval adds no delimiter to loglikelihood targets: the space goes into the target itself
+            base.update(output_type="loglikelihood", doc_to_text="{{context}}", doc_to_target="{{' ' + continuation}}",
+                        target_delimiter="",
+                        metric_list=[{"metric": "perplexity", "aggregation": "perplexity", "higher_is_better": False},
+                                     {"metric": "acc", "aggregation": "mean", "higher_is_better": True}])
+        return base
+
+
+def detect_format(path: Path) -> str | None:
+    """The format of a .jsonl file from its first line's keys; None if it is none of ours."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            first = f.readline()
+        keys = set(json.loads(first))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError):
+        return None
+    for name, needed in FORMATS.items():
+        if needed <= keys:
+            return name
+    return None
+
+
+def discover(data_dir: str | Path) -> dict[str, LocalTask]:
+    """Every task in a data folder, by name."""
+    root = Path(data_dir).expanduser()
+    if not root.is_dir():
+        raise BoomerangError(f"evaluation data folder not found: {root}")
+    groups: dict[str, list[Path]] = {}
+    for f in sorted(root.glob("*.jsonl")):
+        match = _PART.match(f.stem)
+        name = re.sub(r"[^A-Za-z0-9_]", "_", match["name"] if match else f.stem)
+        groups.setdefault(name, []).append(f)
+    tasks = {}
+    for name, files in groups.items():
+        fmt = detect_format(files[0])
+        if fmt:
+            tasks[name] = LocalTask(name, fmt, tuple(files))
+    return tasks
+
+
+def resolve(task_names: list[str], data_dir: str | Path | None) -> list[dict | str]:
+    """Local task configs for names found in `data_dir`; other names are passed to lm-eval's registry."""
+    local = discover(data_dir) if data_dir else {}
+    out: list[dict | str] = []
+    for name in task_names:
+        if name in local:
+            out.append(local[name].config())
+        elif data_dir and not _registry_allowed():
+            raise BoomerangError(
+                f"no task {name!r} in {data_dir} (found: {', '.join(sorted(local)) or 'none'}), and lm-eval's "
+                "registry tasks need the hub to download their data (HF_DATASETS_OFFLINE=1 here)"
+            )
+        else:
+            out.append(name)
+    return out
+
+
+def _registry_allowed() -> bool:
+    import os
+
+    return os.environ.get("HF_DATASETS_OFFLINE") != "1" and os.environ.get("HF_HUB_OFFLINE") != "1"

@@ -1,0 +1,161 @@
+"""Evaluation: lm-eval offline on local files, a rigged model scores 1.0, results and charts, resume."""
+
+import csv
+import json
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from boomerang import tasks
+from boomerang.baselines import block_influence, drop_order, dropped_teacher
+from boomerang.chart import pareto, points
+from boomerang.cli import main
+from boomerang.errors import BoomerangError
+from boomerang.evaluate import EvalSettings, lm_eval_task, metrics_of
+from boomerang.family import Family
+from boomerang.plan import LayerPlan
+from boomerang.student import cut_student
+from tiny import N_LAYERS, save_tiny_teacher, tiny_model, tiny_tokenizer, tokens
+
+ANSWER = "xyz"
+
+
+def write_eval_files(folder):
+    """A few items in each format; the gold answer is always "xyz", the distractors never are."""
+    folder.mkdir(exist_ok=True)
+    mc = [{"query": f"Question: item {i}?", "choices": ["xzy", "yxz", ANSWER][-(i % 3):] + ["xzy", "yxz", ANSWER][:-(i % 3) or 3],
+           "gold": None} for i in range(5)]
+    for row in mc:
+        row["choices"] = row["choices"][:3]
+        row["gold"] = row["choices"].index(ANSWER)
+    (folder / "quiz.jsonl").write_text("".join(json.dumps(r) + "\n" for r in mc))
+    part = [{"context_options": ["ab", "ac"] if i % 2 else ["ac", "ab"], "continuation": ANSWER, "gold": 0 if i % 2 else 1}
+            for i in range(4)]
+    (folder / "fill.part1of2.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part[:2]))
+    (folder / "fill.part2of2.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part[2:]))
+    cloze = [{"context": f"story {i} ab", "continuation": ANSWER} for i in range(3)]
+    (folder / "cloze.jsonl").write_text("".join(json.dumps(r) + "\n" for r in cloze))
+    (folder / "notes.jsonl").write_text(json.dumps({"something": "else"}) + "\n")
+    return folder
+
+
+GOLD_CHAIN = [("?", " "), ("b", " "), (" ", "x"), ("x", "y"), ("y", "z")]
+WRONG_CHAIN = [("?", " "), ("b", " "), (" ", "x"), ("x", "z"), ("z", "y")]  # spells the distractor "xzy"
+
+
+def rigged_model(chain=GOLD_CHAIN):
+    """A tiny model whose next character is fixed by the previous one, as in the gold answers:
+    "?"/"b" -> " ", " " -> "x", "x" -> "y", "y" -> "z". Every gold answer is then near-certain."""
+    tok = tiny_tokenizer()
+    model = tiny_model("llama")
+    table = {}
+    for prev, nxt in chain:
+        table[tok.convert_tokens_to_ids(prev)] = tok.convert_tokens_to_ids(nxt)
+    seen = {}
+    model.register_forward_pre_hook(lambda m, args, kwargs: seen.update(ids=kwargs.get("input_ids", args[0] if args else None)),
+                                    with_kwargs=True)
+
+    def rig(module, args, output):
+        bias = torch.zeros_like(output)
+        for prev, nxt in table.items():
+            bias[..., nxt] += 60.0 * (seen["ids"] == prev).to(output.dtype)
+        return output * 0 + bias
+
+    model.lm_head.register_forward_hook(rig)
+    return model, tok
+
+
+def test_local_task_discovery(tmp_path):
+    found = tasks.discover(write_eval_files(tmp_path / "data"))
+    assert {n: t.format for n, t in found.items()} == {"quiz": "multiple_choice", "fill": "partial", "cloze": "cloze"}
+    assert len(found["fill"].files) == 2
+    with pytest.raises(BoomerangError, match="evaluation data folder not found"):
+        tasks.discover(tmp_path / "missing")
+    with pytest.raises(BoomerangError, match="no task 'arc_easy' in .*found: cloze, fill, quiz"):
+        tasks.resolve(["arc_easy"], tmp_path / "data")
+
+
+@pytest.mark.parametrize("task, metrics", [("quiz", {"acc": 1.0, "acc_norm": 1.0}), ("fill", {"acc": 1.0}),
+                                           ("cloze", {"acc": 1.0})])
+def test_a_rigged_model_scores_one_offline(tmp_path, task, metrics):
+    model, tok = rigged_model()
+    spec = tasks.resolve([task], write_eval_files(tmp_path / "data"))[0]
+    result = lm_eval_task(model, tok, spec, EvalSettings(batch_size=4))
+    got = metrics_of(result)
+    for metric, value in metrics.items():
+        assert got[metric][0] == pytest.approx(value), (task, metric, got)
+        assert got[metric][1] is None  # lm-eval's "N/A" stderr is kept as missing
+    assert result["n-samples"]["effective"] > 0 and result["lm_eval_version"]
+    if task == "cloze":
+        assert got["perplexity"][0] == pytest.approx(1.0, abs=1e-3)
+
+
+def test_a_model_rigged_for_a_distractor_scores_zero(tmp_path):
+    model, tok = rigged_model(WRONG_CHAIN)
+    spec = tasks.resolve(["quiz"], write_eval_files(tmp_path / "data"))[0]
+    assert metrics_of(lm_eval_task(model, tok, spec, EvalSettings()))["acc"][0] == 0.0
+
+
+def test_undistilled_sizes_are_layer_dropping_by_the_plan():
+    teacher = tiny_model("llama")
+    plan = LayerPlan.from_rule(N_LAYERS)
+    fam = Family(teacher, cut_student(teacher, plan, share=True), plan)
+    x = tokens()
+    for n in fam.layer_counts[:-1]:
+        ran = [int(name[1:]) for name in fam.info(n).layers]  # student layer j is teacher layer kept[j]
+        teacher_layers = [plan.kept[i] if name[0] == "S" else i for name, i in zip(fam.info(n).layers, ran)]
+        dropped = [i for i in range(N_LAYERS) if i not in teacher_layers]
+        assert_close(fam.build(n)(x).logits, dropped_teacher(teacher, dropped)(x).logits, rtol=0, atol=0)
+
+
+def test_block_influence_drops_an_identity_layer_first():
+    teacher = tiny_model("llama")
+    with torch.no_grad():
+        teacher.model.layers[5].self_attn.o_proj.weight.zero_()
+        teacher.model.layers[5].mlp.down_proj.weight.zero_()
+    bi = block_influence(teacher, tokens(2, 16))
+    assert bi[5] == pytest.approx(0, abs=1e-6) and min(bi[:5] + bi[6:]) > 1e-4
+    assert drop_order(bi)[0] == 5
+
+
+def test_pareto_and_average():
+    pts = [{"key": k, "params": p, "value": v, "series": "interpolated", "n_layers": 1}
+           for k, p, v in [("a", 1, 0.5), ("b", 2, 0.4), ("c", 3, 0.7), ("d", 3, 0.6)]]
+    assert [p["key"] for p in pareto(pts)] == ["a", "c"]
+    assert [p["key"] for p in pareto(pts, higher_is_better=False)] == ["a", "b"]
+    rows = [{"key": "m", "series": "teacher", "n_layers": 2, "params": 5, "task": t, "metric": "acc", "value": v}
+            for t, v in [("t1", 0.2), ("t2", 0.4)]] + [
+           {"key": "n", "series": "student", "n_layers": 1, "params": 3, "task": "t1", "metric": "acc", "value": 0.9}]
+    avg = points(rows, "average", "acc")
+    assert [(p["key"], p["value"]) for p in avg] == [("m", pytest.approx(0.3))]  # n lacks t2: left out
+
+
+def test_eval_command_end_to_end_and_resume(tmp_path, capsys):
+    save_tiny_teacher(tmp_path / "teacher", "llama")
+    main(["cut", "--teacher", str(tmp_path / "teacher"), "--out", str(tmp_path / "student")])
+    data = write_eval_files(tmp_path / "data")
+    (tmp_path / "held.txt").write_text("Held-out text for label-free metrics. " * 80)
+    argv = ["eval", str(tmp_path / "student"), "--tasks", "quiz,fill,cloze", "--data-dir", str(data),
+            "--baselines", "undistilled,drop-bi", "--heldout-data", str(tmp_path / "held.txt"), "--cost",
+            "--sizes", "5,7,8", "--out", str(tmp_path / "results")]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    # 3 sizes + 2 undistilled + 2 drop-bi = 7 models, 5 cells each
+    assert "35 cells computed, 0 already on disk" in out
+    with open(tmp_path / "results" / "family.csv") as f:
+        rows = list(csv.DictReader(f))
+    keys = {r["key"] for r in rows}
+    assert keys == {"student-5", "interpolated-7", "teacher-8", "undistilled-5", "undistilled-7", "drop-bi-5", "drop-bi-7"}
+    assert {r["task"] for r in rows} == {"quiz", "fill", "cloze", "heldout", "cost"}
+    teacher_kl = [r for r in rows if r["key"] == "teacher-8" and r["metric"] == "kl_to_teacher"][0]
+    assert float(teacher_kl["value"]) == pytest.approx(0, abs=1e-6)
+    charts = tmp_path / "results" / "charts"
+    for name in ("quiz-acc", "average-acc", "heldout-perplexity"):
+        assert (charts / f"{name}.html").stat().st_size > 1000 and (charts / f"{name}.png").stat().st_size > 1000
+    cell = json.loads(next((tmp_path / "results" / "cells" / "teacher-8").glob("quiz.*.json")).read_text())
+    assert cell["settings"] == {"num_fewshot": 0, "limit": None, "batch_size": 8, "seed": 0} and cell["versions"] == 1
+    assert main(argv) == 0
+    assert "0 cells computed, 35 already on disk" in capsys.readouterr().out
+    assert main([*argv[:-2], "--out", str(tmp_path / "results"), "--limit", "2"]) == 0
+    assert "21 cells computed, 14 already on disk" in capsys.readouterr().out  # a new limit: new lm-eval cells only
