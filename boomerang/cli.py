@@ -126,27 +126,29 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate every size (lm-eval, held-out text, cost) beside baselines; resumable")
     p.add_argument("student", help="student folder")
     _add_teacher(p), _add_order(p)
-    p.add_argument("--tasks", default="", help="comma-separated lm-eval task names (local file stems or registry names)")
-    p.add_argument("--data-dir", default=None, help="folder of local evaluation .jsonl files")
-    p.add_argument("--sizes", default="all", help="all | comma-separated layer counts")
-    p.add_argument("--baselines", default="", help="comma-separated: undistilled, drop-bi")
-    p.add_argument("--reference", action="append", default=[], help="a reference model (hub id or folder); repeatable")
-    p.add_argument("--heldout-data", default=None, help="text file for label-free metrics (its last 10%%)")
-    p.add_argument("--heldout-tokens", type=int, default=4096)
-    p.add_argument("--cost", action="store_true", help="also measure memory, prefill latency and decode speed")
-    p.add_argument("--num-fewshot", type=int, default=0)
-    p.add_argument("--limit", type=int, default=None, help="at most this many items per task")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="results folder (default: STUDENT/eval)")
-    p.add_argument("--chart-metric", default="acc", help="metric for the chart (default acc)")
+    _add_eval_flags(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("teacher", help="load (and cache) a teacher and describe it")
     _add_teacher(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_teacher)
+    _add_plugin_commands(sub)
     return parser
+
+
+def _add_plugin_commands(sub) -> None:
+    """Commands of the layers above the library (jobs, workers, dashboard), registered as entry points
+    in the group "boomerang.commands", so that this package never imports them."""
+    from importlib.metadata import entry_points
+
+    for ep in sorted(entry_points(group="boomerang.commands"), key=lambda e: e.name):
+        try:
+            ep.load()(sub, {"distill_flags": _add_config_flags, "eval_flags": _add_eval_flags,
+                            "teacher_flags": _add_teacher, "order_flags": _add_order,
+                            "distill_config": distill_config_from_args, "eval_request": eval_request_from_args})
+        except ImportError as exc:  # a layer whose dependencies are missing: the library still works
+            print(f"warning: commands from {ep.value} unavailable ({exc})", file=sys.stderr)
 
 
 def _add_config_flags(p: argparse.ArgumentParser) -> None:
@@ -168,6 +170,23 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
         else:
             kind = {"int": int, "float": float, "int | None": int}.get(str(f.type), str)
             g.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=help_text)
+
+
+def _add_eval_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tasks", default="", help="comma-separated lm-eval task names (local file stems or registry names)")
+    p.add_argument("--data-dir", default=None, help="folder of local evaluation .jsonl files")
+    p.add_argument("--sizes", default="all", help="all | comma-separated layer counts")
+    p.add_argument("--baselines", default="", help="comma-separated: undistilled, drop-bi")
+    p.add_argument("--reference", action="append", default=[], help="a reference model (hub id or folder); repeatable")
+    p.add_argument("--heldout-data", default=None, help="text file for label-free metrics (its last 10%%)")
+    p.add_argument("--heldout-tokens", type=int, default=4096)
+    p.add_argument("--cost", action="store_true", help="also measure memory, prefill latency and decode speed")
+    p.add_argument("--num-fewshot", type=int, default=0)
+    p.add_argument("--limit", type=int, default=None, help="at most this many items per task")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="results folder (default: STUDENT/eval)")
+    p.add_argument("--chart-metric", default="acc", help="metric for the chart (default acc)")
 
 
 def _field_docs(cls) -> dict[str, str]:
@@ -329,27 +348,34 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def cmd_distill(args) -> int:
+def distill_config_from_args(args):
+    """DistillConfig from defaults < --recipe file (or the run's own recipe with --resume) < flags."""
     import dataclasses
-    import signal
 
-    from tqdm import tqdm
-
-    from boomerang.distill import DistillConfig, distill, read_recipe
+    from boomerang.distill import DistillConfig, read_recipe
     from boomerang.plan import parse_layer_list
 
     names = {f.name for f in dataclasses.fields(DistillConfig)}
     given = {k: v for k, v in vars(args).items() if k in names}
     if "keep" in given:
         given["keep"] = parse_layer_list(given["keep"])
-    if args.resume:
+    if getattr(args, "resume", False):
         if "out" not in given:
             raise BoomerangError("--resume needs --out: the run folder to continue")
         base = read_recipe(given["out"]).to_dict()
     else:
-        base = DistillConfig.from_file(args.recipe).to_dict() if args.recipe else {}
-    cfg = DistillConfig.from_dict({**base, **given})
+        base = DistillConfig.from_file(args.recipe).to_dict() if getattr(args, "recipe", None) else {}
+    return DistillConfig.from_dict({**base, **given})
 
+
+def cmd_distill(args) -> int:
+    import signal
+
+    from tqdm import tqdm
+
+    from boomerang.distill import distill
+
+    cfg = distill_config_from_args(args)
     stop = {"asked": False}
 
     def ask_stop(signum, frame):
@@ -404,58 +430,39 @@ def cmd_heldout(args) -> int:
     return 0
 
 
+def eval_request_from_args(args):
+    from boomerang.evaluate import EvalSettings
+    from boomerang.family_eval import EvalRequest
+
+    return EvalRequest(
+        student=str(Path(args.student).expanduser()), teacher=args.teacher, order=args.order,
+        tasks=[t for t in args.tasks.split(",") if t], data_dir=args.data_dir, sizes=args.sizes,
+        baselines=[b for b in args.baselines.split(",") if b], references=args.reference,
+        heldout_data=args.heldout_data, heldout_tokens=args.heldout_tokens, cost=args.cost,
+        settings=EvalSettings(args.num_fewshot, args.limit, args.batch_size, args.seed),
+        out=args.out, chart_metric=args.chart_metric, device=args.device, dtype=args.dtype,
+    )
+
+
 def cmd_eval(args) -> int:
     from tqdm import tqdm
 
-    from boomerang import chart
-    from boomerang import data as d
-    from boomerang.evaluate import EvalSettings
-    from boomerang.family_eval import baseline_candidates, family_candidates, plan_cells, reference_candidate, run_cells
-    from boomerang.models import load_teacher
-    from boomerang.plan import parse_layer_list
-    from boomerang.results import ResultStore
+    from boomerang.family_eval import evaluate_student
 
-    settings = EvalSettings(args.num_fewshot, args.limit, args.batch_size, args.seed)
-    args.student = str(Path(args.student).expanduser())
-    teacher, family, label = _load_family(args)
-    sizes = None if args.sizes == "all" else parse_layer_list(args.sizes)
-    for n in sizes or []:
-        family.info(n)  # a size the family lacks fails before any work
-    heldout = None
-    if args.heldout_data:
-        stream = d.pack(d.read_documents(args.heldout_data), teacher.tokenizer, 128)
-        heldout = d.split_blocks(stream, 128, 0.1, args.heldout_data)[1][: max(1, args.heldout_tokens // 128)]
-    baselines = [b for b in args.baselines.split(",") if b]
-    candidates = family_candidates(family, sizes) + baseline_candidates(family, baselines, sizes, heldout)
-    for ref in args.reference:
-        candidates.append(reference_candidate(ref, load_teacher(ref, device=args.device).model))
-    task_names = [t for t in args.tasks.split(",") if t]
-    jobs = plan_cells(candidates, task_names, args.data_dir, settings, heldout, args.cost)
-    if not jobs:
-        raise BoomerangError("nothing to evaluate: give --tasks, --heldout-data or --cost")
-    store = ResultStore(args.out or Path(args.student) / "eval")
-    bar = tqdm(total=len(jobs), unit="cell", desc="eval", dynamic_ncols=True)
+    request = eval_request_from_args(args)
+    bar = tqdm(unit="cell", desc="eval", dynamic_ncols=True)
 
     def on_cell(done, total, key, task, skipped):
+        bar.total = total
         bar.set_postfix_str(f"{key} {task}{' (cached)' if skipped else ''}", refresh=False)
         bar.update(1)
 
     try:
-        computed = run_cells(jobs, store, family=family, tokenizer=teacher.tokenizer, settings=settings,
-                             heldout=heldout, on_cell=on_cell)
+        report = evaluate_student(request, on_cell=on_cell)
     finally:
         bar.close()
-    table = store.write_table()
-    rows = store.rows()
-    written = []
-    for task in [*task_names, *(["average"] if len(task_names) > 1 else [])]:
-        pts = chart.points(rows, task, args.chart_metric)
-        if pts:
-            written += chart.save(pts, task, args.chart_metric, store.root / "charts")
-    if heldout is not None:
-        written += chart.save(chart.points(rows, "heldout", "perplexity"), "heldout", "perplexity", store.root / "charts")
-    print(f"{computed} cells computed, {len(jobs) - computed} already on disk; table {table}")
-    for path in written:
+    print(f"{report.computed} cells computed, {report.total - report.computed} already on disk; table {report.table}")
+    for path in report.charts:
         print(f"chart {path}")
     return 0
 

@@ -141,3 +141,95 @@ def _compute(job: CellJob, model, family: Family, tokenizer, settings: EvalSetti
             return {"task": "cost", **measure_cost(model)}
     result = lm_eval_task(model, tokenizer, job.task, settings)
     return {**result, "metrics": metrics_of(result)}
+
+
+# ----------------------------------------------------------------------------- one call for CLI and worker
+
+
+@dataclass
+class EvalRequest:
+    """Everything an evaluation of a student's family needs; the CLI and the worker both build one."""
+
+    student: str
+    """Student folder."""
+    tasks: list[str]
+    """lm-eval task names (local file stems or registry names)."""
+    data_dir: str | None = None
+    """Folder of local evaluation files."""
+    teacher: str | None = None
+    """Teacher source (default: the student's own)."""
+    order: str = "last"
+    """Patch order."""
+    sizes: str = "all"
+    """all | comma-separated layer counts."""
+    baselines: list[str] = None
+    """Any of BASELINES."""
+    references: list[str] = None
+    """Reference models (hub ids or folders)."""
+    heldout_data: str | None = None
+    """Text file for label-free metrics (its last 10%)."""
+    heldout_tokens: int = 4096
+    cost: bool = False
+    settings: EvalSettings = None
+    out: str | None = None
+    """Results folder (default: STUDENT/eval)."""
+    chart_metric: str = "acc"
+    device: str = "cpu"
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        self.baselines = list(self.baselines or [])
+        self.references = list(self.references or [])
+        self.settings = self.settings or EvalSettings()
+
+
+@dataclass
+class EvalReport:
+    computed: int
+    total: int
+    table: object
+    charts: list
+    rows: list
+
+
+def evaluate_student(req: EvalRequest, *, on_cell=None, should_stop=None, teacher=None) -> EvalReport:
+    """Evaluate a student's family (and baselines, references) as `req` says; resumable."""
+    from pathlib import Path
+
+    from boomerang import chart
+    from boomerang import data as d
+    from boomerang.family import resolve_order
+    from boomerang.models import load_teacher
+    from boomerang.plan import parse_layer_list
+    from boomerang.student import load_student, read_manifest
+
+    manifest = read_manifest(req.student)
+    teacher = teacher or load_teacher(req.teacher or manifest.teacher_source, dtype=req.dtype, device=req.device)
+    student, manifest = load_student(req.student, teacher)
+    order = manifest.patch_orders.get(req.order) if req.order in manifest.patch_orders else req.order
+    family = Family(teacher.model, student, manifest.plan, order=resolve_order(manifest.plan, order))
+    sizes = None if req.sizes == "all" else parse_layer_list(req.sizes)
+    for n in sizes or []:
+        family.info(n)  # a size the family lacks fails before any work
+    heldout = None
+    if req.heldout_data:
+        stream = d.pack(d.read_documents(req.heldout_data), teacher.tokenizer, 128)
+        heldout = d.split_blocks(stream, 128, 0.1, req.heldout_data)[1][: max(1, req.heldout_tokens // 128)]
+    candidates = family_candidates(family, sizes) + baseline_candidates(family, req.baselines, sizes, heldout)
+    for ref in req.references:
+        candidates.append(reference_candidate(ref, load_teacher(ref, device=req.device).model))
+    jobs = plan_cells(candidates, req.tasks, req.data_dir, req.settings, heldout, req.cost)
+    if not jobs:
+        raise BoomerangError("nothing to evaluate: give tasks, held-out data or cost")
+    store = ResultStore(req.out or Path(req.student) / "eval")
+    computed = run_cells(jobs, store, family=family, tokenizer=teacher.tokenizer, settings=req.settings,
+                         heldout=heldout, on_cell=on_cell, should_stop=should_stop)
+    rows = store.rows()
+    charts = []
+    for task in [*req.tasks, *(["average"] if len(req.tasks) > 1 else [])]:
+        pts = chart.points(rows, task, req.chart_metric)
+        if pts:
+            charts += chart.save(pts, task, req.chart_metric, store.root / "charts")
+    if heldout is not None:
+        charts += chart.save(chart.points(rows, "heldout", "perplexity"), "heldout", "perplexity", store.root / "charts")
+    return EvalReport(computed, len(jobs), store.write_table(), charts, rows)

@@ -66,7 +66,7 @@ class ResultStore:
             cell = json.loads(path.read_text())
             for metric, (value, stderr) in cell.get("metrics", {}).items():
                 out.append({**cell["model"], "task": cell["task"], "metric": metric, "value": value,
-                            "stderr": stderr, "cell": path.name})
+                            "stderr": stderr, "cell": path.name, "settings": cell.get("settings", {})})
         return out
 
     def write_table(self, path: str | Path | None = None) -> Path:

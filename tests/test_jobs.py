@@ -1,0 +1,232 @@
+"""Jobs against a real Redis and real worker processes (started here, stopped after)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import redis
+from sqlmodel import Session
+
+from boomerang.errors import BoomerangError
+from db import crud
+from db.engine import make_engine
+from db.models import JobStatus
+from tiny import save_tiny_teacher
+from workers.app import make_celery
+from workers.submit import submit
+
+REDIS_URL = os.environ.get("BOOMERANG_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+TEXT = "A small corpus for a tiny teacher, repeated so there are enough blocks. " * 200
+
+
+@pytest.fixture(scope="module")
+def redis_ready():
+    try:
+        redis.Redis.from_url(REDIS_URL).ping()
+    except redis.ConnectionError as exc:
+        pytest.fail(f"these tests need a real Redis at {REDIS_URL} (.ci/run starts one): {exc}")
+
+
+class Cluster:
+    """A database, a Redis queue of our own, and worker processes started on demand."""
+
+    def __init__(self, tmp: Path):
+        self.tmp, self.queue = tmp, f"q-{uuid.uuid4().hex[:8]}"
+        self.env = {**os.environ, "DATABASE_URL": f"sqlite:///{tmp / 'jobs.db'}", "REDIS_URL": REDIS_URL,
+                    "BOOMERANG_HOME": str(tmp / "home"), "BOOMERANG_HEARTBEAT_S": "0.5",
+                    "BOOMERANG_STALE_AFTER_S": "3", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+                    "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+        os.environ.update({k: self.env[k] for k in ("DATABASE_URL", "REDIS_URL", "BOOMERANG_HOME")})
+        self.engine = make_engine(self.env["DATABASE_URL"])
+        self.app = make_celery(REDIS_URL)
+        self.workers: dict[str, subprocess.Popen] = {}
+        save_tiny_teacher(tmp / "teacher", "llama")
+        (tmp / "corpus.txt").write_text(TEXT)
+
+    def start_worker(self, name: str) -> subprocess.Popen:
+        log = open(self.tmp / f"{name}.log", "w")
+        proc = subprocess.Popen([sys.executable, "-m", "boomerang.cli", "worker", "--name", name, "--queues", self.queue,
+                                 "--sweep-every", "1"], env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        self.workers[name] = proc
+        deadline = time.time() + 60
+        while "ready." not in (self.tmp / f"{name}.log").read_text():
+            assert proc.poll() is None, (self.tmp / f"{name}.log").read_text()
+            assert time.time() < deadline, "worker did not start"
+            time.sleep(0.2)
+        return proc
+
+    def kill(self, name: str, sig=signal.SIGKILL) -> None:
+        proc = self.workers.pop(name)
+        os.killpg(proc.pid, sig)
+        proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        for name in list(self.workers):
+            try:
+                self.kill(name, signal.SIGTERM)
+            except (subprocess.TimeoutExpired, ProcessLookupError):
+                self.kill(name, signal.SIGKILL)
+
+    def distill(self, **kw):
+        settings = dict(teacher=str(self.tmp / "teacher"), data=str(self.tmp / "corpus.txt"), steps=6, batch_size=2,
+                        seq_len=16, lr=1e-3, checkpoint_every=5)
+        settings.update(kw)
+        return submit(engine=self.engine, app=self.app, kind="distill", settings=settings, queue=self.queue)
+
+    def job(self, job_id):
+        with Session(self.engine) as s:
+            return crud.get_job(session=s, job_id=job_id)
+
+    def steps(self, job_id):
+        with Session(self.engine) as s:
+            return [m.step for m in crud.steps_of(session=s, job_id=job_id)]
+
+    def wait(self, job_id, until, timeout=120, every=0.1):
+        deadline, seen = time.time() + timeout, []
+        while time.time() < deadline:
+            job = self.job(job_id)
+            seen.append((job.status, job.step, len(self.steps(job_id))))
+            if until(job):
+                return job, seen
+            time.sleep(every)
+        logs = "\n".join(p.read_text()[-3000:] for p in self.tmp.glob("*.log"))
+        raise AssertionError(f"job {job_id} stuck at {seen[-1]}\n{logs}")
+
+
+@pytest.fixture
+def cluster(tmp_path, redis_ready, monkeypatch):
+    for key in ("DATABASE_URL", "REDIS_URL", "BOOMERANG_HOME"):
+        monkeypatch.delenv(key, raising=False)
+    c = Cluster(tmp_path)
+    yield c
+    c.stop()
+
+
+def test_a_distill_job_goes_queued_running_succeeded_with_progress(cluster):
+    job = cluster.distill(steps=40)
+    assert cluster.job(job.id).status == JobStatus.QUEUED
+    cluster.start_worker("w1")
+    done, seen = cluster.wait(job.id, lambda j: j.status in (JobStatus.SUCCEEDED, JobStatus.FAILED))
+    assert done.status == JobStatus.SUCCEEDED, done.error
+    running = [s for s in seen if s[0] == JobStatus.RUNNING]
+    assert running and any(0 < step < 40 and rows > 0 for _, step, rows in running), "no progress seen while running"
+    assert cluster.steps(job.id) == list(range(1, 41))
+    assert done.step == done.total == 40 and done.worker.startswith("w1") and done.attempts == 1
+    assert "step 40/40" in done.log
+    student = Path(done.result["student_dir"])
+    assert (student / "boomerang.json").is_file()
+    with Session(cluster.engine) as s:
+        students = crud.list_students(session=s)
+        assert [st.folder for st in students] == [str(student)]
+        assert [z.n_layers for z in crud.sizes_of(session=s, student_id=students[0].id)] == [5, 6, 7, 8]
+
+
+def test_cancel_a_running_job_and_a_failing_job_does_not_stop_the_worker(cluster):
+    cluster.start_worker("w1")
+    long = cluster.distill(steps=100000, checkpoint_every=1000)
+    cluster.wait(long.id, lambda j: j.step >= 3)
+    with Session(cluster.engine) as s:
+        crud.request_cancel(session=s, job_id=long.id)
+    done, _ = cluster.wait(long.id, lambda j: j.status != JobStatus.RUNNING)
+    assert done.status == JobStatus.CANCELLED and 3 <= done.step < 100000
+    assert (Path(done.run_dir) / "checkpoint.pt").is_file(), "cancel must leave a checkpoint"
+    # a job that fails at run time: its data disappears after it was accepted
+    (cluster.tmp / "doomed.txt").write_text(TEXT)
+    bad = cluster.distill(data=str(cluster.tmp / "doomed.txt"))
+    (cluster.tmp / "doomed.txt").unlink()
+    good = cluster.distill(steps=3)
+    failed, _ = cluster.wait(bad.id, lambda j: j.status not in (JobStatus.QUEUED, JobStatus.RUNNING))
+    assert failed.status == JobStatus.FAILED and "data not found" in failed.error and "doomed.txt" in failed.error
+    ok, _ = cluster.wait(good.id, lambda j: j.status not in (JobStatus.QUEUED, JobStatus.RUNNING))
+    assert ok.status == JobStatus.SUCCEEDED
+
+
+def test_sigkill_mid_job_resumes_from_checkpoint_on_a_new_worker(cluster):
+    steps = 400
+    cluster.start_worker("doomed")
+    job = cluster.distill(steps=steps, checkpoint_every=20)
+    cluster.wait(job.id, lambda j: j.step >= 60, every=0.05)
+    cluster.kill("doomed")  # SIGKILL to the whole worker: parent and the child running the job
+    killed_at = cluster.job(job.id).step
+    assert cluster.job(job.id).status == JobStatus.RUNNING and killed_at < steps
+    cluster.start_worker("rescuer")
+    done, _ = cluster.wait(job.id, lambda j: j.status in (JobStatus.SUCCEEDED, JobStatus.FAILED), timeout=240)
+    assert done.status == JobStatus.SUCCEEDED, done.error
+    assert done.attempts == 2 and done.worker.startswith("rescuer")
+    assert cluster.steps(job.id) == list(range(1, steps + 1)), "a step's metrics were lost or duplicated"
+    # it went on from the last checkpoint before the kill, not from the start
+    assert 20 <= done.result["resumed_from"] <= killed_at and done.result["resumed_from"] % 20 == 0
+    metrics = (Path(done.run_dir) / "metrics.jsonl").read_text().splitlines()
+    assert len(metrics) == steps
+
+
+def test_two_workers_on_one_queue_take_two_jobs_at_once(cluster):
+    cluster.start_worker("a")
+    cluster.start_worker("b")
+    jobs = [cluster.distill(steps=100000, checkpoint_every=1000) for _ in range(2)]
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        states = [cluster.job(j.id) for j in jobs]
+        if all(s.status == JobStatus.RUNNING and s.step > 0 for s in states):
+            break
+        time.sleep(0.2)
+    assert {s.worker.split("@")[0] for s in states} == {"a", "b"}, [(s.status, s.worker) for s in states]
+    with Session(cluster.engine) as s:
+        for j in jobs:
+            crud.request_cancel(session=s, job_id=j.id)
+    for j in jobs:
+        cluster.wait(j.id, lambda x: x.status == JobStatus.CANCELLED)
+
+
+def test_bad_input_is_rejected_before_queueing(cluster):
+    r = redis.Redis.from_url(REDIS_URL)
+    before = r.llen(cluster.queue)
+    cases = [
+        (dict(teacher=str(cluster.tmp / "no-such-teacher")), "teacher folder not found"),
+        (dict(keep=[1, 2]), "must keep layer 0"),
+        (dict(data=str(cluster.tmp / "missing.txt")), "data not found"),
+        (dict(steps=-3), "steps must be 0 or more"),
+    ]
+    for kw, message in cases:
+        with pytest.raises(BoomerangError, match=message):
+            cluster.distill(**kw)
+    with Session(cluster.engine) as s:
+        assert crud.list_jobs(session=s) == []
+    assert r.llen(cluster.queue) == before
+
+
+def test_redis_down_at_submit_leaves_no_row(cluster):
+    app = make_celery("redis://127.0.0.1:9/0")
+    with pytest.raises(BoomerangError, match="could not queue the job: Redis .* unreachable"):
+        submit(engine=cluster.engine, app=app, kind="distill",
+               settings=dict(teacher=str(cluster.tmp / "teacher"), data=str(cluster.tmp / "corpus.txt"), steps=1))
+    with Session(cluster.engine) as s:
+        assert crud.list_jobs(session=s) == []
+
+
+def test_jobs_cli_submit_list_cancel_retry(cluster, capsys):
+    import json
+
+    from boomerang.cli import main
+
+    assert main(["submit", "distill", "--teacher", str(cluster.tmp / "teacher"), "--data", str(cluster.tmp / "corpus.txt"),
+                 "--steps", "2", "--seq-len", "16", "--batch-size", "2", "--queue", cluster.queue]) == 0
+    assert "job 1 queued (distill" in capsys.readouterr().out
+    assert main(["jobs", "--json"]) == 0
+    (listed,) = json.loads(capsys.readouterr().out)
+    assert listed["status"] == "QUEUED" and listed["settings"]["steps"] == 2
+    assert main(["cancel", "1"]) == 0 and "CANCELLED" in capsys.readouterr().out
+    assert main(["retry", "1"]) == 0 and "queued again" in capsys.readouterr().out
+    assert main(["jobs"]) == 0 and "QUEUED" in capsys.readouterr().out
+    assert main(["cancel", "77"]) == 2 and "no job 77" in capsys.readouterr().err
+    assert main(["submit", "distill", "--keep", "3,4", "--teacher", str(cluster.tmp / "teacher"),
+                 "--queue", cluster.queue]) == 2
+    assert "must keep layer 0" in capsys.readouterr().err

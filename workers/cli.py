@@ -1,0 +1,178 @@
+"""`boomerang worker | submit | jobs | cancel | retry`: the jobs layer's commands.
+
+Registered into the `boomerang` command through the entry-point group "boomerang.commands".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+
+def register(sub, helpers: dict) -> None:
+    p = sub.add_parser("worker", help="start one worker (one per GPU; says which device it uses)")
+    p.add_argument("--queues", default="default", help="comma-separated queues to take jobs from")
+    p.add_argument("--gpu", default=None, help="the GPU this worker owns (sets CUDA_VISIBLE_DEVICES); default: CPU "
+                                               "or whatever CUDA_VISIBLE_DEVICES already says")
+    p.add_argument("--name", default=None, help="worker name (default host:pid)")
+    p.add_argument("--pool", default="prefork", choices=["prefork", "solo"],
+                   help="prefork (default): the job runs in a child process, the parent never touches CUDA")
+    p.add_argument("--sweep-every", type=float, default=15.0, help="seconds between sweeps for stale jobs")
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("submit", help="queue a job: distill | eval | export")
+    kinds = p.add_subparsers(title="kind", required=True)
+    d = kinds.add_parser("distill", help="queue a distillation (same settings as `boomerang distill`)")
+    d.add_argument("--recipe", default=None)
+    d.add_argument("--queue", default="default")
+    helpers["distill_flags"](d)
+    d.set_defaults(func=cmd_submit, kind="distill", helpers=helpers)
+    e = kinds.add_parser("eval", help="queue an evaluation (same settings as `boomerang eval`)")
+    e.add_argument("student")
+    e.add_argument("--queue", default="default")
+    helpers["teacher_flags"](e), helpers["order_flags"](e), helpers["eval_flags"](e)
+    e.set_defaults(func=cmd_submit, kind="eval", helpers=helpers)
+    x = kinds.add_parser("export", help="queue an export of one size")
+    x.add_argument("--student", required=True)
+    x.add_argument("--layers", type=int, required=True)
+    x.add_argument("--out", required=True)
+    x.add_argument("--order", default="last")
+    x.add_argument("--overwrite", action="store_true")
+    x.add_argument("--queue", default="default")
+    x.set_defaults(func=cmd_submit, kind="export", helpers=helpers)
+
+    p = sub.add_parser("jobs", help="every job with status and progress")
+    p.add_argument("--watch", action="store_true", help="refresh every 2 s until Ctrl-C")
+    p.add_argument("--limit", type=int, default=30)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_jobs)
+
+    for name, func, text in (("cancel", cmd_cancel, "stop a job (a running one within one step, with a checkpoint)"),
+                             ("retry", cmd_retry, "queue a FAILED or CANCELLED job again; it resumes from its checkpoint")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("job_id", type=int)
+        p.set_defaults(func=func)
+
+
+def cmd_worker(args) -> int:
+    if args.gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(args.gpu)  # before anything can initialise CUDA
+    if args.name:
+        os.environ["BOOMERANG_WORKER_NAME"] = args.name
+    from celery import signals
+
+    from db.engine import make_engine
+    from workers.app import make_celery, redis_url
+    from workers.runner import start_sweeper
+
+    app = make_celery()
+    make_engine()  # migrate once, in the parent, before any child starts
+    gpus = os.environ.get("CUDA_VISIBLE_DEVICES")
+    device = f"GPU {gpus} (CUDA_VISIBLE_DEVICES={gpus})" if gpus not in (None, "") else "CPU"
+    print(f"boomerang worker {args.name or ''} on {device}; queues {args.queues}; broker {redis_url()}", flush=True)
+
+    @signals.worker_ready.connect
+    def _sweep(**_):
+        start_sweeper(make_engine, app, every=args.sweep_every)
+
+    argv = ["worker", f"--pool={args.pool}", "--concurrency=1", f"--queues={args.queues}", "--loglevel=INFO",
+            "--without-gossip", "--without-mingle"]
+    if args.name:
+        argv.append(f"--hostname={args.name}@%h")
+    app.worker_main(argv)
+    return 0
+
+
+def cmd_submit(args) -> int:
+    from db.engine import make_engine
+    from workers.app import make_celery
+    from workers.submit import submit
+
+    if args.kind == "distill":
+        settings = args.helpers["distill_config"](args).to_dict()
+    elif args.kind == "eval":
+        req = args.helpers["eval_request"](args)
+        settings = {**{k: v for k, v in vars(req).items() if k != "settings"}, "settings": vars(req.settings)}
+    else:
+        settings = {"student": args.student, "layers": args.layers, "out": args.out, "order": args.order,
+                    "overwrite": args.overwrite}
+    job = submit(engine=make_engine(), app=make_celery(), kind=args.kind, settings=settings, queue=args.queue)
+    print(f"job {job.id} queued ({job.kind.value}, queue {job.queue}); watch it with: boomerang jobs --watch")
+    return 0
+
+
+def _eta(seconds) -> str:
+    if seconds is None:
+        return "-"
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def render_jobs(jobs) -> str:
+    lines = [f"{'id':>4}  {'kind':<7} {'status':<9} {'progress':<26} {'tok/s':>7} {'eta':>8}  {'worker':<22} info"]
+    for j in jobs:
+        frac = j.step / j.total if j.total else 0
+        bar = "#" * int(frac * 16)
+        progress = f"[{bar:<16}] {j.step}/{j.total}"
+        info = j.error or (f"loss {j.losses['loss']:.4f}" if j.losses.get("loss") is not None else "")
+        lines.append(f"{j.id:>4}  {j.kind.value:<7} {j.status.value:<9} {progress:<26} "
+                     f"{(j.tokens_per_s or 0):>7.0f} {_eta(j.eta_s):>8}  {(j.worker or '-')[:22]:<22} {info[:60]}")
+    return "\n".join(lines)
+
+
+def cmd_jobs(args) -> int:
+    from sqlmodel import Session
+
+    from db import crud
+    from db.engine import make_engine
+    from db.models import JobPublic
+
+    engine = make_engine()
+    while True:
+        with Session(engine) as s:
+            jobs = crud.list_jobs(session=s, limit=args.limit)
+        if args.json:
+            print(json.dumps([JobPublic.model_validate(j).model_dump(mode="json") for j in jobs], indent=2))
+            return 0
+        if args.watch:
+            sys.stdout.write("\x1b[2J\x1b[H")
+        print(render_jobs(jobs), flush=True)
+        if not args.watch:
+            return 0
+        try:
+            time.sleep(2)
+        except KeyboardInterrupt:
+            return 0
+
+
+def cmd_cancel(args) -> int:
+    from sqlmodel import Session
+
+    from boomerang.errors import BoomerangError
+    from db import crud
+    from db.engine import make_engine
+
+    with Session(make_engine()) as s:
+        try:
+            job = crud.request_cancel(session=s, job_id=args.job_id)
+        except LookupError as exc:
+            raise BoomerangError(str(exc)) from None
+    print(f"job {job.id}: {job.status.value}" + (" (stops within one step)" if job.status.value == "RUNNING" else ""))
+    return 0
+
+
+def cmd_retry(args) -> int:
+    from boomerang.errors import BoomerangError
+    from db.engine import make_engine
+    from workers.app import make_celery
+    from workers.submit import requeue
+
+    try:
+        job = requeue(engine=make_engine(), app=make_celery(), job_id=args.job_id)
+    except (LookupError, ValueError) as exc:
+        raise BoomerangError(str(exc)) from None
+    print(f"job {job.id} queued again; it resumes from its checkpoint if it has one")
+    return 0
