@@ -1,0 +1,126 @@
+"""Streaming two models at once, each from its own thread, with one stop flag for both.
+
+`stream_pair` yields snapshots of both replies as tokens arrive; `Stop` (a threading.Event) ends
+generation on both sides at the next token. Each side reports tokens, tokens/s and time to first
+token.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
+
+
+@dataclass
+class Sampling:
+    """Decoding settings of a chat turn."""
+
+    max_new_tokens: int = 128
+    temperature: float = 0.7
+    """0 means greedy."""
+    top_p: float = 0.9
+    seed: int = 0
+
+    def generate_kwargs(self) -> dict:
+        if self.temperature <= 0:
+            return {"do_sample": False}
+        return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p}
+
+
+@dataclass
+class Reply:
+    """One side's reply so far."""
+
+    text: str = ""
+    tokens: int = 0
+    started: float = field(default_factory=time.perf_counter)
+    first_token_s: float | None = None
+    elapsed_s: float = 0.0
+    done: bool = False
+    error: str | None = None
+
+    @property
+    def tokens_per_s(self) -> float:
+        gen = self.elapsed_s - (self.first_token_s or 0)
+        return (self.tokens - 1) / gen if self.tokens > 1 and gen > 0 else 0.0
+
+    def stats(self) -> str:
+        if self.error:
+            return f"error: {self.error}"
+        ttft = f"{self.first_token_s * 1000:.0f} ms" if self.first_token_s is not None else "-"
+        return f"{self.tokens} tokens · {self.tokens_per_s:.1f} tokens/s · first token {ttft}" + ("" if self.done else " …")
+
+
+class _Collector(BaseStreamer):
+    """Receives generated token ids (the prompt first, which it skips) and decodes incrementally."""
+
+    def __init__(self, tokenizer, reply: Reply):
+        self.tokenizer, self.reply, self.ids, self.prompt_seen = tokenizer, reply, [], False
+
+    def put(self, value):
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        self.ids.extend(value.reshape(-1).tolist())
+        now = time.perf_counter() - self.reply.started
+        if self.reply.first_token_s is None:
+            self.reply.first_token_s = now
+        self.reply.tokens = len(self.ids)
+        self.reply.elapsed_s = now
+        self.reply.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+
+    def end(self):
+        self.reply.elapsed_s = time.perf_counter() - self.reply.started
+
+
+class _StopOn(StoppingCriteria):
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return self.event.is_set()
+
+
+def prompt_ids(tokenizer, messages: list[dict]) -> torch.Tensor:
+    """Token ids for a conversation, with the chat template when the tokenizer has one."""
+    if tokenizer.chat_template:
+        out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        return out["input_ids"]
+    text = "\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\nassistant:"
+    return tokenizer(text, return_tensors="pt").input_ids
+
+
+def _generate(model, tokenizer, ids, sampling: Sampling, stop: threading.Event, reply: Reply) -> None:
+    try:
+        torch.manual_seed(sampling.seed)
+        with torch.no_grad():
+            model.generate(ids.to(next(model.parameters()).device), attention_mask=torch.ones_like(ids),
+                           max_new_tokens=sampling.max_new_tokens, streamer=_Collector(tokenizer, reply),
+                           stopping_criteria=StoppingCriteriaList([_StopOn(stop)]),
+                           pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id, **sampling.generate_kwargs())
+    except Exception as exc:  # shown under the reply; the other side goes on
+        reply.error = f"{type(exc).__name__}: {exc}"
+    finally:
+        reply.done = True
+
+
+def stream_pair(sides: list[tuple], tokenizer, sampling: Sampling, stop: threading.Event, every: float = 0.05):
+    """Generate on every (model, messages) side at once, one thread each; yield the list of Replies.
+
+    Yields a snapshot about every `every` seconds while any side runs, and once more at the end.
+    """
+    replies = [Reply() for _ in sides]
+    threads = [threading.Thread(target=_generate, daemon=True,
+                                args=(model, tokenizer, prompt_ids(tokenizer, messages), sampling, stop, reply))
+               for (model, messages), reply in zip(sides, replies)]
+    for t in threads:
+        t.start()
+    while any(t.is_alive() for t in threads):
+        time.sleep(every)
+        yield replies
+    yield replies

@@ -1,0 +1,320 @@
+"""The dashboard's handlers: plain functions of (services, inputs) -> outputs, callable without a browser.
+
+Errors a user can fix come back as messages for the page (never an exception to the browser), with
+the library's own wording.
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import tempfile
+import threading
+from pathlib import Path
+
+from sqlmodel import Session
+
+from boomerang.errors import BoomerangError
+from db import crud
+from db.models import FINISHED, JobStatus
+
+# ----------------------------------------------------------------------------- launch
+
+
+def teacher_choices(services) -> list[str]:
+    with Session(services.engine) as s:
+        used = [t.source for t in crud.list_teachers(session=s)]
+    return ["default", *[u for u in used if u != "default"]]
+
+
+def _plan_settings(keep_first, every, keep_last, keep) -> dict:
+    from boomerang.plan import parse_layer_list
+
+    out = {"keep_first": int(keep_first), "every": int(every), "keep_last": int(keep_last)}
+    if keep and str(keep).strip():
+        out["keep"] = parse_layer_list(str(keep))
+    return out
+
+
+def preview_plan(services, teacher: str, keep_first, every, keep_last, keep) -> tuple[str, list[list]]:
+    """What the student keeps and every size the family will have; an error message otherwise."""
+    from boomerang.distill import DistillConfig
+    from boomerang.family import Family
+    from boomerang.student import cut_student
+
+    try:
+        cfg = DistillConfig(teacher=teacher or "default", **_plan_settings(keep_first, every, keep_last, keep))
+        t = services.models.teacher(cfg.teacher)
+        plan = cfg.plan_for(t.n_layers)
+        fam = Family(t.model, cut_student(t.model, plan, share=True), plan)
+    except BoomerangError as exc:
+        return f"**Cannot use this plan:** {exc}", []
+    sizes = fam.sizes()
+    text = (f"Teacher **{t.source}**: {plan.n_teacher} layers, {sizes[-1].params:,} parameters. "
+            f"The student keeps teacher layers `{list(plan.kept)}`: **{plan.n_student} layers, "
+            f"{sizes[0].params:,} parameters**. The family has {len(sizes)} sizes.")
+    rows = [[s.n_layers, f"{s.params / 1e6:.1f}M", f"{s.params_no_embed / 1e6:.1f}M",
+             "teacher" if s.is_teacher else "student" if s.is_student else f"{len(s.patched)} blocks patched"]
+            for s in sizes]
+    return text, rows
+
+
+def launch_job(services, teacher, keep_first, every, keep_last, keep, data, steps, batch_size, seq_len, lr,
+               ce_weight, kl_weight, cosine_weight, freeze_embeddings, freeze_head) -> str:
+    """Queue a distillation job; the message says which job, or what to fix."""
+    from workers.submit import submit
+
+    try:
+        settings = {"teacher": teacher or "default", "data": (data or "").strip() or "teacher", "steps": int(steps),
+                    "batch_size": int(batch_size), "seq_len": int(seq_len), "lr": float(lr),
+                    "ce_weight": float(ce_weight), "kl_weight": float(kl_weight), "cosine_weight": float(cosine_weight),
+                    "freeze_embeddings": bool(freeze_embeddings), "freeze_head": bool(freeze_head),
+                    **_plan_settings(keep_first, every, keep_last, keep)}
+        job = submit(engine=services.engine, app=services.celery, kind="distill", settings=settings)
+    except (BoomerangError, ValueError) as exc:
+        return f"**Not launched:** {exc}"
+    return f"**Job {job.id} queued.** Follow it on the Jobs tab."
+
+
+# ----------------------------------------------------------------------------- jobs
+
+JOB_COLUMNS = ["id", "kind", "status", "progress", "tokens/s", "ETA", "loss", "worker"]
+
+
+def _eta(seconds) -> str:
+    if seconds is None:
+        return ""
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def jobs_table(services) -> list[list]:
+    with Session(services.engine) as s:
+        jobs = crud.list_jobs(session=s, limit=200)
+    return [[j.id, j.kind.value, j.status.value, f"{j.step}/{j.total}", round(j.tokens_per_s or 0), _eta(j.eta_s),
+             round(j.losses["loss"], 4) if j.losses.get("loss") is not None else "", j.worker or ""] for j in jobs]
+
+
+def job_detail(services, job_id) -> tuple[str, list[dict], str]:
+    """(status and progress HTML, loss-curve rows, last log lines) of one job."""
+    if not job_id:
+        return "Pick a job in the table.", [], ""
+    with Session(services.engine) as s:
+        job = crud.get_job(session=s, job_id=int(job_id))
+        if job is None:
+            return f"No job {job_id}.", [], ""
+        steps = crud.steps_of(session=s, job_id=job.id)
+    frac = job.step / job.total if job.total else (1.0 if job.status == JobStatus.SUCCEEDED else 0.0)
+    color = {"SUCCEEDED": "#2ca02c", "FAILED": "#d62728", "CANCELLED": "#7f7f7f"}.get(job.status.value, "#1f77b4")
+    extra = ""
+    if job.error:
+        extra = f"<div class='job-error'>{html.escape(job.error)}</div>"
+    elif job.result.get("student_dir"):
+        extra = f"<div>student: <code>{html.escape(job.result['student_dir'])}</code></div>"
+    status = (f"<div id='job-status' data-status='{job.status.value}'><b>Job {job.id}</b> ({job.kind.value}): "
+              f"<b>{job.status.value}</b> · step {job.step}/{job.total} · {round(job.tokens_per_s or 0)} tokens/s · "
+              f"ETA {_eta(job.eta_s) or '-'}</div>"
+              f"<div style='background:#eee;border-radius:4px;height:14px;margin:6px 0'>"
+              f"<div style='width:{frac * 100:.1f}%;background:{color};height:14px;border-radius:4px'></div></div>{extra}")
+    curves = [{"step": m.step, "loss": value, "term": term} for m in steps
+              for term, value in (("ce", m.ce), ("kl", m.kl), ("cosine", m.cosine), ("total", m.loss))]
+    return status, curves, job.log
+
+
+def cancel_job(services, job_id) -> str:
+    try:
+        with Session(services.engine) as s:
+            job = crud.request_cancel(session=s, job_id=int(job_id))
+    except (LookupError, ValueError, TypeError) as exc:
+        return f"**Cannot cancel:** {exc}"
+    return f"Job {job.id}: {job.status.value}" + (" — stopping within one step" if job.status == JobStatus.RUNNING else "")
+
+
+def retry_job(services, job_id) -> str:
+    from workers.submit import requeue
+
+    try:
+        job = requeue(engine=services.engine, app=services.celery, job_id=int(job_id))
+    except (LookupError, ValueError, TypeError, BoomerangError) as exc:
+        return f"**Cannot retry:** {exc}"
+    return f"Job {job.id} queued again; it resumes from its checkpoint."
+
+
+def evaluate_job(services, job_id, tasks: str, data_dir: str, limit) -> str:
+    """Queue an evaluation of the family a finished distillation job produced."""
+    from workers.submit import submit
+
+    with Session(services.engine) as s:
+        job = crud.get_job(session=s, job_id=int(job_id)) if job_id else None
+    if job is None or not job.result.get("student_dir"):
+        return "**Cannot evaluate:** pick a SUCCEEDED distillation job."
+    settings = {"student": job.result["student_dir"], "tasks": [t for t in (tasks or "").split(",") if t.strip()],
+                "data_dir": data_dir or None, "settings": {"limit": int(limit) if limit else None}}
+    try:
+        new = submit(engine=services.engine, app=services.celery, kind="eval", settings=settings)
+    except (BoomerangError, ValueError) as exc:
+        return f"**Not queued:** {exc}"
+    return f"**Evaluation job {new.id} queued.** Its results appear on the Compare tab."
+
+
+# ----------------------------------------------------------------------------- compare
+
+
+def family_choices(services) -> list[tuple[str, str]]:
+    with Session(services.engine) as s:
+        students = crud.list_students(session=s)
+    return [(f"#{st.id} {Path(st.folder).parent.name}/{Path(st.folder).name} "
+             f"({st.manifest.get('teacher', {}).get('source', '?')})", str(st.id)) for st in students]
+
+
+def result_rows(services, student_id) -> list[dict]:
+    if not student_id:
+        return []
+    with Session(services.engine) as s:
+        sizes = {z.n_layers: z for z in crud.sizes_of(session=s, student_id=int(student_id))}
+        rows = []
+        for r in crud.eval_results(session=s, student_id=int(student_id)):
+            z = sizes.get(r.n_layers)
+            blocks = f"patched {z.patched}" if z is not None and r.series in ("interpolated", "student") else ""
+            rows.append({"key": r.model_key, "series": r.series, "n_layers": r.n_layers, "params": r.params,
+                         "task": r.task, "metric": r.metric, "value": r.value, "stderr": r.stderr, "blocks": blocks})
+    return rows
+
+
+def task_metric_choices(services, student_id) -> tuple[list[str], list[str]]:
+    rows = result_rows(services, student_id)
+    tasks = sorted({r["task"] for r in rows})
+    lm_tasks = [t for t in tasks if t not in ("heldout", "cost")]
+    return (["average"] if len(lm_tasks) > 1 else []) + tasks, sorted({r["metric"] for r in rows})
+
+
+def best_within_budget(rows: list[dict], task: str, metric: str, budget_kind: str, budget) -> dict | None:
+    """The best-scoring model that fits: parameters, memory (MB of weights) or latency (prefill ms)."""
+    from boomerang.chart import LOWER_IS_BETTER, points
+
+    if not budget:
+        return None
+    pts = points(rows, task, metric)
+    if budget_kind == "parameters":
+        fits = [p for p in pts if p["params"] <= float(budget)]
+    else:
+        cost_metric = "weights_mb" if budget_kind == "memory (MB)" else "prefill_ms"
+        cost = {r["key"]: r["value"] for r in rows if r["task"] == "cost" and r["metric"] == cost_metric}
+        fits = [p for p in pts if p["key"] in cost and cost[p["key"]] <= float(budget)]
+    if not fits:
+        return None
+    lower = metric in LOWER_IS_BETTER
+    return min(fits, key=lambda p: p["value"]) if lower else max(fits, key=lambda p: p["value"])
+
+
+def compare(services, student_id, task, metric, log_x, budget_kind, budget):
+    """(plotly figure, table rows, CSV path, budget message) for one family, task and metric."""
+    from boomerang import chart
+
+    rows = result_rows(services, student_id)
+    if not rows or not task or not metric:
+        return None, [], None, "No results yet: evaluate a family from the Jobs tab."
+    pts = chart.points(rows, task, metric)
+    best = best_within_budget(rows, task, metric, budget_kind, budget)
+    fig = chart.figure(pts, task, metric, log_x=bool(log_x), highlight=best["key"] if best else None)
+    table = [[r["key"], r["series"], r["n_layers"], r["params"], r["task"], r["metric"], round(r["value"], 5),
+              "" if r["stderr"] is None else round(r["stderr"], 5)] for r in rows]
+    path = Path(tempfile.mkdtemp(prefix="boomerang-results-")) / f"family-{student_id}.csv"
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["model", "series", "layers", "params", "task", "metric", "value", "stderr"])
+        writer.writerows(table)
+    message = ""
+    if budget:
+        message = (f"**Best within the budget:** {best['key']} ({best['n_layers']} layers, {best['params']:,} "
+                   f"parameters): {metric} {best['value']:.4f}" if best else "**Nothing fits this budget.**")
+    return fig, table, str(path), message
+
+
+# ----------------------------------------------------------------------------- chat
+
+
+def size_slider(services, student_id):
+    """(min, max, value, label) of the size slider for a family."""
+    folder = _student_folder(services, student_id)
+    if folder is None:
+        return None
+    _, fam = services.models.family(folder)
+    counts = fam.layer_counts
+    return counts[0], counts[-1], counts[len(counts) // 2]
+
+
+def size_label(services, student_id, n_layers) -> str:
+    folder = _student_folder(services, student_id)
+    if folder is None or not n_layers:
+        return ""
+    _, fam = services.models.family(folder)
+    try:
+        info = fam.info(int(n_layers))
+    except BoomerangError as exc:
+        return str(exc)
+    kind = "the teacher" if info.is_teacher else "the student" if info.is_student else f"{len(info.patched)} blocks patched"
+    return f"**{info.n_layers} layers** · {info.params / 1e6:.1f}M parameters · {kind}"
+
+
+def _student_folder(services, student_id) -> str | None:
+    if not student_id:
+        return None
+    with Session(services.engine) as s:
+        from db.models import Student
+
+        st = s.get(Student, int(student_id))
+    return st.folder if st else None
+
+
+def _messages(history: list[dict], system: str, user: str) -> list[dict]:
+    msgs = [{"role": "system", "content": system}] if system and system.strip() else []
+    for m in history:
+        content = m["content"]
+        if isinstance(content, list):
+            content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
+        msgs.append({"role": m["role"], "content": content})
+    return msgs + [{"role": "user", "content": user}]
+
+
+def chat_turn(services, student_id, n_layers, message: str, left: list, right: list, system: str,
+              temperature, top_p, max_new_tokens, stop: threading.Event):
+    """Stream one turn to a size (left) and the teacher (right) at once; yields (left, right, left stats, right stats)."""
+    from app.chat import Sampling, stream_pair
+
+    folder = _student_folder(services, student_id)
+    if folder is None or not message or not message.strip():
+        yield left, right, "Pick a family and type a message.", ""
+        return
+    teacher, fam = services.models.family(folder)
+    size = fam.build(int(n_layers))
+    stop.clear()
+    sides = [(size, _messages(left, system, message)), (fam.teacher, _messages(right, system, message))]
+    sampling = Sampling(int(max_new_tokens), float(temperature), float(top_p))
+    base_l = left + [{"role": "user", "content": message}]
+    base_r = right + [{"role": "user", "content": message}]
+    for a, b in stream_pair(sides, teacher.tokenizer, sampling, stop):
+        yield (base_l + [{"role": "assistant", "content": a.text}], base_r + [{"role": "assistant", "content": b.text}],
+               f"{n_layers} layers: {a.stats()}", f"teacher: {b.stats()}")
+
+
+def export_chosen(services, student_id, n_layers) -> str:
+    from boomerang.export import export_size
+
+    folder = _student_folder(services, student_id)
+    if folder is None:
+        return "**Pick a family first.**"
+    teacher, fam = services.models.family(folder)
+    out = Path(services.exports_dir) / f"student-{student_id}-{int(n_layers)}L"
+    try:
+        Path(services.exports_dir).mkdir(parents=True, exist_ok=True)
+        path = export_size(fam, int(n_layers), out, tokenizer=teacher.tokenizer, teacher_source=teacher.source,
+                           student_source=folder, overwrite=out.exists())
+    except BoomerangError as exc:
+        return f"**Not exported:** {exc}"
+    return f"Exported the {int(n_layers)}-layer size to `{path}` (loads with plain transformers)."
+
+
+def is_finished(status: str) -> bool:
+    return status in {s.value for s in FINISHED}

@@ -1,0 +1,185 @@
+"""The Blocks: four tabs wired to `app.handlers`. `build_app(services)` is the only entry point."""
+
+from __future__ import annotations
+
+import threading
+from functools import partial
+
+import gradio as gr
+
+from app import handlers as h
+
+PAPER = "Paper defaults (Kangaslahti et al., 2026)"
+CSS = ".job-error{color:#d62728;font-weight:600} .stats{font-size:0.85em;color:#555}"
+
+
+def build_app(services) -> gr.Blocks:
+    with gr.Blocks(title="Boomerang Studio") as demo:
+        gr.Markdown("# Boomerang Studio\nOne teacher, a whole family of sizes: distill, watch, compare, chat.")
+        with gr.Tabs():
+            with gr.Tab("Launch", id="launch"):
+                _launch_tab(services)
+            with gr.Tab("Jobs", id="jobs"):
+                _jobs_tab(services)
+            with gr.Tab("Compare", id="compare") as compare_tab:
+                family_c = _compare_tab(services)
+            with gr.Tab("Chat", id="chat") as chat_tab:
+                family_chat = _chat_tab(services)
+        for tab, dropdown in ((compare_tab, family_c), (chat_tab, family_chat)):
+            tab.select(lambda: gr.update(choices=h.family_choices(services)), None, dropdown)
+    return demo
+
+
+def _launch_tab(services) -> None:
+    with gr.Row():
+        with gr.Column(scale=3):
+            teacher = gr.Dropdown(h.teacher_choices(services), value="default", allow_custom_value=True,
+                                  label="Teacher", info="the embedded SmolLM2-135M-Instruct, a hub id, a local folder "
+                                                        "or a .gguf file")
+            with gr.Row():
+                keep_first = gr.Number(1, precision=0, label="Keep first", info="leading layers kept")
+                every = gr.Number(2, precision=0, label="Every", info="then one layer in every")
+                keep_last = gr.Number(2, precision=0, label="Keep last", info="trailing layers kept")
+            keep = gr.Textbox(label="Or keep exactly these teacher layers", placeholder="e.g. 0,2,4-10,29")
+            preview_btn = gr.Button("Preview the family")
+            preview_md = gr.Markdown(elem_id="plan-preview")
+            preview_table = gr.Dataframe(headers=["layers", "params", "without embeddings", "size"], interactive=False)
+        with gr.Column(scale=2):
+            data = gr.Textbox(value="teacher", label="Training data",
+                              info="a .txt/.jsonl/.parquet file or folder, hub:NAME, or 'teacher' (text the teacher writes)")
+            gr.Markdown(f"**Settings** — {PAPER}: AdamW lr 3e-4, KL 0.1, cosine 2.0, warm-up 1 %, cosine schedule.")
+            with gr.Row():
+                steps = gr.Number(300, precision=0, label="Steps")
+                batch = gr.Number(8, precision=0, label="Batch size")
+                seq_len = gr.Number(128, precision=0, label="Sequence length")
+            with gr.Row():
+                lr = gr.Number(3e-4, label="Learning rate")
+                ce = gr.Number(1.0, label="CE weight", info="next-token loss on the data")
+                kl = gr.Number(0.1, label="KL weight", info="match the teacher's logits")
+                cos = gr.Number(2.0, label="Cosine weight", info="align each layer with its teacher block")
+            with gr.Row():
+                freeze_emb = gr.Checkbox(False, label="Freeze embeddings")
+                freeze_head = gr.Checkbox(False, label="Freeze head")
+            launch_btn = gr.Button("Launch distillation", variant="primary", elem_id="launch-btn")
+            launch_md = gr.Markdown(elem_id="launch-result")
+    plan_inputs = [teacher, keep_first, every, keep_last, keep]
+    preview_btn.click(partial(h.preview_plan, services), plan_inputs, [preview_md, preview_table], api_name="preview")
+    launch_btn.click(partial(h.launch_job, services),
+                     [*plan_inputs, data, steps, batch, seq_len, lr, ce, kl, cos, freeze_emb, freeze_head], launch_md,
+                     api_name="launch")
+
+
+def _jobs_tab(services) -> None:
+    table = gr.Dataframe(h.jobs_table(services), headers=h.JOB_COLUMNS, interactive=False, elem_id="jobs-table")
+    with gr.Row():
+        job_id = gr.Number(label="Job", precision=0, elem_id="job-id")
+        cancel_btn = gr.Button("Cancel", elem_id="cancel-btn")
+        retry_btn = gr.Button("Retry / resume", elem_id="retry-btn")
+    status = gr.HTML(elem_id="job-detail")
+    curves = gr.LinePlot(x="step", y="loss", color="term", title="Loss terms", height=260)
+    log = gr.Textbox(label="Last log lines", lines=6, max_lines=12, elem_id="job-log")
+    with gr.Accordion("Evaluate this family", open=False):
+        with gr.Row():
+            tasks = gr.Textbox(services.eval_tasks, label="Tasks", info="comma-separated local file stems or lm-eval names")
+            data_dir = gr.Textbox(services.eval_data_dir or "", label="Evaluation data folder")
+            limit = gr.Number(50, precision=0, label="Items per task")
+        eval_btn = gr.Button("Evaluate", elem_id="eval-btn")
+    action_md = gr.Markdown(elem_id="job-action")
+    timer = gr.Timer(2.0)
+
+    def refresh(jid):
+        detail = h.job_detail(services, jid)
+        import pandas as pd
+
+        return h.jobs_table(services), detail[0], pd.DataFrame(detail[1], columns=["step", "loss", "term"]), detail[2]
+
+    timer.tick(refresh, job_id, [table, status, curves, log], show_progress="hidden", api_name=False)
+    job_id.change(refresh, job_id, [table, status, curves, log])
+    def on_select(evt: gr.SelectData):
+        return evt.row_value[0] if evt.row_value else None
+
+    table.select(on_select, None, job_id)
+    cancel_btn.click(partial(h.cancel_job, services), job_id, action_md, api_name="cancel")
+    retry_btn.click(partial(h.retry_job, services), job_id, action_md)
+    eval_btn.click(partial(h.evaluate_job, services), [job_id, tasks, data_dir, limit], action_md)
+
+
+def _compare_tab(services):
+    with gr.Row():
+        family = gr.Dropdown(h.family_choices(services), label="Family", elem_id="compare-family")
+        task = gr.Dropdown([], label="Task (or average)", elem_id="compare-task")
+        metric = gr.Dropdown([], label="Metric", elem_id="compare-metric")
+        log_x = gr.Checkbox(False, label="Log parameter axis")
+    with gr.Row():
+        budget_kind = gr.Radio(["parameters", "memory (MB)", "latency (ms)"], value="parameters", label="Fit my budget")
+        budget = gr.Number(None, label="Budget")
+    budget_md = gr.Markdown(elem_id="budget-result")
+    plot = gr.Plot(elem_id="compare-plot")
+    table = gr.Dataframe(headers=["model", "series", "layers", "params", "task", "metric", "value", "stderr"],
+                         interactive=False)
+    csv_file = gr.File(label="Download CSV")
+
+    def pick_family(student_id):
+        tasks, metrics = h.task_metric_choices(services, student_id)
+        default_metric = "acc" if "acc" in metrics else (metrics[0] if metrics else None)
+        return (gr.update(choices=tasks, value=tasks[0] if tasks else None),
+                gr.update(choices=metrics, value=default_metric))
+
+    family.change(pick_family, family, [task, metric])
+    inputs = [family, task, metric, log_x, budget_kind, budget]
+    for control in (task, metric, log_x, budget_kind, budget):
+        control.change(partial(h.compare, services), inputs, [plot, table, csv_file, budget_md])
+    return family
+
+
+def _chat_tab(services):
+    stop = gr.State(threading.Event)
+    with gr.Row():
+        family = gr.Dropdown(h.family_choices(services), label="Family", elem_id="chat-family")
+        size = gr.Slider(1, 2, step=1, label="Size (layers)", elem_id="chat-size")
+        size_md = gr.Markdown(elem_id="size-label")
+    with gr.Row():
+        system = gr.Textbox("", label="System prompt", scale=3)
+        temperature = gr.Slider(0, 1.5, value=0.7, step=0.05, label="Temperature (0 = greedy)")
+        top_p = gr.Slider(0.1, 1.0, value=0.9, step=0.05, label="Top-p")
+        max_new = gr.Slider(8, 512, value=128, step=8, label="Max new tokens")
+    with gr.Row():
+        with gr.Column():
+            left = gr.Chatbot(label="This size", elem_id="chat-size-bot", height=360)
+            left_stats = gr.Markdown(elem_id="size-stats", elem_classes="stats")
+        with gr.Column():
+            right = gr.Chatbot(label="Teacher", elem_id="chat-teacher-bot", height=360)
+            right_stats = gr.Markdown(elem_id="teacher-stats", elem_classes="stats")
+    message = gr.Textbox(label="Message", placeholder="Ask both at once", elem_id="chat-input")
+    with gr.Row():
+        send = gr.Button("Send", variant="primary", elem_id="send-btn")
+        stop_btn = gr.Button("Stop", elem_id="stop-btn")
+        regen = gr.Button("Regenerate")
+        clear = gr.Button("Clear")
+        export_btn = gr.Button("Export this size")
+    export_md = gr.Markdown(elem_id="export-result")
+    last = gr.State("")
+
+    def pick_family(student_id):
+        bounds = h.size_slider(services, student_id)
+        if bounds is None:
+            return gr.update(), ""
+        lo, hi, mid = bounds
+        return gr.update(minimum=lo, maximum=hi, value=mid), h.size_label(services, student_id, mid)
+
+    family.change(pick_family, family, [size, size_md])
+    size.change(partial(h.size_label, services), [family, size], size_md)
+    turn_inputs = [family, size, message, left, right, system, temperature, top_p, max_new, stop]
+    outputs = [left, right, left_stats, right_stats]
+    go = send.click(partial(h.chat_turn, services), turn_inputs, outputs).then(lambda m: ("", m), message, [message, last])
+    sub = message.submit(partial(h.chat_turn, services), turn_inputs, outputs).then(lambda m: ("", m), message, [message, last])
+    stop_btn.click(lambda ev: ev.set(), stop, None, cancels=[go, sub], queue=False)
+
+    def drop_last(lhist, rhist, text):
+        return lhist[:-2], rhist[:-2], text
+
+    regen.click(drop_last, [left, right, last], [left, right, message]).then(
+        partial(h.chat_turn, services), turn_inputs, outputs)
+    clear.click(lambda: ([], [], "", ""), None, outputs)
+    export_btn.click(partial(h.export_chosen, services), [family, size], export_md)
+    return family

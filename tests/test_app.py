@@ -1,0 +1,153 @@
+"""Dashboard handlers without a browser, and the launched app through gradio_client."""
+
+from __future__ import annotations
+
+import json
+import threading
+import uuid
+
+import pytest
+import redis
+from sqlmodel import Session
+
+from app import handlers as h
+from app.services import ModelCache, Services
+from db import crud
+from db.engine import make_engine
+from db.models import JobStatus
+from test_eval import write_eval_files
+from test_jobs import REDIS_URL
+from tiny import save_tiny_teacher
+from workers.app import make_celery
+from workers.runner import run_job
+
+TEXT = "A small corpus for a tiny teacher, repeated so there are enough blocks. " * 200
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A database with one finished tiny distillation and its evaluation, made by the real runner."""
+    try:
+        redis.Redis.from_url(REDIS_URL).ping()
+    except redis.ConnectionError as exc:
+        pytest.fail(f"these tests need Redis at {REDIS_URL}: {exc}")
+    tmp = tmp_path_factory.mktemp("app")
+    save_tiny_teacher(tmp / "teacher", "llama")
+    (tmp / "corpus.txt").write_text(TEXT)
+    data = write_eval_files(tmp / "evaldata")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("BOOMERANG_HOME", str(tmp / "home"))
+    engine = make_engine(f"sqlite:///{tmp / 'app.db'}")
+    queue = f"app-{uuid.uuid4().hex[:6]}"
+    services = Services(engine=engine, celery=make_celery(REDIS_URL), models=ModelCache(), eval_data_dir=str(data),
+                        eval_tasks="quiz,fill", exports_dir=tmp / "exports")
+    services.celery.conf.task_default_queue = queue
+    msg = h.launch_job(services, str(tmp / "teacher"), 1, 2, 2, "", str(tmp / "corpus.txt"), 8, 2, 16, 1e-3,
+                       1.0, 0.1, 2.0, False, False)
+    job_id = int(msg.split("Job ")[1].split(" ")[0])
+    assert run_job(job_id, engine=engine, worker="test") == "SUCCEEDED"
+    msg = h.evaluate_job(services, job_id, "quiz,fill", str(data), 5)
+    eval_id = int(msg.split("job ")[1].split(" ")[0])
+    assert run_job(eval_id, engine=engine, worker="test") == "SUCCEEDED"
+    yield {"services": services, "tmp": tmp, "job": job_id, "eval": eval_id}
+    mp.undo()
+
+
+def test_preview_shows_the_plan_and_every_size(world):
+    s, tmp = world["services"], world["tmp"]
+    text, rows = h.preview_plan(s, str(tmp / "teacher"), 1, 2, 2, "")
+    assert "`[0, 2, 4, 6, 7]`" in text and "5 layers" in text and [r[0] for r in rows] == [5, 6, 7, 8]
+    text, rows = h.preview_plan(s, str(tmp / "teacher"), 1, 2, 2, "2,4")
+    assert text.startswith("**Cannot use this plan:**") and "must keep layer 0" in text and rows == []
+
+
+def test_launch_flags_bad_input_with_the_library_message(world):
+    s, tmp = world["services"], world["tmp"]
+    with Session(s.engine) as ses:
+        before = len(crud.list_jobs(session=ses))
+    msg = h.launch_job(s, str(tmp / "teacher"), 1, 2, 2, "", str(tmp / "nope.txt"), 8, 2, 16, 1e-3, 1, 0.1, 2, False, False)
+    assert msg.startswith("**Not launched:**") and "data not found" in msg
+    msg = h.launch_job(s, "./no/teacher", 1, 2, 2, "", "teacher", 8, 2, 16, 1e-3, 1, 0.1, 2, False, False)
+    assert "teacher folder not found" in msg
+    with Session(s.engine) as ses:
+        assert len(crud.list_jobs(session=ses)) == before
+    assert "default" in h.teacher_choices(s) and str(tmp / "teacher") in h.teacher_choices(s)
+
+
+def test_jobs_table_and_detail(world):
+    s = world["services"]
+    rows = h.jobs_table(s)
+    done = [r for r in rows if r[0] == world["job"]][0]
+    assert done[1:4] == ["distill", "SUCCEEDED", "8/8"]
+    status, curves, log = h.job_detail(s, world["job"])
+    assert "data-status='SUCCEEDED'" in status and "student:" in status
+    assert {c["term"] for c in curves} == {"ce", "kl", "cosine", "total"} and len(curves) == 4 * 8
+    assert "step 8/8" in log
+    assert "No job 999" in h.job_detail(s, 999)[0]
+    assert "Cannot cancel" in h.cancel_job(s, 999)
+    assert "Cannot retry" in h.retry_job(s, world["job"])  # SUCCEEDED jobs are not retried
+
+
+def test_compare_chart_table_csv_and_budget(world):
+    s = world["services"]
+    (label, sid), = h.family_choices(s)
+    tasks, metrics = h.task_metric_choices(s, sid)
+    assert tasks == ["average", "fill", "quiz"] and "acc" in metrics
+    fig, table, csv_path, msg = h.compare(s, sid, "quiz", "acc", True, "parameters", None)
+    names = {t.name for t in fig.data}
+    assert {"student", "interpolated", "teacher", "Pareto frontier"} <= names
+    assert sum(len(t.x) for t in fig.data if t.name in ("student", "interpolated", "teacher")) == 4
+    assert fig.layout.xaxis.type == "log" and len(table) == 4 * 3  # 4 sizes x (quiz acc, acc_norm, fill acc)
+    assert open(csv_path).read().startswith("model,series,layers,params,task,metric,value,stderr")
+    rows = h.result_rows(s, sid)
+    smallest = min(r["params"] for r in rows)
+    fig, _, _, msg = h.compare(s, sid, "quiz", "acc", False, "parameters", smallest)
+    assert "Best within the budget:** student-5" in msg and any(t.name == "fits the budget" for t in fig.data)
+    assert "Nothing fits" in h.compare(s, sid, "quiz", "acc", False, "parameters", 10)[3]
+
+
+def test_chat_streams_both_sides_and_stop_ends_both(world):
+    s = world["services"]
+    (_, sid), = h.family_choices(s)
+    lo, hi, mid = h.size_slider(s, sid)
+    assert (lo, hi) == (5, 8) and "layers" in h.size_label(s, sid, 6)
+    stop = threading.Event()
+    snapshots = list(h.chat_turn(s, sid, 6, "hello", [], [], "be brief", 0, 1.0, 12, stop))
+    left, right, lstats, rstats = snapshots[-1]
+    assert left[-1]["role"] == "assistant" and right[-1]["role"] == "assistant"
+    assert "12 tokens" in lstats and "12 tokens" in rstats and "first token" in lstats
+    stop = threading.Event()
+    gen = h.chat_turn(s, sid, 6, "hello", [], [], "", 0, 1.0, 400, stop)
+    next(gen)
+    stop.set()
+    *_, (left, right, lstats, rstats) = gen
+    assert int(lstats.split(": ")[1].split(" tokens")[0]) < 400 and int(rstats.split(": ")[1].split(" tokens")[0]) < 400
+
+
+def test_export_the_chosen_size(world):
+    from transformers import AutoModelForCausalLM
+
+    s = world["services"]
+    (_, sid), = h.family_choices(s)
+    msg = h.export_chosen(s, sid, 7)
+    folder = msg.split("`")[1]
+    assert AutoModelForCausalLM.from_pretrained(folder).config.num_hidden_layers == 7
+    assert "Exported" in h.export_chosen(s, sid, 7)  # exporting again replaces the folder
+
+
+def test_gradio_client_against_the_launched_app(world):
+    from gradio_client import Client
+
+    from app.ui import build_app
+
+    demo = build_app(world["services"])
+    demo.queue(max_size=4)
+    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=None, quiet=True)
+    try:
+        client = Client(url, verbose=False)
+        text, table = client.predict(str(world["tmp"] / "teacher"), 1, 2, 2, "", api_name="/preview")
+        assert "5 layers" in text and [r[0] for r in table["data"]] == [5, 6, 7, 8]
+        msg = client.predict(999, api_name="/cancel")
+        assert "Cannot cancel" in msg
+    finally:
+        demo.close()
