@@ -70,7 +70,7 @@ def launch_job(services, teacher, keep_first, every, keep_last, keep, data, step
                     "ce_weight": float(ce_weight), "kl_weight": float(kl_weight), "cosine_weight": float(cosine_weight),
                     "freeze_embeddings": bool(freeze_embeddings), "freeze_head": bool(freeze_head),
                     **_plan_settings(keep_first, every, keep_last, keep)}
-        job = submit(engine=services.engine, app=services.celery, kind="distill", settings=settings)
+        job = submit(engine=services.engine, app=services.celery, kind="distill", settings=settings, queue=services.queue)
     except (BoomerangError, ValueError) as exc:
         return f"**Not launched:** {exc}"
     return f"**Job {job.id} queued.** Follow it on the Jobs tab."
@@ -152,7 +152,7 @@ def evaluate_job(services, job_id, tasks: str, data_dir: str, limit) -> str:
     settings = {"student": job.result["student_dir"], "tasks": [t for t in (tasks or "").split(",") if t.strip()],
                 "data_dir": data_dir or None, "settings": {"limit": int(limit) if limit else None}}
     try:
-        new = submit(engine=services.engine, app=services.celery, kind="eval", settings=settings)
+        new = submit(engine=services.engine, app=services.celery, kind="eval", settings=settings, queue=services.queue)
     except (BoomerangError, ValueError) as exc:
         return f"**Not queued:** {exc}"
     return f"**Evaluation job {new.id} queued.** Its results appear on the Compare tab."

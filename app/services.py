@@ -53,6 +53,8 @@ class Services:
     """Default folder of local evaluation files for the "evaluate" button."""
     eval_tasks: str = ""
     """Default tasks for the "evaluate" button."""
+    queue: str = "default"
+    """Celery queue that jobs launched here go to."""
     exports_dir: Path = field(default_factory=lambda: Path.home() / ".boomerang" / "exports")
 
 

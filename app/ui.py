@@ -34,24 +34,24 @@ def _launch_tab(services) -> None:
     with gr.Row():
         with gr.Column(scale=3):
             teacher = gr.Dropdown(h.teacher_choices(services), value="default", allow_custom_value=True,
-                                  label="Teacher", info="the embedded SmolLM2-135M-Instruct, a hub id, a local folder "
+                                  label="Teacher", elem_id="teacher", info="the embedded SmolLM2-135M-Instruct, a hub id, a local folder "
                                                         "or a .gguf file")
             with gr.Row():
                 keep_first = gr.Number(1, precision=0, label="Keep first", info="leading layers kept")
                 every = gr.Number(2, precision=0, label="Every", info="then one layer in every")
                 keep_last = gr.Number(2, precision=0, label="Keep last", info="trailing layers kept")
             keep = gr.Textbox(label="Or keep exactly these teacher layers", placeholder="e.g. 0,2,4-10,29")
-            preview_btn = gr.Button("Preview the family")
+            preview_btn = gr.Button("Preview the family", elem_id="preview-btn")
             preview_md = gr.Markdown(elem_id="plan-preview")
             preview_table = gr.Dataframe(headers=["layers", "params", "without embeddings", "size"], interactive=False)
         with gr.Column(scale=2):
-            data = gr.Textbox(value="teacher", label="Training data",
+            data = gr.Textbox(value="teacher", label="Training data", elem_id="data",
                               info="a .txt/.jsonl/.parquet file or folder, hub:NAME, or 'teacher' (text the teacher writes)")
             gr.Markdown(f"**Settings** — {PAPER}: AdamW lr 3e-4, KL 0.1, cosine 2.0, warm-up 1 %, cosine schedule.")
             with gr.Row():
-                steps = gr.Number(300, precision=0, label="Steps")
-                batch = gr.Number(8, precision=0, label="Batch size")
-                seq_len = gr.Number(128, precision=0, label="Sequence length")
+                steps = gr.Number(300, precision=0, label="Steps", elem_id="steps")
+                batch = gr.Number(8, precision=0, label="Batch size", elem_id="batch")
+                seq_len = gr.Number(128, precision=0, label="Sequence length", elem_id="seq-len")
             with gr.Row():
                 lr = gr.Number(3e-4, label="Learning rate")
                 ce = gr.Number(1.0, label="CE weight", info="next-token loss on the data")
@@ -140,9 +140,9 @@ def _chat_tab(services):
         size_md = gr.Markdown(elem_id="size-label")
     with gr.Row():
         system = gr.Textbox("", label="System prompt", scale=3)
-        temperature = gr.Slider(0, 1.5, value=0.7, step=0.05, label="Temperature (0 = greedy)")
+        temperature = gr.Slider(0, 1.5, value=0.7, step=0.05, label="Temperature (0 = greedy)", elem_id="temperature")
         top_p = gr.Slider(0.1, 1.0, value=0.9, step=0.05, label="Top-p")
-        max_new = gr.Slider(8, 512, value=128, step=8, label="Max new tokens")
+        max_new = gr.Slider(8, 512, value=128, step=8, label="Max new tokens", elem_id="max-new")
     with gr.Row():
         with gr.Column():
             left = gr.Chatbot(label="This size", elem_id="chat-size-bot", height=360)

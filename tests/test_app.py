@@ -41,7 +41,7 @@ def world(tmp_path_factory):
     queue = f"app-{uuid.uuid4().hex[:6]}"
     services = Services(engine=engine, celery=make_celery(REDIS_URL), models=ModelCache(), eval_data_dir=str(data),
                         eval_tasks="quiz,fill", exports_dir=tmp / "exports")
-    services.celery.conf.task_default_queue = queue
+    services.queue = queue
     msg = h.launch_job(services, str(tmp / "teacher"), 1, 2, 2, "", str(tmp / "corpus.txt"), 8, 2, 16, 1e-3,
                        1.0, 0.1, 2.0, False, False)
     job_id = int(msg.split("Job ")[1].split(" ")[0])
