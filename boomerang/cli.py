@@ -384,7 +384,7 @@ def cmd_distill(args) -> int:
         stop["asked"] = True
         bar.write("stopping after this step (Ctrl-C again to abort without a checkpoint)...")
 
-    bar = tqdm(total=cfg.steps, unit="step", dynamic_ncols=True, desc="distill")
+    bar = tqdm(total=cfg.steps, unit="step", dynamic_ncols=True, desc="distill", disable=os.environ.get("RANK", "0") != "0")
     previous = signal.signal(signal.SIGINT, ask_stop)
 
     def on_step(r):

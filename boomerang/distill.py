@@ -209,6 +209,73 @@ class _Run:
     """Hook handles on the teacher and student; removed when the run ends (the teacher may be reused)."""
 
 
+# ----------------------------------------------------------------------------- data parallelism
+
+
+def _world() -> tuple[int, int]:
+    """(rank, world size): (0, 1) unless torch.distributed is running."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_distributed(device: torch.device) -> None:
+    """Join the process group that torchrun describes in the environment (WORLD_SIZE > 1)."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+
+
+def _all_mean(values: list[float], device) -> list[float]:
+    """The mean over ranks of a few numbers (loss terms), for logging."""
+    rank, world = _world()
+    if world == 1:
+        return values
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return (t / world).tolist()
+
+
+def _average_gradients(params: list[torch.Tensor]) -> None:
+    """Average gradients over ranks: every rank then takes the same optimizer step."""
+    rank, world = _world()
+    if world == 1:
+        return
+    import torch.distributed as dist
+
+    grads = [p.grad for p in params if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def _any_rank(flag: bool, device) -> bool:
+    rank, world = _world()
+    if world == 1:
+        return flag
+    import torch.distributed as dist
+
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def _barrier() -> None:
+    if _world()[1] > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
 # ----------------------------------------------------------------------------- setup
 
 
@@ -221,8 +288,13 @@ def resolve_device(name: str) -> torch.device:
 
 
 def setup(cfg: DistillConfig, *, resume: bool = False, teacher: Teacher | None = None) -> _Run:
-    out = _prepare_out(cfg, resume)
     device = resolve_device(cfg.device)
+    init_distributed(device)
+    if device.type == "cuda" and _world()[1] > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    rank = _world()[0]
+    out = _prepare_out(cfg, resume) if rank == 0 else Path(cfg.out).expanduser().resolve()
+    _barrier()
     teacher = teacher or load_teacher(cfg.teacher, dtype=cfg.dtype, device=str(device))
     plan = cfg.plan_for(teacher.n_layers)
     data = load_data(cfg, teacher)
@@ -236,9 +308,10 @@ def setup(cfg: DistillConfig, *, resume: bool = False, teacher: Teacher | None =
     _attach_capture(run)
     if resume:
         _load_checkpoint(run)
-    else:
+    elif rank == 0:
         (out / RECIPE).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
         (out / METRICS).write_text("")
+    _barrier()
     return run
 
 
@@ -370,19 +443,23 @@ def _optimizer_step(run: _Run, step: int) -> tuple[LossParts, float]:
     cfg = run.cfg
     run.optimizer.zero_grad(set_to_none=True)
     parts = []
+    rank, world = _world()
     for micro in range(cfg.grad_accum):
-        ids = run.data.batch(step * cfg.grad_accum + micro, cfg.batch_size, cfg.seed).to(run.device)
+        # with several processes, each takes its slice of the same global batch
+        batch = run.data.batch(step * cfg.grad_accum + micro, cfg.batch_size * world, cfg.seed)
+        ids = batch[rank * cfg.batch_size:(rank + 1) * cfg.batch_size].to(run.device)  # (B, T)
         p = _loss_step(run, ids)
         (p.total / cfg.grad_accum).backward()
         parts.append(p)
     params = [p for p in run.student.parameters() if p.requires_grad]
+    _average_gradients(params)
     norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else float("inf"))
     run.optimizer.step()
     run.scheduler.step()
     n = len(parts)
-    mean = LossParts(sum(float(p.total.detach()) for p in parts) / n, sum(p.ce for p in parts) / n,
-                     sum(p.kl for p in parts) / n, sum(p.cosine for p in parts) / n, sum(p.mse for p in parts) / n)
-    return mean, float(norm)
+    local = [sum(float(p.total.detach()) for p in parts) / n, sum(p.ce for p in parts) / n,
+             sum(p.kl for p in parts) / n, sum(p.cosine for p in parts) / n, sum(p.mse for p in parts) / n]
+    return LossParts(*_all_mean(local, run.device)), float(norm)
 
 
 # ----------------------------------------------------------------------------- run and finish
@@ -402,7 +479,8 @@ def distill(cfg: DistillConfig, *, on_step: Callable[[StepReport], None] | None 
 
 def run_loop(run: _Run, *, on_step=None, should_stop=None) -> DistillResult:
     cfg = run.cfg
-    tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
+    rank, world = _world()
+    tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * world
     start, last = time.perf_counter(), None
     step = run.start_step
     while step < cfg.steps:
@@ -413,23 +491,27 @@ def run_loop(run: _Run, *, on_step=None, should_stop=None) -> DistillResult:
         last = StepReport(step, cfg.steps, float(parts.total), parts.ce, parts.kl, parts.cosine, parts.mse,
                           run.scheduler.get_last_lr()[0], norm, step * tokens_per_step, rate, elapsed,
                           (cfg.steps - step) * tokens_per_step / rate)
-        with open(run.out / METRICS, "a") as f:
-            f.write(json.dumps(last.to_dict()) + "\n")
-        if on_step:
-            on_step(last)
-        stop = bool(should_stop and should_stop())
-        if stop or step % cfg.checkpoint_every == 0 or step == cfg.steps:
+        if rank == 0:
+            with open(run.out / METRICS, "a") as f:
+                f.write(json.dumps(last.to_dict()) + "\n")
+            if on_step:
+                on_step(last)
+        stop = _any_rank(bool(should_stop and should_stop()), run.device)
+        if (stop or step % cfg.checkpoint_every == 0 or step == cfg.steps) and rank == 0:
             save_checkpoint(run, step)
         if stop and step < cfg.steps:
+            _barrier()
             return DistillResult(run.out, step, True, None, last)
-    return DistillResult(run.out, step, False, finish(run, step), last)
+    student_dir = finish(run, step) if rank == 0 else None
+    _barrier()
+    return DistillResult(run.out, step, False, student_dir, last)
 
 
 def finish(run: _Run, step: int) -> Path:
     from boomerang.student import Manifest, save_student
 
     cfg = run.cfg
-    summary = {"steps": step, "tokens": step * cfg.batch_size * cfg.seq_len * cfg.grad_accum,
+    summary = {"steps": step, "tokens": step * cfg.batch_size * cfg.seq_len * cfg.grad_accum * _world()[1],
                "data": run.data.description, "recipe": str(run.out / RECIPE)}
     manifest = Manifest(run.teacher.source, run.teacher.fingerprint, run.plan,
                         teacher_revision=run.teacher.revision, distilled=summary if step else None)
