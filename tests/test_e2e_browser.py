@@ -26,9 +26,9 @@ def stack(tmp_path, redis_ready, monkeypatch):  # noqa: F811
     from app.services import ModelCache, Services
     from app.ui import CSS, build_app
 
-    for key in ("DATABASE_URL", "REDIS_URL", "BOOMERANG_HOME"):
-        monkeypatch.delenv(key, raising=False)
     cluster = Cluster(tmp_path)
+    for key in ("DATABASE_URL", "REDIS_URL", "BOOMERANG_HOME"):
+        monkeypatch.setenv(key, cluster.env[key])
     data = write_eval_files(tmp_path / "evaldata")
     services = Services(engine=cluster.engine, celery=cluster.app, models=ModelCache(), eval_data_dir=str(data),
                         eval_tasks="quiz,fill", queue=cluster.queue, exports_dir=tmp_path / "exports")

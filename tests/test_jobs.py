@@ -43,16 +43,15 @@ class Cluster:
                     "BOOMERANG_HOME": str(tmp / "home"), "BOOMERANG_HEARTBEAT_S": "0.5",
                     "BOOMERANG_STALE_AFTER_S": "3", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
                     "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-        os.environ.update({k: self.env[k] for k in ("DATABASE_URL", "REDIS_URL", "BOOMERANG_HOME")})
         self.engine = make_engine(self.env["DATABASE_URL"])
         self.app = make_celery(REDIS_URL)
         self.workers: dict[str, subprocess.Popen] = {}
         save_tiny_teacher(tmp / "teacher", "llama")
         (tmp / "corpus.txt").write_text(TEXT)
 
-    def start_worker(self, name: str) -> subprocess.Popen:
+    def start_worker(self, name: str, queues: str | None = None) -> subprocess.Popen:
         log = open(self.tmp / f"{name}.log", "w")
-        proc = subprocess.Popen([sys.executable, "-m", "boomerang.cli", "worker", "--name", name, "--queues", self.queue,
+        proc = subprocess.Popen([sys.executable, "-m", "boomerang.cli", "worker", "--name", name, "--queues", queues or self.queue,
                                  "--sweep-every", "1"], env=self.env, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
         self.workers[name] = proc
@@ -75,11 +74,11 @@ class Cluster:
             except (subprocess.TimeoutExpired, ProcessLookupError):
                 self.kill(name, signal.SIGKILL)
 
-    def distill(self, **kw):
+    def distill(self, queue: str | None = None, **kw):
         settings = dict(teacher=str(self.tmp / "teacher"), data=str(self.tmp / "corpus.txt"), steps=6, batch_size=2,
                         seq_len=16, lr=1e-3, checkpoint_every=5)
         settings.update(kw)
-        return submit(engine=self.engine, app=self.app, kind="distill", settings=settings, queue=self.queue)
+        return submit(engine=self.engine, app=self.app, kind="distill", settings=settings, queue=queue or self.queue)
 
     def job(self, job_id):
         with Session(self.engine) as s:
@@ -103,9 +102,9 @@ class Cluster:
 
 @pytest.fixture
 def cluster(tmp_path, redis_ready, monkeypatch):
-    for key in ("DATABASE_URL", "REDIS_URL", "BOOMERANG_HOME"):
-        monkeypatch.delenv(key, raising=False)
     c = Cluster(tmp_path)
+    for key in ("DATABASE_URL", "REDIS_URL", "BOOMERANG_HOME"):  # the CLI commands run in this process see them
+        monkeypatch.setenv(key, c.env[key])
     yield c
     c.stop()
 
@@ -230,3 +229,14 @@ def test_jobs_cli_submit_list_cancel_retry(cluster, capsys):
     assert main(["submit", "distill", "--keep", "3,4", "--teacher", str(cluster.tmp / "teacher"),
                  "--queue", cluster.queue]) == 2
     assert "must keep layer 0" in capsys.readouterr().err
+
+
+def test_jobs_are_routed_by_queue(cluster):
+    """Scale-out: a worker takes only the queues it listens to (e.g. one queue per GPU type)."""
+    big, small = cluster.queue + "-a100", cluster.queue + "-t4"
+    cluster.start_worker("on-a100", queues=big)
+    cluster.start_worker("on-t4", queues=small)
+    jobs = {"on-a100": cluster.distill(queue=big, steps=3), "on-t4": cluster.distill(queue=small, steps=3)}
+    for worker, job in jobs.items():
+        done, _ = cluster.wait(job.id, lambda j: j.status in (JobStatus.SUCCEEDED, JobStatus.FAILED))
+        assert done.status == JobStatus.SUCCEEDED and done.worker.startswith(worker) and done.queue in (big, small)
