@@ -57,10 +57,8 @@ def test_first_readme_command_from_a_clean_clone_serves_the_dashboard(tmp_path):
         os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in the terminal goes to the whole group
         proc.wait(timeout=120)
     time.sleep(2)
-    left = subprocess.run(["pgrep", "-f", str(tmp_path / "home")], capture_output=True, text=True).stdout
     leftover = subprocess.run(["pgrep", "-f", f"--port {port}"], capture_output=True, text=True).stdout
     assert not leftover.strip(), "the dashboard outlived Ctrl-C"
     workers = subprocess.run(["pgrep", "-f", f"{clone}/.venv/bin/boomerang worker"], capture_output=True, text=True).stdout
     assert not workers.strip(), "the worker outlived Ctrl-C"
     assert "stopping the worker and the dashboard" in (tmp_path / "setup.log").read_text()
-    del left
