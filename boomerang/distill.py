@@ -80,6 +80,8 @@ class DistillConfig:
     """Keep the input embeddings at the teacher's (with tied embeddings, the head too)."""
     freeze_head: bool = False
     """Keep the output head and final norm at the teacher's (with tied embeddings, the embeddings too)."""
+    freeze_single_blocks: bool = False
+    """Keep student layers that stand for one teacher layer (e.g. the last 2) at the teacher's weights."""
     keep_first: int = 1
     """Plan: leading teacher layers kept."""
     every: int = 2
@@ -301,7 +303,7 @@ def setup(cfg: DistillConfig, *, resume: bool = False, teacher: Teacher | None =
     from boomerang.student import cut_student
 
     student = cut_student(teacher.model, plan).to(device).train().requires_grad_(True)
-    _freeze(student, cfg)
+    _freeze(student, cfg, plan)
     optimizer = _optimizer(student, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg))
     run = _Run(cfg, out, teacher, student, plan, data, optimizer, scheduler, device)
@@ -346,13 +348,17 @@ def load_data(cfg: DistillConfig, teacher: Teacher):
     return d.TokenData(train, heldout, desc)
 
 
-def _freeze(student: torch.nn.Module, cfg: DistillConfig) -> None:
+def _freeze(student: torch.nn.Module, cfg: DistillConfig, plan: LayerPlan) -> None:
     arch = adapter_for(student)
     ends = arch.end_modules(student)
     for path, module in ends.items():
         is_embedding = path[-1] in arch.embeddings
         if (is_embedding and cfg.freeze_embeddings) or (not is_embedding and cfg.freeze_head):
             module.requires_grad_(False)
+    if cfg.freeze_single_blocks:
+        for j, (a, b) in enumerate(plan.spans):
+            if b - a == 1:
+                arch.layer_list(student)[j].requires_grad_(False)
 
 
 def _optimizer(student: torch.nn.Module, cfg: DistillConfig) -> torch.optim.Optimizer:

@@ -149,3 +149,13 @@ def test_mse_term_reported_when_on(teacher_dir):
     assert reports[0].mse > 0
     assert reports[0].loss == pytest.approx(reports[0].ce + 0.1 * reports[0].kl + 2 * reports[0].cosine + reports[0].mse,
                                             rel=1e-5)
+
+
+def test_single_blocks_can_stay_the_teachers(teacher_dir):
+    result = distill(config(teacher_dir, "single", steps=2, freeze_single_blocks=True))
+    teacher = load_teacher(str(teacher_dir / "teacher"))
+    student, manifest = load_student(result.student_dir, teacher)
+    assert manifest.plan.spans[-1] == (7, 8) and manifest.plan.spans[-2] == (6, 7)
+    for j, i in ((3, 6), (4, 7)):  # single-layer spans: untouched
+        assert torch.equal(student.model.layers[j].mlp.up_proj.weight, teacher.model.model.layers[i].mlp.up_proj.weight)
+    assert not torch.equal(student.model.layers[1].mlp.up_proj.weight, teacher.model.model.layers[2].mlp.up_proj.weight)

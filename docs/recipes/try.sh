@@ -13,5 +13,7 @@ start=$(date +%s)
 echo "wall time: $(( $(date +%s) - start )) s"
 echo "== $name: held-out (same domain)"
 .venv/bin/boomerang heldout --student "$out/student" --data "$data" --tokens 4096
-echo "== $name: other domain"
-.venv/bin/boomerang heldout --student "$out/student" --data "$other" --tokens 4096
+if [ "${SKIP_OTHER:-0}" != 1 ]; then
+  echo "== $name: other domain"
+  .venv/bin/boomerang heldout --student "$out/student" --data "$other" --tokens 4096
+fi
