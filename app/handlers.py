@@ -82,11 +82,9 @@ JOB_COLUMNS = ["id", "kind", "status", "progress", "tokens/s", "ETA", "loss", "w
 
 
 def _eta(seconds) -> str:
-    if seconds is None:
-        return ""
-    m, s = divmod(int(seconds), 60)
-    h, m = divmod(m, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+    from workers.cli import format_eta
+
+    return format_eta(seconds, missing="")
 
 
 def jobs_table(services) -> list[list]:

@@ -258,6 +258,8 @@ def _resolve_order_arg(args, teacher, student, plan):
 
 
 def cmd_family(args) -> int:
+    from boomerang.family import compress_runs
+
     teacher, family, label = _load_family(args)
     sizes = family.sizes()
     if args.json:
@@ -276,22 +278,8 @@ def cmd_family(args) -> int:
     for s in sizes:
         tag = " (teacher)" if s.is_teacher else " (student)" if s.is_student else ""
         print(f"{s.n_layers:>6}  {s.params:>12,}  {s.params_no_embed:>12,}  {len(s.patched):>7}  "
-              f"{_compress_runs(s.layers)}{tag}")
+              f"{compress_runs(s.layers)}{tag}")
     return 0
-
-
-def _compress_runs(layers) -> str:
-    """["S0","S1","T4","T5","T6"] -> "S0-1 T4-6"."""
-    out, start, prev = [], None, None
-    for name in (*layers, None):
-        kind, idx = (name[0], int(name[1:])) if name else (None, None)
-        if prev and (kind != prev[0] or idx != prev[1] + 1):
-            out.append(f"{start[0]}{start[1]}" + (f"-{prev[1]}" if prev[1] != start[1] else ""))
-            start = None
-        if name and start is None:
-            start = (kind, idx)
-        prev = (kind, idx) if name else None
-    return " ".join(out)
 
 
 def cmd_cut(args) -> int:

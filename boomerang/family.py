@@ -116,6 +116,20 @@ class SizeInfo:
         return asdict(self)
 
 
+def compress_runs(layers) -> str:
+    """["S0","S1","T4","T5","T6"] -> "S0-1 T4-6"."""
+    out, start, prev = [], None, None
+    for name in (*layers, None):
+        kind, idx = (name[0], int(name[1:])) if name else (None, None)
+        if prev and (kind != prev[0] or idx != prev[1] + 1):
+            out.append(f"{start[0]}{start[1]}" + (f"-{prev[1]}" if prev[1] != start[1] else ""))
+            start = None
+        if name and start is None:
+            start = (kind, idx)
+        prev = (kind, idx) if name else None
+    return " ".join(out)
+
+
 def _count(modules: Iterable[nn.Module]) -> int:
     seen: set[int] = set()
     total = 0

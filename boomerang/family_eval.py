@@ -33,9 +33,9 @@ class Candidate:
 
 
 def _runs(layers) -> str:
-    from boomerang.cli import _compress_runs
+    from boomerang.family import compress_runs
 
-    return _compress_runs(layers)
+    return compress_runs(layers)
 
 
 def family_candidates(family: Family, sizes: list[int] | None) -> list[Candidate]:

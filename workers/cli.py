@@ -103,9 +103,10 @@ def cmd_submit(args) -> int:
     return 0
 
 
-def _eta(seconds) -> str:
+def format_eta(seconds, missing: str = "-") -> str:
+    """Seconds as M:SS or H:MM:SS, for progress displays."""
     if seconds is None:
-        return "-"
+        return missing
     m, s = divmod(int(seconds), 60)
     h, m = divmod(m, 60)
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
@@ -119,7 +120,7 @@ def render_jobs(jobs) -> str:
         progress = f"[{bar:<16}] {j.step}/{j.total}"
         info = j.error or (f"loss {j.losses['loss']:.4f}" if j.losses.get("loss") is not None else "")
         lines.append(f"{j.id:>4}  {j.kind.value:<7} {j.status.value:<9} {progress:<26} "
-                     f"{(j.tokens_per_s or 0):>7.0f} {_eta(j.eta_s):>8}  {(j.worker or '-')[:22]:<22} {info[:60]}")
+                     f"{(j.tokens_per_s or 0):>7.0f} {format_eta(j.eta_s):>8}  {(j.worker or '-')[:22]:<22} {info[:60]}")
     return "\n".join(lines)
 
 
