@@ -110,7 +110,7 @@ def job_detail(services, job_id) -> tuple[str, list[dict], str]:
         extra = f"<div class='job-error'>{html.escape(job.error)}</div>"
     elif job.result.get("student_dir"):
         extra = f"<div>student: <code>{html.escape(job.result['student_dir'])}</code></div>"
-    status = (f"<div id='job-status' data-status='{job.status.value}'><b>Job {job.id}</b> ({job.kind.value}): "
+    status = (f"<div id='job-status' data-job='{job.id}' data-status='{job.status.value}'><b>Job {job.id}</b> ({job.kind.value}): "
               f"<b>{job.status.value}</b> · step {job.step}/{job.total} · {round(job.tokens_per_s or 0)} tokens/s · "
               f"ETA {_eta(job.eta_s) or '-'}</div>"
               f"<div style='background:#eee;border-radius:4px;height:14px;margin:6px 0'>"
@@ -118,6 +118,21 @@ def job_detail(services, job_id) -> tuple[str, list[dict], str]:
     curves = [{"step": m.step, "loss": value, "term": term} for m in steps
               for term, value in (("ce", m.ce), ("kl", m.kl), ("cosine", m.cosine), ("total", m.loss))]
     return status, curves, job.log
+
+
+def loss_figure(curves: list[dict]):
+    """Plotly figure of the loss terms over steps (None when there is nothing to draw yet)."""
+    if not curves:
+        return None
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    for term in ("total", "ce", "kl", "cosine"):
+        pts = [c for c in curves if c["term"] == term]
+        fig.add_trace(go.Scatter(x=[c["step"] for c in pts], y=[c["loss"] for c in pts], name=term, mode="lines"))
+    fig.update_layout(height=280, margin={"l": 40, "r": 10, "t": 30, "b": 30}, template="plotly_white",
+                      xaxis_title="step", yaxis_title="loss", title="Loss terms")
+    return fig
 
 
 def cancel_job(services, job_id) -> str:

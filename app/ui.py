@@ -22,12 +22,27 @@ def build_app(services) -> gr.Blocks:
             with gr.Tab("Jobs", id="jobs"):
                 _jobs_tab(services)
             with gr.Tab("Compare", id="compare") as compare_tab:
-                family_c = _compare_tab(services)
+                family_c, show_compare = _compare_tab(services)
             with gr.Tab("Chat", id="chat") as chat_tab:
-                family_chat = _chat_tab(services)
-        for tab, dropdown in ((compare_tab, family_c), (chat_tab, family_chat)):
-            tab.select(lambda: gr.update(choices=h.family_choices(services)), None, dropdown)
+                family_chat, show_chat = _chat_tab(services)
+
+        for tab, dropdown, show in ((compare_tab, family_c, show_compare), (chat_tab, family_chat, show_chat)):
+            _refresh_on_open(services, tab, dropdown, show)
     return demo
+
+
+def _refresh_on_open(services, tab, dropdown, show) -> None:
+    """Opening a tab reloads the families (newest first), keeps the user's pick or takes the newest,
+    and shows it, in one event: a chained event could still see the dropdown's old value."""
+    fn, inputs, outputs = show
+
+    def open_tab(current, *rest):
+        choices = h.family_choices(services)
+        values = [v for _, v in choices]
+        value = current if current in values else (values[0] if values else None)
+        return gr.update(choices=choices, value=value), *fn(value, *rest)
+
+    tab.select(open_tab, [dropdown, *inputs[1:]], [dropdown, *outputs])
 
 
 def _launch_tab(services) -> None:
@@ -76,7 +91,7 @@ def _jobs_tab(services) -> None:
         cancel_btn = gr.Button("Cancel", elem_id="cancel-btn")
         retry_btn = gr.Button("Retry / resume", elem_id="retry-btn")
     status = gr.HTML(elem_id="job-detail")
-    curves = gr.LinePlot(x="step", y="loss", color="term", title="Loss terms", height=260)
+    curves = gr.Plot(label="Loss terms", elem_id="loss-curves")
     log = gr.Textbox(label="Last log lines", lines=6, max_lines=12, elem_id="job-log")
     with gr.Accordion("Evaluate this family", open=False):
         with gr.Row():
@@ -88,10 +103,8 @@ def _jobs_tab(services) -> None:
     timer = gr.Timer(2.0)
 
     def refresh(jid):
-        detail = h.job_detail(services, jid)
-        import pandas as pd
-
-        return h.jobs_table(services), detail[0], pd.DataFrame(detail[1], columns=["step", "loss", "term"]), detail[2]
+        status_html, curve_rows, log_text = h.job_detail(services, jid)
+        return h.jobs_table(services), status_html, h.loss_figure(curve_rows), log_text
 
     timer.tick(refresh, job_id, [table, status, curves, log], show_progress="hidden", api_name=False)
     job_id.change(refresh, job_id, [table, status, curves, log])
@@ -106,7 +119,7 @@ def _jobs_tab(services) -> None:
 
 def _compare_tab(services):
     with gr.Row():
-        family = gr.Dropdown(h.family_choices(services), label="Family", elem_id="compare-family")
+        family = gr.Dropdown(h.family_choices(services), label="Family", elem_id="compare-family", allow_custom_value=True)
         task = gr.Dropdown([], label="Task (or average)", elem_id="compare-task")
         metric = gr.Dropdown([], label="Metric", elem_id="compare-metric")
         log_x = gr.Checkbox(False, label="Log parameter axis")
@@ -120,22 +133,35 @@ def _compare_tab(services):
     csv_file = gr.File(label="Download CSV")
 
     def pick_family(student_id):
+        if not student_id:
+            return gr.update(), gr.update()
         tasks, metrics = h.task_metric_choices(services, student_id)
         default_metric = "acc" if "acc" in metrics else (metrics[0] if metrics else None)
         return (gr.update(choices=tasks, value=tasks[0] if tasks else None),
                 gr.update(choices=metrics, value=default_metric))
 
-    family.change(pick_family, family, [task, metric])
     inputs = [family, task, metric, log_x, budget_kind, budget]
-    for control in (task, metric, log_x, budget_kind, budget):
-        control.change(partial(h.compare, services), inputs, [plot, table, csv_file, budget_md])
-    return family
+    outputs = [plot, table, csv_file, budget_md]
+    # the chart follows the family's defaults at once, then every change the user makes
+    def show_family(student_id, *rest):
+        task_update, metric_update = pick_family(student_id)
+        t = task_update.get("value") if isinstance(task_update, dict) else None
+        m = metric_update.get("value") if isinstance(metric_update, dict) else None
+        return (task_update, metric_update, *h.compare(services, student_id, t, m, *rest))
+
+    show = (show_family, [family, log_x, budget_kind, budget], [task, metric, *outputs])
+    family.input(*show)
+    for control in (task, metric, budget):
+        control.input(partial(h.compare, services), inputs, outputs)
+    for control in (log_x, budget_kind):
+        control.change(partial(h.compare, services), inputs, outputs)
+    return family, show
 
 
 def _chat_tab(services):
     stop = gr.State(threading.Event)
     with gr.Row():
-        family = gr.Dropdown(h.family_choices(services), label="Family", elem_id="chat-family")
+        family = gr.Dropdown(h.family_choices(services), label="Family", elem_id="chat-family", allow_custom_value=True)
         size = gr.Slider(1, 2, step=1, label="Size (layers)", elem_id="chat-size")
         size_md = gr.Markdown(elem_id="size-label")
     with gr.Row():
@@ -167,7 +193,7 @@ def _chat_tab(services):
         lo, hi, mid = bounds
         return gr.update(minimum=lo, maximum=hi, value=mid), h.size_label(services, student_id, mid)
 
-    family.change(pick_family, family, [size, size_md])
+    family.input(pick_family, family, [size, size_md])
     size.change(partial(h.size_label, services), [family, size], size_md)
     turn_inputs = [family, size, message, left, right, system, temperature, top_p, max_new, stop]
     outputs = [left, right, left_stats, right_stats]
@@ -182,4 +208,4 @@ def _chat_tab(services):
         partial(h.chat_turn, services), turn_inputs, outputs)
     clear.click(lambda: ([], [], "", ""), None, outputs)
     export_btn.click(partial(h.export_chosen, services), [family, size], export_md)
-    return family
+    return family, (pick_family, [family], [size, size_md])

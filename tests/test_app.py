@@ -83,6 +83,9 @@ def test_jobs_table_and_detail(world):
     assert "data-status='SUCCEEDED'" in status and "student:" in status
     assert {c["term"] for c in curves} == {"ce", "kl", "cosine", "total"} and len(curves) == 4 * 8
     assert "step 8/8" in log
+    fig = h.loss_figure(curves)
+    assert [t.name for t in fig.data] == ["total", "ce", "kl", "cosine"] and list(fig.data[0].x) == list(range(1, 9))
+    assert h.loss_figure([]) is None
     assert "No job 999" in h.job_detail(s, 999)[0]
     assert "Cannot cancel" in h.cancel_job(s, 999)
     assert "Cannot retry" in h.retry_job(s, world["job"])  # SUCCEEDED jobs are not retried

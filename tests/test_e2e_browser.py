@@ -41,22 +41,6 @@ def stack(tmp_path, redis_ready, monkeypatch):  # noqa: F811
     cluster.stop()
 
 
-def pick_first_option(page, dropdown: str) -> None:
-    """Open a dropdown once its choices have arrived (the tab's select event loads them) and pick the first."""
-    from playwright.sync_api import expect
-
-    for _ in range(20):
-        page.locator(f"{dropdown} input").click()
-        options = page.get_by_role("option")
-        if options.count():
-            options.first.click()
-            expect(page.locator(f"{dropdown} input")).not_to_have_value("")
-            return
-        page.keyboard.press("Escape")
-        page.wait_for_timeout(500)
-    raise AssertionError(f"{dropdown} never got choices")
-
-
 def test_launch_watch_evaluate_compare_chat_stop(stack):
     from playwright.sync_api import expect, sync_playwright
 
@@ -88,6 +72,7 @@ def test_launch_watch_evaluate_compare_chat_stop(stack):
         job = page.locator("#job-id input")
         job.fill("1")
         job.press("Enter")
+        expect(page.locator("#job-status")).to_have_attribute("data-job", "1")
         expect(page.locator("#job-status")).to_have_attribute("data-status", "SUCCEEDED", timeout=120_000)
         expect(page.locator("#jobs-table")).to_contain_text("SUCCEEDED")
         page.screenshot(path=str(SHOTS / "jobs.png"), full_page=True)
@@ -96,17 +81,20 @@ def test_launch_watch_evaluate_compare_chat_stop(stack):
         expect(page.locator("#job-action")).to_contain_text("Evaluation job 2 queued")
         job.fill("2")
         job.press("Enter")
+        expect(page.locator("#job-status")).to_have_attribute("data-job", "2")  # not job 1's old status
         expect(page.locator("#job-status")).to_have_attribute("data-status", "SUCCEEDED", timeout=180_000)
 
         # Compare: the chart has a point per size
-        page.get_by_role("tab", name="Compare").click()
-        pick_first_option(page, "#compare-family")
-        expect(page.locator("#compare-plot .scatterlayer .point")).to_have_count(4, timeout=60_000)  # one per size
+        page.get_by_role("tab", name="Compare").click()  # opens on the newest family
+        try:
+            expect(page.locator("#compare-plot .scatterlayer .point")).to_have_count(4, timeout=60_000)  # one per size
+        except AssertionError:
+            page.screenshot(path=str(cluster.tmp / "compare-failure.png"), full_page=True)
+            raise
         page.screenshot(path=str(SHOTS / "compare.png"), full_page=True)
 
         # Chat: both sides stream at once; Stop ends both
         page.get_by_role("tab", name="Chat").click()
-        pick_first_option(page, "#chat-family")
         expect(page.locator("#size-label")).to_contain_text("layers")
         page.locator("#chat-input textarea").fill("Tell me a long story.")
         page.locator("#send-btn").click()
