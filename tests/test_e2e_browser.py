@@ -75,6 +75,7 @@ def test_launch_watch_evaluate_compare_chat_stop(stack):
         expect(page.locator("#job-status")).to_have_attribute("data-job", "1")
         expect(page.locator("#job-status")).to_have_attribute("data-status", "SUCCEEDED", timeout=120_000)
         expect(page.locator("#jobs-table")).to_contain_text("SUCCEEDED")
+        expect(page.locator("#loss-curves .scatterlayer .trace")).to_have_count(4)  # total, ce, kl, cosine
         page.screenshot(path=str(SHOTS / "jobs.png"), full_page=True)
         page.get_by_text("Evaluate this family").click()
         page.locator("#eval-btn").click()
