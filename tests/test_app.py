@@ -154,3 +154,48 @@ def test_gradio_client_against_the_launched_app(world):
         assert "Cannot cancel" in msg
     finally:
         demo.close()
+
+
+def test_launch_makes_no_request_outside_this_machine(world, monkeypatch):
+    """Analytics off, no hub calls: every connection the app opens while starting and serving a page is local."""
+    import ipaddress
+    import socket
+    import urllib.request
+
+    from app.ui import build_app
+
+    seen = []
+    real_connect = socket.socket.connect
+
+    def watch(sock, address):
+        seen.append(address)
+        return real_connect(sock, address)
+
+    real_lookup = socket.getaddrinfo
+    names = []
+
+    def lookup(host, *args, **kwargs):
+        names.append(host)
+        return real_lookup(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket.socket, "connect", watch)
+    monkeypatch.setattr(socket, "getaddrinfo", lookup)
+    monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "False")
+    demo = build_app(world["services"])
+    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True)
+    try:
+        with urllib.request.urlopen(url, timeout=30) as r:
+            assert r.status == 200
+    finally:
+        demo.close()
+    outside = []
+    for address in seen:
+        host = address[0] if isinstance(address, tuple) else address
+        try:
+            if not ipaddress.ip_address(host).is_loopback:
+                outside.append(address)
+        except ValueError:  # a unix socket path or a host name: a name would mean a lookup went out
+            if isinstance(address, tuple):
+                outside.append(address)
+    assert not outside, outside
+    assert {str(n) for n in names} <= {"127.0.0.1", "localhost", "::1", "None"}, names
