@@ -11,6 +11,7 @@ from pathlib import Path
 
 LOWER_IS_BETTER = {"perplexity", "kl_to_teacher", "word_perplexity", "byte_perplexity", "bits_per_byte",
                    "prefill_ms", "weights_mb", "peak_mb"}
+LOG_Y = {"perplexity", "word_perplexity", "byte_perplexity"}  # spans orders of magnitude across baselines
 COLORS = {"interpolated": "#1f77b4", "teacher": "#d62728", "student": "#2ca02c", "undistilled": "#7f7f7f",
           "drop-bi": "#ff7f0e", "reference": "#9467bd"}
 
@@ -73,6 +74,7 @@ def figure(pts: list[dict], task: str, metric: str, *, log_x: bool = False, high
     fig.update_layout(title=f"{task}: {metric} vs. parameters", xaxis_title="parameters", yaxis_title=metric,
                       template="plotly_white", legend={"orientation": "h", "y": -0.2})
     fig.update_xaxes(type="log" if log_x else "linear")
+    fig.update_yaxes(type="log" if metric in LOG_Y else "linear")
     return fig
 
 
@@ -103,6 +105,8 @@ def _png(pts: list[dict], task: str, metric: str, path: str, log_x: bool) -> Non
         ax.plot([p["params"] / 1e6 for p in front], [p["value"] for p in front], ":", color="black", label="Pareto frontier")
     if log_x:
         ax.set_xscale("log")
+    if metric in LOG_Y:
+        ax.set_yscale("log")
     ax.set_xlabel("parameters (millions)"), ax.set_ylabel(metric), ax.set_title(f"{task}: {metric} vs. parameters")
     ax.grid(alpha=0.3), ax.legend(fontsize=8)
     fig.tight_layout()
