@@ -27,18 +27,14 @@ class ModelCache:
 
     def family(self, student_folder: str, order: str = "last"):
         """(teacher, family) for a student folder."""
-        from boomerang.family import Family, resolve_order
-        from boomerang.student import load_student, read_manifest
+        from boomerang.student import load_family, read_manifest
 
         key = (str(Path(student_folder).resolve()), order)
         manifest = read_manifest(student_folder)
         teacher = self.teacher(manifest.teacher_source)
         with self._lock:
             if key not in self._families:
-                student, manifest = load_student(student_folder, teacher)
-                named = manifest.patch_orders.get(order, order)
-                self._families[key] = Family(teacher.model, student, manifest.plan,
-                                             order=resolve_order(manifest.plan, named))
+                self._families[key] = load_family(student_folder, teacher, order)[0]
             return teacher, self._families[key]
 
 

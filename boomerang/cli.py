@@ -399,9 +399,8 @@ def cmd_heldout(args) -> int:
     from boomerang.evaluate import family_label_free
 
     teacher, family, label = _load_family(args)
-    stream = d.pack(d.read_documents(args.data), teacher.tokenizer, args.seq_len)
-    _, held = d.split_blocks(stream, args.seq_len, args.heldout_fraction, args.data)
-    held = held[: max(1, args.tokens // args.seq_len)]
+    held = d.heldout_blocks(args.data, teacher.tokenizer, args.tokens, seq_len=args.seq_len,
+                            fraction=args.heldout_fraction)
     if not args.json:
         print(f"student {label}; {held.numel():,} held-out tokens from the end of {args.data}")
         print(f"{'layers':>6} {'params':>12} {'perplexity':>11} {'KL':>8} {'top-1':>7}")

@@ -193,6 +193,13 @@ def pack(docs: list[str], tokenizer, seq_len: int, *, max_tokens: int | None = N
     return torch.tensor(ids[:max_tokens] if max_tokens else ids, dtype=torch.long)
 
 
+def heldout_blocks(source: str, tokenizer, tokens: int, *, seq_len: int = 128, fraction: float = 0.1) -> torch.Tensor:
+    """The first `tokens` held-out tokens of a text file or folder (its last `fraction`), as (N, seq_len) blocks."""
+    stream = pack(read_documents(source), tokenizer, seq_len)
+    held = split_blocks(stream, seq_len, fraction, source)[1]
+    return held[: max(1, tokens // seq_len)]
+
+
 def blocks(stream: torch.Tensor, seq_len: int) -> torch.Tensor:
     n = stream.numel() // seq_len
     return stream[: n * seq_len].view(n, seq_len)  # (N, seq_len)

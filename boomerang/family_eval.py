@@ -198,23 +198,19 @@ def evaluate_student(req: EvalRequest, *, on_cell=None, should_stop=None, teache
 
     from boomerang import chart
     from boomerang import data as d
-    from boomerang.family import resolve_order
     from boomerang.models import load_teacher
     from boomerang.plan import parse_layer_list
-    from boomerang.student import load_student, read_manifest
+    from boomerang.student import load_family, read_manifest
 
     manifest = read_manifest(req.student)
     teacher = teacher or load_teacher(req.teacher or manifest.teacher_source, dtype=req.dtype, device=req.device)
-    student, manifest = load_student(req.student, teacher)
-    order = manifest.patch_orders.get(req.order) if req.order in manifest.patch_orders else req.order
-    family = Family(teacher.model, student, manifest.plan, order=resolve_order(manifest.plan, order))
+    family, manifest = load_family(req.student, teacher, req.order)
     sizes = None if req.sizes == "all" else parse_layer_list(req.sizes)
     for n in sizes or []:
         family.info(n)  # a size the family lacks fails before any work
     heldout = None
     if req.heldout_data:
-        stream = d.pack(d.read_documents(req.heldout_data), teacher.tokenizer, 128)
-        heldout = d.split_blocks(stream, 128, 0.1, req.heldout_data)[1][: max(1, req.heldout_tokens // 128)]
+        heldout = d.heldout_blocks(req.heldout_data, teacher.tokenizer, req.heldout_tokens)
     candidates = family_candidates(family, sizes) + baseline_candidates(family, req.baselines, sizes, heldout)
     for ref in req.references:
         candidates.append(reference_candidate(ref, load_teacher(ref, device=req.device).model))

@@ -18,7 +18,7 @@ from torch import nn
 import boomerang
 from boomerang.arch import adapter_for
 from boomerang.errors import BoomerangError
-from boomerang.family import assemble, layer_types_of, resolve_order
+from boomerang.family import Family, assemble, layer_types_of, resolve_order
 from boomerang.models import Teacher
 from boomerang.outputs import replace_dir_atomically
 from boomerang.plan import LayerPlan
@@ -134,6 +134,14 @@ def load_student(folder: str | Path, teacher: Teacher, *, device: str | None = N
         )
     model.to(device or teacher.model.device).eval()
     return model, manifest
+
+
+def load_family(folder: str | Path, teacher: Teacher, order: str = "last"):
+    """(Family, manifest) of a student folder; `order` is a patch order named in the manifest
+    (last, first, greedy when computed) or any order `resolve_order` accepts."""
+    student, manifest = load_student(folder, teacher)
+    named = manifest.patch_orders.get(order, order) if isinstance(order, str) else order
+    return Family(teacher.model, student, manifest.plan, order=resolve_order(manifest.plan, named)), manifest
 
 
 def check_teacher(manifest: Manifest, teacher: Teacher) -> None:

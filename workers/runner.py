@@ -211,17 +211,13 @@ def _eval(ctx: JobContext) -> dict:
 
 def _export(ctx: JobContext) -> dict:
     from boomerang.export import export_size
-    from boomerang.family import Family, resolve_order
     from boomerang.models import load_teacher
-    from boomerang.student import load_student, read_manifest
+    from boomerang.student import load_family, read_manifest
 
     st = ctx.job.settings
     manifest = read_manifest(st["student"])
     teacher = load_teacher(st.get("teacher") or manifest.teacher_source)
-    student, manifest = load_student(st["student"], teacher)
-    order = st.get("order", "last")
-    order = manifest.patch_orders.get(order, order)
-    family = Family(teacher.model, student, manifest.plan, order=resolve_order(manifest.plan, order))
+    family, manifest = load_family(st["student"], teacher, st.get("order", "last"))
     out = export_size(family, int(st["layers"]), st["out"], tokenizer=teacher.tokenizer, teacher_source=teacher.source,
                       student_source=str(st["student"]), overwrite=bool(st.get("overwrite")))
     ctx.progress(1, 1, force=True)
