@@ -60,7 +60,8 @@ def preview_plan(services, teacher: str, keep_first, every, keep_last, keep) -> 
 
 
 def launch_job(services, teacher, keep_first, every, keep_last, keep, data, steps, batch_size, seq_len, lr,
-               ce_weight, kl_weight, cosine_weight, freeze_embeddings, freeze_head) -> str:
+               ce_weight, kl_weight, cosine_weight, freeze_embeddings, freeze_head, local_weight=0.0, processes=1,
+               fsdp=False) -> str:
     """Queue a distillation job; the message says which job, or what to fix."""
     from workers.submit import submit
 
@@ -69,6 +70,7 @@ def launch_job(services, teacher, keep_first, every, keep_last, keep, data, step
                     "batch_size": int(batch_size), "seq_len": int(seq_len), "lr": float(lr),
                     "ce_weight": float(ce_weight), "kl_weight": float(kl_weight), "cosine_weight": float(cosine_weight),
                     "freeze_embeddings": bool(freeze_embeddings), "freeze_head": bool(freeze_head),
+                    "local_weight": float(local_weight or 0), "processes": 1 if processes is None else int(processes), "fsdp": bool(fsdp),
                     **_plan_settings(keep_first, every, keep_last, keep)}
         job = submit(engine=services.engine, app=services.celery, kind="distill", settings=settings, queue=services.queue)
     except (BoomerangError, ValueError) as exc:

@@ -72,15 +72,20 @@ def _launch_tab(services) -> None:
                 ce = gr.Number(1.0, label="CE weight", info="next-token loss on the data")
                 kl = gr.Number(0.1, label="KL weight", info="match the teacher's logits")
                 cos = gr.Number(2.0, label="Cosine weight", info="align each layer with its teacher block")
+                local = gr.Number(0.0, label="Blockwise weight", elem_id="local-weight",
+                                  info="each layer, fed its block's teacher input, matches the block's output")
             with gr.Row():
                 freeze_emb = gr.Checkbox(False, label="Freeze embeddings")
                 freeze_head = gr.Checkbox(False, label="Freeze head")
+                processes = gr.Number(1, precision=0, label="Processes", info="one per GPU of the worker's machine")
+                fsdp = gr.Checkbox(False, label="FSDP", info="shard teacher and student over the processes")
             launch_btn = gr.Button("Launch distillation", variant="primary", elem_id="launch-btn")
             launch_md = gr.Markdown(elem_id="launch-result")
     plan_inputs = [teacher, keep_first, every, keep_last, keep]
     preview_btn.click(partial(h.preview_plan, services), plan_inputs, [preview_md, preview_table], api_name="preview")
     launch_btn.click(partial(h.launch_job, services),
-                     [*plan_inputs, data, steps, batch, seq_len, lr, ce, kl, cos, freeze_emb, freeze_head], launch_md,
+                     [*plan_inputs, data, steps, batch, seq_len, lr, ce, kl, cos, freeze_emb, freeze_head, local,
+                      processes, fsdp], launch_md,
                      api_name="launch")
 
 

@@ -109,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("distill", help="distill a student the boomerang way (resumable; Ctrl-C stops and checkpoints)")
     p.add_argument("--recipe", default=None, help="JSON file whose keys are the settings below")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument("--stop-file", default=None,
+                   help="stop after the current step, with a checkpoint, when this file appears (as Ctrl-C does)")
     _add_config_flags(p)
     p.set_defaults(func=cmd_distill)
 
@@ -364,7 +366,11 @@ def cmd_distill(args) -> int:
     from boomerang.distill import distill
 
     cfg = distill_config_from_args(args)
+    if cfg.processes > 1 and "WORLD_SIZE" not in os.environ:
+        return launch_processes(cfg, resume=args.resume, stop_file=args.stop_file)
     stop = {"asked": False}
+    stop_file = Path(args.stop_file) if args.stop_file else None
+    rank0 = os.environ.get("RANK", "0") == "0"
 
     def ask_stop(signum, frame):
         if stop["asked"]:
@@ -372,19 +378,25 @@ def cmd_distill(args) -> int:
         stop["asked"] = True
         bar.write("stopping after this step (Ctrl-C again to abort without a checkpoint)...")
 
-    bar = tqdm(total=cfg.steps, unit="step", dynamic_ncols=True, desc="distill", disable=os.environ.get("RANK", "0") != "0")
+    bar = tqdm(total=cfg.steps, unit="step", dynamic_ncols=True, desc="distill", disable=not rank0)
     previous = signal.signal(signal.SIGINT, ask_stop)
 
     def on_step(r):
         bar.set_postfix_str(f"loss {r.loss:.3f} ce {r.ce:.3f} kl {r.kl:.3f} cos {r.cosine:.3f} "
-                            f"lr {r.lr:.1e} {r.tokens_per_s:,.0f} tok/s", refresh=False)
+                            + (f"local {r.local:.3f} " if cfg.local_weight else "")
+                            + f"lr {r.lr:.1e} {r.tokens_per_s:,.0f} tok/s", refresh=False)
         bar.update(r.step - bar.n)  # a resumed run starts past 0
 
+    def should_stop() -> bool:
+        return stop["asked"] or bool(stop_file and stop_file.exists())
+
     try:
-        result = distill(cfg, on_step=on_step, should_stop=lambda: stop["asked"], resume=args.resume)
+        result = distill(cfg, on_step=on_step, should_stop=should_stop, resume=args.resume)
     finally:
         bar.close()
         signal.signal(signal.SIGINT, previous)
+    if not rank0:
+        return 0
     if result.stopped:
         print(f"stopped at step {result.steps_done}/{cfg.steps}; checkpoint saved. "
               f"Continue with: boomerang distill --out {result.out} --resume")
@@ -392,6 +404,61 @@ def cmd_distill(args) -> int:
     print(f"student written to {result.student_dir} ({result.steps_done} steps)")
     print(f"its family: boomerang family --student {result.student_dir}")
     return 0
+
+
+def launch_processes(cfg, *, resume: bool = False, stop_file: str | None = None, log=None) -> int:
+    """Run a distillation on `cfg.processes` processes (torchrun, one per GPU) and wait for it.
+
+    The processes run in their own session, so Ctrl-C reaches this launcher alone: the first one
+    asks every process to stop after its current step (they checkpoint), a second one terminates them.
+    `log` (a file) receives their output; default: this terminal.
+    """
+    import signal
+    import subprocess
+    import tempfile
+
+    from boomerang.distill import resolve_device
+
+    device = resolve_device(cfg.device)
+    if device.type == "cuda" and torch_cuda_count() < cfg.processes:
+        raise BoomerangError(f"processes={cfg.processes} but only {torch_cuda_count()} GPU(s) are visible here "
+                             f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})")
+    with tempfile.TemporaryDirectory(prefix="boomerang-launch-") as tmp:
+        recipe = Path(tmp) / "recipe.json"
+        recipe.write_text(json.dumps(cfg.to_dict()))
+        stop = Path(stop_file) if stop_file else Path(tmp) / "stop"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(cfg.processes),
+               "-m", "boomerang.cli", "distill", "--recipe", str(recipe), "--out", cfg.out, "--stop-file", str(stop)]
+        cmd += ["--resume"] if resume else []
+        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS") or
+               str(max(1, (os.cpu_count() or 1) // cfg.processes))}
+        proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT if log else None)
+        asked = {"n": 0}
+
+        def on_sigint(signum, frame):
+            asked["n"] += 1
+            if asked["n"] == 1:
+                stop.touch()
+                print(f"stopping all {cfg.processes} processes after this step (Ctrl-C again to terminate them)...",
+                      file=sys.stderr)
+            else:
+                os.killpg(proc.pid, signal.SIGTERM)
+
+        previous = signal.signal(signal.SIGINT, on_sigint) if log is None else None
+        try:
+            return proc.wait()
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait()
+
+
+def torch_cuda_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def cmd_heldout(args) -> int:

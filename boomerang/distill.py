@@ -74,6 +74,10 @@ class DistillConfig:
     """Weight of the cosine alignment loss, divided by the number of aligned states; 0 switches it off."""
     mse_weight: float = 0.0
     """Weight of a relative-MSE term on the aligned states (norms as well as directions), divided like cosine; 0: off (paper)."""
+    local_weight: float = 0.0
+    """Weight of the blockwise term, divided like cosine: each student layer, run on the teacher's input to its
+    block, must give the block's output (relative MSE). It makes every student layer a drop-in for its block,
+    whatever the other layers are; 0: off (paper)."""
     temperature: float = 1.0
     """Softmax temperature of the KL term."""
     freeze_embeddings: bool = False
@@ -106,9 +110,13 @@ class DistillConfig:
     """auto (CUDA if present) | cpu | cuda | cuda:N."""
     dtype: str = "float32"
     """Weights' dtype; on CUDA the forward runs under bf16 autocast."""
+    processes: int = 1
+    """Processes (one per GPU) sharing each global batch; `boomerang distill` and the workers start them with torchrun."""
+    fsdp: bool = False
+    """Shard the teacher and the student over the processes (FSDP, one unit per layer): for teachers too large for one device."""
 
     def __post_init__(self):
-        positive = ("batch_size", "seq_len", "grad_accum", "checkpoint_every", "teacher_docs")
+        positive = ("batch_size", "seq_len", "grad_accum", "checkpoint_every", "teacher_docs", "processes")
         for name in positive:
             if getattr(self, name) < 1:
                 raise BoomerangError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -116,12 +124,13 @@ class DistillConfig:
             raise BoomerangError(f"steps must be 0 or more, got {self.steps}")
         if self.lr <= 0:
             raise BoomerangError(f"lr must be positive, got {self.lr}")
-        for name in ("ce_weight", "kl_weight", "cosine_weight", "mse_weight", "weight_decay", "clip", "min_lr_ratio"):
+        for name in ("ce_weight", "kl_weight", "cosine_weight", "mse_weight", "local_weight", "weight_decay", "clip",
+                     "min_lr_ratio"):
             if getattr(self, name) < 0:
                 raise BoomerangError(f"{name} must be 0 or more, got {getattr(self, name)}")
-        if self.ce_weight == self.kl_weight == self.cosine_weight == self.mse_weight == 0:
+        if self.ce_weight == self.kl_weight == self.cosine_weight == self.mse_weight == self.local_weight == 0:
             raise BoomerangError("every loss weight is 0: switch on at least one of ce_weight, kl_weight, "
-                                 "cosine_weight, mse_weight")
+                                 "cosine_weight, mse_weight, local_weight")
         if not 0 <= self.warmup < 1:
             raise BoomerangError(f"warmup is a fraction of the steps in [0, 1), got {self.warmup}")
         if not 0 < self.heldout_fraction < 1:
@@ -173,6 +182,7 @@ class StepReport:
     kl: float
     cosine: float
     mse: float
+    local: float
     lr: float
     grad_norm: float
     tokens: int
@@ -206,6 +216,8 @@ class _Run:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     device: torch.device
     start_step: int = 0
+    sharded: bool = False
+    """True when the teacher and student are sharded with FSDP over several processes."""
     captured: dict = field(default_factory=dict)
     hooks: list = field(default_factory=list)
     """Hook handles on the teacher and student; removed when the run ends (the teacher may be reused)."""
@@ -289,24 +301,43 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def check_world(cfg: DistillConfig) -> None:
+    """The processes a run has must be the ones its recipe asks for."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if cfg.processes > 1 and "WORLD_SIZE" not in os.environ:
+        raise BoomerangError(f"processes={cfg.processes} needs one process per share: run `boomerang distill` (it starts "
+                             f"them with torchrun), queue a job, or run torchrun --nproc-per-node {cfg.processes} yourself")
+    if cfg.processes > 1 and launched != cfg.processes:
+        raise BoomerangError(f"the recipe asks for {cfg.processes} processes but {launched} were started")
+
+
 def setup(cfg: DistillConfig, *, resume: bool = False, teacher: Teacher | None = None) -> _Run:
+    check_world(cfg)
     device = resolve_device(cfg.device)
     init_distributed(device)
     if device.type == "cuda" and _world()[1] > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    rank = _world()[0]
+    rank, world = _world()
+    sharded = cfg.fsdp and world > 1
     out = _prepare_out(cfg, resume) if rank == 0 else Path(cfg.out).expanduser().resolve()
     _barrier()
+    if sharded:  # each process reads the teacher on the host and keeps only its shards on the device
+        teacher = load_teacher(cfg.teacher, dtype=cfg.dtype, device="cpu")
     teacher = teacher or load_teacher(cfg.teacher, dtype=cfg.dtype, device=str(device))
     plan = cfg.plan_for(teacher.n_layers)
     data = load_data(cfg, teacher)
     from boomerang.student import cut_student
 
-    student = cut_student(teacher.model, plan).to(device).train().requires_grad_(True)
+    student = cut_student(teacher.model, plan).train().requires_grad_(True)
     _freeze(student, cfg, plan)
+    if sharded:
+        _shard(teacher.model, device, world)
+        _shard(student, device, world)
+    else:
+        student.to(device)
     optimizer = _optimizer(student, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg))
-    run = _Run(cfg, out, teacher, student, plan, data, optimizer, scheduler, device)
+    run = _Run(cfg, out, teacher, student, plan, data, optimizer, scheduler, device, sharded=sharded)
     _attach_capture(run)
     if resume:
         _load_checkpoint(run)
@@ -315,6 +346,17 @@ def setup(cfg: DistillConfig, *, resume: bool = False, teacher: Teacher | None =
         (out / METRICS).write_text("")
     _barrier()
     return run
+
+
+def _shard(model: torch.nn.Module, device: torch.device, world: int) -> None:
+    """FSDP2: every decoder layer its own unit, the rest (embeddings, head) in the root unit."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (world,))
+    for layer in adapter_for(model).layer_list(model):
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
 
 
 def _prepare_out(cfg: DistillConfig, resume: bool) -> Path:
@@ -388,7 +430,11 @@ def _schedule(cfg: DistillConfig) -> Callable[[int], float]:
 
 
 def _attach_capture(run: _Run) -> None:
-    """Forward hooks that keep the outputs of aligned layers: every student layer, its teacher block."""
+    """Forward hooks on the teacher and student.
+
+    They keep the outputs of aligned layers (every student layer, its teacher block) and, for the
+    blockwise term, the teacher's inputs to each block: the arguments its first layer was called with.
+    """
     arch = adapter_for(run.student)
 
     def keep(store: dict, key):
@@ -396,12 +442,42 @@ def _attach_capture(run: _Run) -> None:
             store[key] = output[0] if isinstance(output, tuple) else output
         return hook
 
-    run.captured = {"student": {}, "teacher": {}}
-    if run.cfg.cosine_weight == 0 and run.cfg.mse_weight == 0:
-        return
-    for j, i in run.plan.alignment:
-        run.hooks.append(arch.layer_list(run.student)[j].register_forward_hook(keep(run.captured["student"], j)))
-        run.hooks.append(arch.layer_list(run.teacher.model)[i].register_forward_hook(keep(run.captured["teacher"], j)))
+    def keep_call(store: dict, key):
+        def hook(module, args, kwargs):
+            store[key] = (args, kwargs)
+        return hook
+
+    run.captured = {"student": {}, "teacher": {}, "teacher_in": {}}
+    cfg = run.cfg
+    if cfg.cosine_weight or cfg.mse_weight:
+        for j, i in run.plan.alignment:
+            run.hooks.append(arch.layer_list(run.student)[j].register_forward_hook(keep(run.captured["student"], j)))
+    if cfg.cosine_weight or cfg.mse_weight or cfg.local_weight:
+        for j, i in run.plan.alignment:
+            layer = arch.layer_list(run.teacher.model)[i]
+            run.hooks.append(layer.register_forward_hook(keep(run.captured["teacher"], j)))
+    if cfg.local_weight:
+        for j, (a, b) in enumerate(run.plan.spans):
+            if j in run.plan.patchable:
+                layer = arch.layer_list(run.teacher.model)[a]
+                run.hooks.append(layer.register_forward_pre_hook(keep_call(run.captured["teacher_in"], j),
+                                                                 with_kwargs=True))
+
+
+def _blockwise_states(run: _Run) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Each patchable student layer run on its block's teacher input, beside the block's teacher output."""
+    layers = adapter_for(run.student).layer_list(run.student)
+    outs, targets = [], []
+    for j in sorted(run.captured["teacher_in"]):
+        args, kwargs = run.captured["teacher_in"][j]
+        kwargs = {**kwargs, "use_cache": False}
+        for name in ("past_key_values", "past_key_value", "layer_past"):
+            if name in kwargs:
+                kwargs[name] = None
+        out = layers[j](*args, **kwargs)
+        outs.append(out[0] if isinstance(out, tuple) else out)
+        targets.append(run.captured["teacher"][j])
+    return outs, targets
 
 
 # ----------------------------------------------------------------------------- one step
@@ -414,6 +490,7 @@ class LossParts:
     kl: float
     cosine: float
     mse: float
+    local: float = 0.0
 
 
 def _loss_step(run: _Run, ids: torch.Tensor) -> LossParts:
@@ -421,20 +498,27 @@ def _loss_step(run: _Run, ids: torch.Tensor) -> LossParts:
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if run.device.type == "cuda" else _nullcontext()
     with autocast:
         with torch.no_grad():
-            needs_teacher = cfg.kl_weight or cfg.cosine_weight or cfg.mse_weight
-            teacher_logits = run.teacher.model(ids).logits if needs_teacher else None
-        student_logits = run.student(ids).logits
-        zero = student_logits.new_zeros((), dtype=torch.float32)
-        ce = next_token_cross_entropy(student_logits, ids, mask) if cfg.ce_weight else zero
-        kl = kl_to_teacher(student_logits, teacher_logits, mask, cfg.temperature) if cfg.kl_weight else zero
-        pairs = sorted(run.captured["student"])
-        s_states = [run.captured["student"][j] for j in pairs]
-        t_states = [run.captured["teacher"][j] for j in pairs]
-        cos = cosine_alignment(s_states, t_states, mask) / len(pairs) if cfg.cosine_weight else zero
-        mse = relative_mse(s_states, t_states, mask) / len(pairs) if cfg.mse_weight else zero
-    total = cfg.ce_weight * ce + cfg.kl_weight * kl + cfg.cosine_weight * cos + cfg.mse_weight * mse
-    run.captured["student"].clear(), run.captured["teacher"].clear()
-    return LossParts(total, *(float(x.detach()) for x in (ce, kl, cos, mse)))
+            needs_teacher = cfg.kl_weight or cfg.cosine_weight or cfg.mse_weight or cfg.local_weight
+            teacher_logits = run.teacher.model(ids, use_cache=False).logits if needs_teacher else None
+        zero = torch.zeros((), dtype=torch.float32, device=ids.device)
+        ce = kl = cos = mse = local = zero
+        if cfg.ce_weight or cfg.kl_weight or cfg.cosine_weight or cfg.mse_weight:
+            student_logits = run.student(ids, use_cache=False).logits
+            ce = next_token_cross_entropy(student_logits, ids, mask) if cfg.ce_weight else zero
+            kl = kl_to_teacher(student_logits, teacher_logits, mask, cfg.temperature) if cfg.kl_weight else zero
+            pairs = sorted(run.captured["student"])
+            s_states = [run.captured["student"][j] for j in pairs]
+            t_states = [run.captured["teacher"][j] for j in pairs]
+            cos = cosine_alignment(s_states, t_states, mask) / len(pairs) if cfg.cosine_weight else zero
+            mse = relative_mse(s_states, t_states, mask) / len(pairs) if cfg.mse_weight else zero
+        if cfg.local_weight:
+            outs, targets = _blockwise_states(run)
+            local = relative_mse(outs, targets, mask) / len(run.plan.alignment)
+    total = (cfg.ce_weight * ce + cfg.kl_weight * kl + cfg.cosine_weight * cos + cfg.mse_weight * mse
+             + cfg.local_weight * local)
+    for store in run.captured.values():
+        store.clear()
+    return LossParts(total, *(float(x.detach()) for x in (ce, kl, cos, mse, local)))
 
 
 class _nullcontext:
@@ -458,13 +542,17 @@ def _optimizer_step(run: _Run, step: int) -> tuple[LossParts, float]:
         (p.total / cfg.grad_accum).backward()
         parts.append(p)
     params = [p for p in run.student.parameters() if p.requires_grad]
-    _average_gradients(params)
+    if not run.sharded:  # FSDP has already reduced (and averaged) each gradient shard
+        _average_gradients(params)
     norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else float("inf"))
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
     run.optimizer.step()
     run.scheduler.step()
     n = len(parts)
     local = [sum(float(p.total.detach()) for p in parts) / n, sum(p.ce for p in parts) / n,
-             sum(p.kl for p in parts) / n, sum(p.cosine for p in parts) / n, sum(p.mse for p in parts) / n]
+             sum(p.kl for p in parts) / n, sum(p.cosine for p in parts) / n, sum(p.mse for p in parts) / n,
+             sum(p.local for p in parts) / n]
     return LossParts(*_all_mean(local, run.device)), float(norm)
 
 
@@ -495,7 +583,7 @@ def run_loop(run: _Run, *, on_step=None, should_stop=None) -> DistillResult:
         elapsed = time.perf_counter() - start
         rate = (step - run.start_step) * tokens_per_step / elapsed
         last = StepReport(step, cfg.steps, float(parts.total), parts.ce, parts.kl, parts.cosine, parts.mse,
-                          run.scheduler.get_last_lr()[0], norm, step * tokens_per_step, rate, elapsed,
+                          parts.local, run.scheduler.get_last_lr()[0], norm, step * tokens_per_step, rate, elapsed,
                           (cfg.steps - step) * tokens_per_step / rate)
         if rank == 0:
             with open(run.out / METRICS, "a") as f:
@@ -503,37 +591,71 @@ def run_loop(run: _Run, *, on_step=None, should_stop=None) -> DistillResult:
             if on_step:
                 on_step(last)
         stop = _any_rank(bool(should_stop and should_stop()), run.device)
-        if (stop or step % cfg.checkpoint_every == 0 or step == cfg.steps) and rank == 0:
-            save_checkpoint(run, step)
+        if stop or step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            save_checkpoint(run, step)  # every rank: a sharded student is gathered first
         if stop and step < cfg.steps:
             _barrier()
             return DistillResult(run.out, step, True, None, last)
-    student_dir = finish(run, step) if rank == 0 else None
+    student_dir = finish(run, step)
     _barrier()
     return DistillResult(run.out, step, False, student_dir, last)
 
 
-def finish(run: _Run, step: int) -> Path:
+def finish(run: _Run, step: int) -> Path | None:
+    """Write the student folder (rank 0; every rank takes part in gathering a sharded student)."""
     from boomerang.student import Manifest, save_student
 
     cfg = run.cfg
+    student = _plain_student(run)
+    if _world()[0] != 0:
+        return None
     summary = {"steps": step, "tokens": step * cfg.batch_size * cfg.seq_len * cfg.grad_accum * _world()[1],
                "data": run.data.description, "recipe": str(run.out / RECIPE)}
     manifest = Manifest(run.teacher.source, run.teacher.fingerprint, run.plan,
                         teacher_revision=run.teacher.revision, distilled=summary if step else None)
-    student = run.student.eval()
-    return save_student(student, run.teacher.tokenizer, manifest, run.out / STUDENT, overwrite=True)
+    return save_student(student.eval(), run.teacher.tokenizer, manifest, run.out / STUDENT, overwrite=True)
+
+
+def _full_state(run: _Run) -> tuple[dict, dict]:
+    """The student's and optimizer's state dicts, whole (gathered from every rank when sharded, on the CPU)."""
+    if not run.sharded:
+        return run.student.state_dict(), run.optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return (get_model_state_dict(run.student, options=options),
+            get_optimizer_state_dict(run.student, run.optimizer, options=options))
+
+
+def _plain_student(run: _Run) -> torch.nn.Module | None:
+    """The student as an ordinary model; a sharded one is gathered and rebuilt on rank 0 (None elsewhere)."""
+    if not run.sharded:
+        return run.student
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    weights, _ = _full_state(run)
+    if _world()[0] != 0:
+        return None
+    model = AutoModelForCausalLM.from_config(copy.deepcopy(run.student.config), dtype=run.teacher.model.dtype)
+    model.load_state_dict(weights)
+    return model
 
 
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def save_checkpoint(run: _Run, step: int) -> Path:
-    """Everything needed to continue: written to a temporary file, then renamed over the last one."""
+def save_checkpoint(run: _Run, step: int) -> Path | None:
+    """Everything needed to continue: written (by rank 0) to a temporary file, then renamed over the last one."""
+    student, optimizer = _full_state(run)
+    if _world()[0] != 0:
+        return None
     state = {
         "step": step,
-        "student": run.student.state_dict(),
-        "optimizer": run.optimizer.state_dict(),
+        "student": student,
+        "optimizer": optimizer,
         "scheduler": run.scheduler.state_dict(),
         "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
@@ -547,23 +669,37 @@ def save_checkpoint(run: _Run, step: int) -> Path:
 
 
 def _load_checkpoint(run: _Run) -> None:
-    state = torch.load(run.out / CHECKPOINT, map_location=run.device, weights_only=False)
+    state = torch.load(run.out / CHECKPOINT, map_location="cpu" if run.sharded else run.device, weights_only=False)
     if state["config"] != run.cfg.to_dict():
         changed = sorted(k for k in state["config"] if state["config"][k] != run.cfg.to_dict().get(k))
         raise BoomerangError(f"the recipe differs from the run's in {changed}; resume with the run's own recipe "
                              f"({run.out / RECIPE})")
-    run.student.load_state_dict(state["student"])
-    run.optimizer.load_state_dict(state["optimizer"])
+    if run.sharded:  # every rank reads the whole checkpoint and keeps its shards
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                             set_optimizer_state_dict)
+
+        options = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(run.student, state["student"], options=options)
+        set_optimizer_state_dict(run.student, run.optimizer, state["optimizer"], options=options)
+    else:
+        run.student.load_state_dict(state["student"])
+        run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"]["torch"].cpu())
     random.setstate(state["rng"]["python"])
     if state["rng"]["cuda"]:
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
     run.start_step = state["step"]
-    _truncate_metrics(run.out / METRICS, run.start_step)
+    if _world()[0] == 0:
+        truncate_metrics(run.out / METRICS, run.start_step)
 
 
-def _truncate_metrics(path: Path, steps: int) -> None:
+def checkpoint_step(path: str | Path) -> int:
+    """The step a checkpoint file holds (read lazily: the weights are not loaded)."""
+    return int(torch.load(path, mmap=True, map_location="cpu", weights_only=False)["step"])
+
+
+def truncate_metrics(path: Path, steps: int) -> None:
     """Keep the metric lines of the steps the checkpoint holds: a resumed step is logged once."""
     lines = path.read_text().splitlines(keepends=True) if path.is_file() else []
     kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= steps]

@@ -60,16 +60,18 @@ def cosine_alignment(student_states: list[torch.Tensor], teacher_states: list[to
 
 def relative_mse(student_states: list[torch.Tensor], teacher_states: list[torch.Tensor],
                  mask: torch.Tensor) -> torch.Tensor:
-    """Sum over aligned pairs of ||s - t||^2 / mean ||t||^2: matches norms as well as directions.
+    """Sum over aligned pairs of the mean over positions of ||s - t||^2 / ||t||^2.
 
-    Each state (B, T, D); mask (B, T). Dividing by the teacher state's mean squared norm makes every
-    layer count alike, however large its residual stream has grown.
+    Each state (B, T, D); mask (B, T). Matches norms as well as directions. Dividing each position
+    by its own teacher norm makes every layer and every token count alike (an attention-sink token
+    with a huge residual stream does not drown the rest), and keeps the loss of a batch the mean
+    of the losses of its parts, so splitting a batch over processes changes nothing.
     """
     if len(student_states) != len(teacher_states):
         raise ValueError(f"{len(student_states)} student states but {len(teacher_states)} teacher states")
     total = mask.new_zeros((), dtype=torch.float32)
     for s, t in zip(student_states, teacher_states):
         err = (s.float() - t.float()).pow(2).sum(-1)  # (B, T)
-        scale = _masked_mean(t.float().pow(2).sum(-1), mask).detach().clamp_min(1e-8)
-        total = total + _masked_mean(err, mask) / scale
+        scale = t.float().pow(2).sum(-1).detach().clamp_min(1e-8)  # (B, T)
+        total = total + _masked_mean(err / scale, mask)
     return total

@@ -69,6 +69,9 @@ def test_launch_flags_bad_input_with_the_library_message(world):
     assert msg.startswith("**Not launched:**") and "data not found" in msg
     msg = h.launch_job(s, "./no/teacher", 1, 2, 2, "", "teacher", 8, 2, 16, 1e-3, 1, 0.1, 2, False, False)
     assert "teacher folder not found" in msg
+    msg = h.launch_job(s, str(tmp / "teacher"), 1, 2, 2, "", "teacher", 8, 2, 16, 1e-3, 1, 0.1, 2, False, False,
+                       0.5, 0)
+    assert msg.startswith("**Not launched:**") and "processes must be at least 1" in msg
     with Session(s.engine) as ses:
         assert len(crud.list_jobs(session=ses)) == before
     assert "default" in h.teacher_choices(s) and str(tmp / "teacher") in h.teacher_choices(s)

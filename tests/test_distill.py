@@ -6,11 +6,13 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from boomerang.distill import CHECKPOINT, METRICS, DistillConfig, distill, read_recipe, save_checkpoint, setup
+from boomerang.arch import adapter_for
+from boomerang.distill import (CHECKPOINT, METRICS, DistillConfig, _blockwise_states, distill, read_recipe,
+                               save_checkpoint, setup)
 from boomerang.errors import BoomerangError
 from boomerang.models import load_teacher
 from boomerang.student import load_student
-from tiny import save_tiny_teacher
+from tiny import save_tiny_teacher, tokens
 
 TEXT = "The quick brown fox jumps over the lazy dog. " * 60
 
@@ -159,3 +161,43 @@ def test_single_blocks_can_stay_the_teachers(teacher_dir):
     for j, i in ((3, 6), (4, 7)):  # single-layer spans: untouched
         assert torch.equal(student.model.layers[j].mlp.up_proj.weight, teacher.model.model.layers[i].mlp.up_proj.weight)
     assert not torch.equal(student.model.layers[1].mlp.up_proj.weight, teacher.model.model.layers[2].mlp.up_proj.weight)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_blockwise_term_runs_each_student_layer_on_its_blocks_teacher_input(tmp_path, model_type):
+    # Teacher layer 3 made an identity (its writes into the residual stream zeroed): the block of
+    # teacher layers 2-3 is then exactly teacher layer 2, which the student keeps, so its blockwise
+    # error must be 0 when (and only when) it is fed the teacher's input to layer 2.
+    model = save_tiny_teacher(tmp_path / "teacher", model_type)
+    layer = adapter_for(model).layer_list(model)[3]
+    for name, p in layer.named_parameters():
+        if name.endswith(("o_proj.weight", "down_proj.weight", "c_proj.weight", "c_proj.bias")):
+            p.data.zero_()
+    model.save_pretrained(tmp_path / "teacher")
+    (tmp_path / "corpus.txt").write_text(TEXT)
+    run = setup(config(tmp_path, "run", local_weight=1.0, ce_weight=0, kl_weight=0, cosine_weight=0))
+    try:
+        assert run.plan.spans[:3] == ((0, 2), (2, 4), (4, 6)) and run.plan.patchable == (0, 1, 2)
+        run.student.eval()  # GPT-2's dropout off, so outputs can be compared
+        with torch.no_grad():
+            run.teacher.model(tokens(2, 12), use_cache=False)
+            outs, targets = _blockwise_states(run)
+        assert_close(outs[1], targets[1], rtol=0, atol=1e-5)
+        for k in (0, 2):
+            assert (outs[k] - targets[k]).norm() > 0.01 * targets[k].norm(), "a block of two real layers matched"
+    finally:
+        for handle in run.hooks:
+            handle.remove()
+
+
+def test_blockwise_training_moves_only_patchable_layers_and_lowers_their_error(teacher_dir):
+    cfg = config(teacher_dir, "local", steps=8, local_weight=1.0, ce_weight=0, kl_weight=0, cosine_weight=0)
+    result = distill(cfg)
+    losses = [json.loads(l)["local"] for l in (result.out / METRICS).read_text().splitlines()]
+    assert losses[-1] < losses[0]
+    teacher = load_teacher(cfg.teacher)
+    student, _ = load_student(result.student_dir, teacher)
+    for j, (a, b) in enumerate(cfg.plan_for(teacher.n_layers).spans):
+        moved = not torch.equal(student.model.layers[j].mlp.up_proj.weight, teacher.model.model.layers[a].mlp.up_proj.weight)
+        assert moved == (b - a > 1), f"student layer {j} (teacher {a}-{b - 1})"
+    assert torch.equal(student.model.embed_tokens.weight, teacher.model.model.embed_tokens.weight)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -240,3 +241,43 @@ def test_jobs_are_routed_by_queue(cluster):
     for worker, job in jobs.items():
         done, _ = cluster.wait(job.id, lambda j: j.status in (JobStatus.SUCCEEDED, JobStatus.FAILED))
         assert done.status == JobStatus.SUCCEEDED and done.worker.startswith(worker) and done.queue in (big, small)
+
+
+def test_a_job_on_two_processes_shows_progress_cancels_with_a_checkpoint_and_resumes(cluster):
+    # a worker runs the job as torchrun with two processes (gloo on this CPU; one per GPU on a GPU
+    # machine), FSDP-sharded; its steps reach the database while it runs, a cancel stops both
+    # processes after a step with a checkpoint, and a retry goes on from there to the end.
+    from workers.submit import requeue
+
+    cluster.start_worker("w1")
+    job = cluster.distill(steps=150, checkpoint_every=1000, processes=2, fsdp=True)
+    cluster.wait(job.id, lambda j: j.step >= 3, timeout=180)
+    with Session(cluster.engine) as s:
+        crud.request_cancel(session=s, job_id=job.id)
+    done, _ = cluster.wait(job.id, lambda j: j.status != JobStatus.RUNNING, timeout=120)
+    assert done.status == JobStatus.CANCELLED, done.error
+    stopped_at = done.step
+    assert 3 <= stopped_at < 150 and cluster.steps(job.id) == list(range(1, stopped_at + 1))
+    assert (Path(done.run_dir) / "checkpoint.pt").is_file(), "cancel must leave a checkpoint"
+    run_dir = Path(done.run_dir)
+    assert json.loads((run_dir / "recipe.json").read_text())["processes"] == 2
+    assert (run_dir.parent / f"{run_dir.name}.log").is_file(), "the processes' output is kept beside the run"
+    requeue(engine=cluster.engine, app=cluster.app, job_id=job.id)
+    done, _ = cluster.wait(job.id, lambda j: j.status in (JobStatus.SUCCEEDED, JobStatus.FAILED), timeout=240)
+    assert done.status == JobStatus.SUCCEEDED, done.error
+    assert done.result["resumed_from"] == stopped_at
+    assert cluster.steps(job.id) == list(range(1, 151)), "a step's metrics were lost or duplicated"
+    assert (Path(done.result["student_dir"]) / "boomerang.json").is_file()
+
+
+def test_a_job_on_two_processes_that_fail_fails_with_their_output_and_the_worker_goes_on(cluster):
+    cluster.start_worker("w1")
+    job = cluster.distill(steps=5, processes=2)
+    (cluster.tmp / "corpus.txt").write_text("")  # accepted, then emptied: both processes fail at start
+    done, _ = cluster.wait(job.id, lambda j: j.status in (JobStatus.SUCCEEDED, JobStatus.FAILED), timeout=180)
+    assert done.status == JobStatus.FAILED and "distillation processes failed" in done.error
+    assert "empty" in done.error, done.error
+    (cluster.tmp / "corpus.txt").write_text(TEXT)
+    again = cluster.distill(steps=3)
+    done, _ = cluster.wait(again.id, lambda j: j.status in (JobStatus.SUCCEEDED, JobStatus.FAILED), timeout=120)
+    assert done.status == JobStatus.SUCCEEDED, done.error

@@ -76,3 +76,7 @@ def test_relative_mse_is_zero_for_identical_states_and_sees_norms():
     # the cosine loss cannot tell 3h from h; the relative MSE can: ||3h - h||^2 / ||h||^2 = 4
     assert cosine_alignment([3 * h], [h], mask).item() == pytest.approx(0, abs=1e-6)
     assert relative_mse([3 * h], [h], mask).item() == pytest.approx(4.0, rel=1e-5)
+    # the mean of a batch's halves is the batch's value (a batch split over processes gives the same loss)
+    s = h + 0.3 * logits(seed=1, shape=(2, 6, 8))
+    halves = [relative_mse([s[i:i + 1]], [h[i:i + 1]], mask[i:i + 1]) for i in (0, 1)]
+    assert relative_mse([s], [h], mask).item() == pytest.approx(sum(halves).item() / 2, rel=1e-6)

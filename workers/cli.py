@@ -14,7 +14,8 @@ import time
 def register(sub, helpers: dict) -> None:
     p = sub.add_parser("worker", help="start one worker (one per GPU; says which device it uses)")
     p.add_argument("--queues", default="default", help="comma-separated queues to take jobs from")
-    p.add_argument("--gpu", default=None, help="the GPU this worker owns (sets CUDA_VISIBLE_DEVICES); default: CPU "
+    p.add_argument("--gpu", default=None, help="the GPU(s) this worker owns, e.g. 0 or 0,1 for jobs with "
+                                               "processes=2 (sets CUDA_VISIBLE_DEVICES); default: CPU "
                                                "or whatever CUDA_VISIBLE_DEVICES already says")
     p.add_argument("--name", default=None, help="worker name (default host:pid)")
     p.add_argument("--pool", default="prefork", choices=["prefork", "solo"],

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from sqlmodel import Session
 
+from boomerang.errors import BoomerangError
 from db import crud
 from db.engine import make_engine
 from db.models import JobKind, JobStatus
@@ -147,8 +148,8 @@ def _distill(ctx: JobContext) -> dict:
     resume = (out / CHECKPOINT).is_file()
     with Session(ctx.engine) as s:
         crud.update_progress(session=s, job_id=job.id, run_dir=str(out), total=cfg.steps)
-    ctx.log(f"{'resuming' if resume else 'starting'} on {worker_name()}: {cfg.steps} steps into {out}")
-    teacher = load_teacher(cfg.teacher, dtype=cfg.dtype)
+    where = f"{cfg.processes} processes" if cfg.processes > 1 else "one process"
+    ctx.log(f"{'resuming' if resume else 'starting'} on {worker_name()} ({where}): {cfg.steps} steps into {out}")
     first = {"seen": False, "step": 0}
 
     def on_step(r) -> None:
@@ -158,16 +159,84 @@ def _distill(ctx: JobContext) -> dict:
                 crud.forget_steps_after(session=s, job_id=job.id, step=r.step - 1)
         ctx.log(f"step {r.step}/{r.total} loss {r.loss:.4f} ce {r.ce:.4f} kl {r.kl:.4f} cos {r.cosine:.4f}")
         ctx.progress(r.step, r.total, steps=[r.to_dict()], force=r.step == r.total,
-                     losses={"loss": r.loss, "ce": r.ce, "kl": r.kl, "cosine": r.cosine, "mse": r.mse},
+                     losses={"loss": r.loss, "ce": r.ce, "kl": r.kl, "cosine": r.cosine, "mse": r.mse,
+                             "local": r.local},
                      tokens_per_s=r.tokens_per_s, eta_s=r.eta_s)
 
-    result = distill(cfg, on_step=on_step, should_stop=ctx.should_stop, resume=resume, teacher=teacher)
-    ctx.progress(result.steps_done, cfg.steps, force=True)
-    if result.stopped:
+    if cfg.processes > 1:
+        steps_done, stopped, student_dir = _distill_processes(ctx, cfg, resume, on_step)
+        teacher = load_teacher(cfg.teacher, dtype=cfg.dtype)
+    else:
+        teacher = load_teacher(cfg.teacher, dtype=cfg.dtype)
+        result = distill(cfg, on_step=on_step, should_stop=ctx.should_stop, resume=resume, teacher=teacher)
+        steps_done, stopped, student_dir = result.steps_done, result.stopped, result.student_dir
+    ctx.progress(steps_done, cfg.steps, force=True)
+    if stopped:
         raise Cancelled
-    _register_student(ctx, teacher, result.student_dir)
-    return {"student_dir": str(result.student_dir), "steps": result.steps_done,
-            "resumed_from": first["step"] - 1 if first["seen"] else result.steps_done}
+    _register_student(ctx, teacher, student_dir)
+    return {"student_dir": str(student_dir), "steps": steps_done,
+            "resumed_from": first["step"] - 1 if first["seen"] else steps_done}
+
+
+def _distill_processes(ctx: JobContext, cfg, resume: bool, on_step) -> tuple[int, bool, Path | None]:
+    """One job on several processes (GPUs): torchrun in a child, its steps read back from metrics.jsonl.
+
+    Cancelling creates the stop file the processes watch: they finish the step and checkpoint.
+    """
+    import json as _json
+
+    from boomerang.cli import launch_processes
+    from boomerang.distill import CHECKPOINT, METRICS, STUDENT, StepReport, checkpoint_step, truncate_metrics
+
+    out = Path(cfg.out)
+    stop = out.parent / f".{out.name}.stop"
+    stop.unlink(missing_ok=True)
+    log_path = out.parent / f"{out.name}.log"
+    seen = {"step": 0, "offset": 0}
+    if resume:  # lines past the checkpoint will be written again by the resumed run
+        seen["step"] = checkpoint_step(out / CHECKPOINT)
+        truncate_metrics(out / METRICS, seen["step"])
+
+    def read_steps() -> None:
+        path = out / METRICS
+        if not path.is_file():
+            return
+        with open(path) as f:
+            f.seek(seen["offset"])
+            chunk = f.read()
+        complete = chunk[:chunk.rfind("\n") + 1]
+        seen["offset"] += len(complete.encode())
+        for line in complete.splitlines():
+            r = StepReport(**_json.loads(line))
+            if r.step > seen["step"]:
+                seen["step"] = r.step
+                on_step(r)
+
+    result: dict = {}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "a") as log:
+        runner = threading.Thread(target=lambda: result.update(
+            rc=launch_processes(cfg, resume=resume, stop_file=str(stop), log=log)), daemon=True)
+        runner.start()
+        while runner.is_alive():
+            runner.join(timeout=1.0)
+            read_steps()
+            if ctx.should_stop() and not stop.exists():
+                stop.touch()
+                ctx.log("cancel asked: the processes stop after this step and checkpoint")
+    read_steps()
+    stopped = stop.exists()
+    stop.unlink(missing_ok=True)
+    if result.get("rc") != 0:
+        lines = log_path.read_text(errors="replace").strip().splitlines()
+        ours = list(dict.fromkeys(line for line in lines if line.startswith("error: ")))  # our processes' own errors
+        detail = "\n".join(ours) if ours else "the end of the log:\n" + "\n".join(lines[-15:])
+        raise BoomerangError(f"the {cfg.processes} distillation processes failed (exit {result.get('rc')}; "
+                             f"output in {log_path})\n{detail}")
+    student = out / STUDENT
+    if not stopped and not (student / "boomerang.json").is_file():
+        raise BoomerangError(f"the distillation processes ended without writing {student}; see {log_path}")
+    return seen["step"], stopped, None if stopped else student
 
 
 def _register_student(ctx: JobContext, teacher, folder: Path) -> None:
