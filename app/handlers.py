@@ -59,14 +59,27 @@ def preview_plan(services, teacher: str, keep_first, every, keep_last, keep) -> 
     return text, rows
 
 
+RECIPE_FIELDS = ("ce_weight", "kl_weight", "cosine_weight", "freeze_embeddings", "freeze_head", "local_weight",
+                 "keep_first", "every", "keep_last")
+
+
+def recipe_fields(recipe: str) -> list:
+    """The launch form's values for a named recipe (the rest of the recipe goes with the job as it is)."""
+    from boomerang.distill import RECIPES, DistillConfig
+
+    cfg = DistillConfig.from_dict(RECIPES[recipe])
+    return [getattr(cfg, name) for name in RECIPE_FIELDS]
+
+
 def launch_job(services, teacher, keep_first, every, keep_last, keep, data, steps, batch_size, seq_len, lr,
                ce_weight, kl_weight, cosine_weight, freeze_embeddings, freeze_head, local_weight=0.0, processes=1,
-               fsdp=False) -> str:
+               fsdp=False, recipe="paper") -> str:
     """Queue a distillation job; the message says which job, or what to fix."""
+    from boomerang.distill import RECIPES
     from workers.submit import submit
 
     try:
-        settings = {"teacher": teacher or "default", "data": (data or "").strip() or "teacher", "steps": int(steps),
+        settings = {**RECIPES[recipe or "paper"], "teacher": teacher or "default", "data": (data or "").strip() or "teacher", "steps": int(steps),
                     "batch_size": int(batch_size), "seq_len": int(seq_len), "lr": float(lr),
                     "ce_weight": float(ce_weight), "kl_weight": float(kl_weight), "cosine_weight": float(cosine_weight),
                     "freeze_embeddings": bool(freeze_embeddings), "freeze_head": bool(freeze_head),

@@ -63,6 +63,9 @@ def _launch_tab(services) -> None:
             data = gr.Textbox(value="teacher", label="Training data", elem_id="data",
                               info="a .txt/.jsonl/.parquet file or folder, hub:NAME, or 'teacher' (text the teacher writes)")
             gr.Markdown(f"**Settings** — {PAPER}: AdamW lr 3e-4, KL 0.1, cosine 2.0, warm-up 1 %, cosine schedule.")
+            recipe = gr.Radio(["paper", "cpu"], value="paper", label="Recipe", elem_id="recipe",
+                              info="paper: the paper's settings; cpu: the best found for a CPU's budget "
+                                   "(docs/distillation.md); the fields below follow it")
             with gr.Row():
                 steps = gr.Number(300, precision=0, label="Steps", elem_id="steps")
                 batch = gr.Number(8, precision=0, label="Batch size", elem_id="batch")
@@ -83,9 +86,10 @@ def _launch_tab(services) -> None:
             launch_md = gr.Markdown(elem_id="launch-result")
     plan_inputs = [teacher, keep_first, every, keep_last, keep]
     preview_btn.click(partial(h.preview_plan, services), plan_inputs, [preview_md, preview_table], api_name="preview")
+    recipe.change(h.recipe_fields, recipe, [ce, kl, cos, freeze_emb, freeze_head, local, keep_first, every, keep_last])
     launch_btn.click(partial(h.launch_job, services),
                      [*plan_inputs, data, steps, batch, seq_len, lr, ce, kl, cos, freeze_emb, freeze_head, local,
-                      processes, fsdp], launch_md,
+                      processes, fsdp, recipe], launch_md,
                      api_name="launch")
 
 

@@ -40,6 +40,20 @@ def block_influence(teacher, ids: torch.Tensor) -> list[float]:
     return [1 - c for c in cos]
 
 
+@torch.no_grad()
+def drop_one_costs(teacher, ids: torch.Tensor) -> list[float]:
+    """Per teacher layer, KL(teacher || teacher without that one layer) on `ids` (B, T), mean per token.
+
+    The direct measure of what a plan asks a student layer to make up for when it drops the layer.
+    """
+    from boomerang.losses import kl_to_teacher
+
+    mask = torch.ones_like(ids)
+    reference = teacher(ids, use_cache=False).logits
+    return [float(kl_to_teacher(dropped_teacher(teacher, [i])(ids, use_cache=False).logits, reference, mask))
+            for i in range(teacher.config.num_hidden_layers)]
+
+
 def drop_order(influence: list[float]) -> list[int]:
     """Teacher layers in the order they are dropped: least influence first."""
     return sorted(range(len(influence)), key=lambda i: influence[i])

@@ -107,7 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("distill", help="distill a student the boomerang way (resumable; Ctrl-C stops and checkpoints)")
-    p.add_argument("--recipe", default=None, help="JSON file whose keys are the settings below")
+    p.add_argument("--recipe", default=None,
+                   help="paper | cpu | a JSON file whose keys are the settings below; default: cpu on a CPU, paper "
+                        "on a GPU (docs/distillation.md says what each is)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("--stop-file", default=None,
                    help="stop after the current step, with a checkpoint, when this file appears (as Ctrl-C does)")
@@ -338,11 +340,15 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def distill_config_from_args(args):
-    """DistillConfig from defaults < --recipe file (or the run's own recipe with --resume) < flags."""
+def distill_config_from_args(args, *, default_recipe: str = "auto"):
+    """DistillConfig from a named recipe or a --recipe file (or the run's own recipe with --resume) < flags.
+
+    Without --recipe, `default_recipe` decides: "auto" takes the CPU recipe when the run's device is
+    a CPU and the paper's otherwise (a queued job passes "paper": the worker's device is not known here).
+    """
     import dataclasses
 
-    from boomerang.distill import DistillConfig, read_recipe
+    from boomerang.distill import RECIPES, DistillConfig, read_recipe, resolve_device
     from boomerang.plan import parse_layer_list
 
     names = {f.name for f in dataclasses.fields(DistillConfig)}
@@ -352,9 +358,11 @@ def distill_config_from_args(args):
     if getattr(args, "resume", False):
         if "out" not in given:
             raise BoomerangError("--resume needs --out: the run folder to continue")
-        base = read_recipe(given["out"]).to_dict()
-    else:
-        base = DistillConfig.from_file(args.recipe).to_dict() if getattr(args, "recipe", None) else {}
+        return DistillConfig.from_dict({**read_recipe(given["out"]).to_dict(), **given})
+    recipe = getattr(args, "recipe", None) or default_recipe
+    if recipe == "auto":
+        recipe = "cpu" if resolve_device(given.get("device", "auto")).type == "cpu" else "paper"
+    base = RECIPES[recipe] if recipe in RECIPES else DistillConfig.from_file(recipe).to_dict()
     return DistillConfig.from_dict({**base, **given})
 
 

@@ -29,7 +29,15 @@ from boomerang.losses import cosine_alignment, kl_to_teacher, next_token_cross_e
 from boomerang.models import Teacher, boomerang_home, load_teacher
 from boomerang.plan import LayerPlan, PaperRule
 
-RECIPE, METRICS, CHECKPOINT, STUDENT = "recipe.json", "metrics.jsonl", "checkpoint.pt", "student"
+RECIPE, METRICS, CHECKPOINT, STUDENT, PLAN = "recipe.json", "metrics.jsonl", "checkpoint.pt", "student", "plan.json"
+
+IMPORTANCE_BLOCKS = 8
+"""Training blocks the importance plan is measured on (the first batch of the run's own order)."""
+
+RECIPES: dict[str, dict] = {
+    "paper": {},  # DistillConfig's defaults are the paper's
+    "cpu": {},  # filled below DistillConfig: see docs/distillation.md for the tries behind it
+}
 
 
 @dataclass
@@ -74,6 +82,10 @@ class DistillConfig:
     """Weight of the cosine alignment loss, divided by the number of aligned states; 0 switches it off."""
     mse_weight: float = 0.0
     """Weight of a relative-MSE term on the aligned states (norms as well as directions), divided like cosine; 0: off (paper)."""
+    mix_prob: float = 0.0
+    """Fraction of micro-batches that train a random size of the family (last-k order, 1 to all-but-one blocks
+    patched back with the teacher's frozen blocks) instead of the student alone, so student layers learn to work
+    beside teacher blocks; 0: off (paper)."""
     local_weight: float = 0.0
     """Weight of the blockwise term, divided like cosine: each student layer, run on the teacher's input to its
     block, must give the block's output (relative MSE). It makes every student layer a drop-in for its block,
@@ -94,6 +106,9 @@ class DistillConfig:
     """Plan: trailing teacher layers kept."""
     keep: list[int] | None = None
     """Plan: explicit kept teacher layers (overrides the rule)."""
+    plan: str = "rule"
+    """Plan: rule (keep_first, every, keep_last) | importance (as many layers as the rule keeps, dropping those whose
+    loss costs the teacher least on the first training blocks; never more than `every` in a row)."""
     text_field: str = "text"
     """Field holding the text in .jsonl/.parquet/hub data."""
     heldout_fraction: float = 0.1
@@ -131,10 +146,17 @@ class DistillConfig:
         if self.ce_weight == self.kl_weight == self.cosine_weight == self.mse_weight == self.local_weight == 0:
             raise BoomerangError("every loss weight is 0: switch on at least one of ce_weight, kl_weight, "
                                  "cosine_weight, mse_weight, local_weight")
+        if not 0 <= self.mix_prob <= 1:
+            raise BoomerangError(f"mix_prob is a probability in [0, 1], got {self.mix_prob}")
+        if self.mix_prob and self.fsdp:
+            raise BoomerangError("mix_prob and fsdp cannot be combined yet: a mixed size would run sharded layers "
+                                 "outside their FSDP units; use data parallelism (no --fsdp) or mix_prob 0")
         if not 0 <= self.warmup < 1:
             raise BoomerangError(f"warmup is a fraction of the steps in [0, 1), got {self.warmup}")
         if not 0 < self.heldout_fraction < 1:
             raise BoomerangError(f"heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
+        if self.plan not in ("rule", "importance"):
+            raise BoomerangError(f"plan must be rule or importance, got {self.plan!r}")
         if self.schedule not in ("cosine", "constant"):
             raise BoomerangError(f"schedule must be cosine or constant, got {self.schedule!r}")
         if self.temperature <= 0:
@@ -166,9 +188,22 @@ class DistillConfig:
         return cls.from_dict(data)
 
     def plan_for(self, n_teacher: int) -> LayerPlan:
+        """The plan by the rule or the explicit list (with plan=importance: the rule's, whose size it keeps)."""
         if self.keep:
             return LayerPlan(n_teacher, tuple(self.keep))
         return LayerPlan.from_rule(n_teacher, PaperRule(self.keep_first, self.every, self.keep_last))
+
+    def resolve_plan(self, teacher_model: torch.nn.Module, ids: torch.Tensor) -> LayerPlan:
+        """The run's plan; with plan=importance, measured on the teacher with `ids` (B, T)."""
+        rule_plan = self.plan_for(teacher_model.config.num_hidden_layers)
+        if self.keep or self.plan == "rule":
+            return rule_plan
+        from boomerang.baselines import drop_one_costs
+        from boomerang.plan import importance_plan
+
+        costs = drop_one_costs(teacher_model, ids)
+        return importance_plan(costs, rule_plan.n_student, keep_first=self.keep_first, keep_last=self.keep_last,
+                               max_run=self.every)
 
 
 @dataclass
@@ -218,6 +253,8 @@ class _Run:
     start_step: int = 0
     sharded: bool = False
     """True when the teacher and student are sharded with FSDP over several processes."""
+    family: object = None
+    """The family of teacher and student (for mix_prob: random sizes trained in place of the student)."""
     captured: dict = field(default_factory=dict)
     hooks: list = field(default_factory=list)
     """Hook handles on the teacher and student; removed when the run ends (the teacher may be reused)."""
@@ -314,9 +351,10 @@ def check_world(cfg: DistillConfig) -> None:
 def setup(cfg: DistillConfig, *, resume: bool = False, teacher: Teacher | None = None) -> _Run:
     check_world(cfg)
     device = resolve_device(cfg.device)
-    init_distributed(device)
-    if device.type == "cuda" and _world()[1] > 1:
+    if device.type == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)  # NCCL and FSDP work on the current device
+    init_distributed(device)
     rank, world = _world()
     sharded = cfg.fsdp and world > 1
     out = _prepare_out(cfg, resume) if rank == 0 else Path(cfg.out).expanduser().resolve()
@@ -324,8 +362,11 @@ def setup(cfg: DistillConfig, *, resume: bool = False, teacher: Teacher | None =
     if sharded:  # each process reads the teacher on the host and keeps only its shards on the device
         teacher = load_teacher(cfg.teacher, dtype=cfg.dtype, device="cpu")
     teacher = teacher or load_teacher(cfg.teacher, dtype=cfg.dtype, device=str(device))
-    plan = cfg.plan_for(teacher.n_layers)
     data = load_data(cfg, teacher)
+    if resume and (out / PLAN).is_file():  # the plan the run started with, however it was chosen
+        plan = LayerPlan(teacher.n_layers, tuple(json.loads((out / PLAN).read_text())["kept"]))
+    else:
+        plan = cfg.resolve_plan(teacher.model, data.batch(0, IMPORTANCE_BLOCKS, cfg.seed).to(teacher.model.device))
     from boomerang.student import cut_student
 
     student = cut_student(teacher.model, plan).train().requires_grad_(True)
@@ -338,11 +379,16 @@ def setup(cfg: DistillConfig, *, resume: bool = False, teacher: Teacher | None =
     optimizer = _optimizer(student, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg))
     run = _Run(cfg, out, teacher, student, plan, data, optimizer, scheduler, device, sharded=sharded)
+    if cfg.mix_prob:
+        from boomerang.family import Family
+
+        run.family = Family(teacher.model, student, plan, order="last")
     _attach_capture(run)
     if resume:
         _load_checkpoint(run)
     elif rank == 0:
         (out / RECIPE).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        (out / PLAN).write_text(json.dumps(plan.to_dict()) + "\n")
         (out / METRICS).write_text("")
     _barrier()
     return run
@@ -493,17 +539,34 @@ class LossParts:
     local: float = 0.0
 
 
-def _loss_step(run: _Run, ids: torch.Tensor) -> LossParts:
+def mixed_size(cfg: DistillConfig, plan: LayerPlan, step: int, micro: int) -> set[int]:
+    """The student layers patched back for this micro-batch (empty: the student itself).
+
+    Drawn from the seed and the position alone, so a resumed run and every process draw alike.
+    """
+    rng = random.Random((cfg.seed * 1_000_003 + step) * 1_009 + micro)
+    blocks = plan.patchable
+    if not cfg.mix_prob or len(blocks) < 2 or rng.random() >= cfg.mix_prob:
+        return set()
+    k = rng.randint(1, len(blocks) - 1)
+    return set(blocks[-k:])  # last-k: the paper's default order
+
+
+def _loss_step(run: _Run, ids: torch.Tensor, patched: set[int] = frozenset()) -> LossParts:
     cfg, mask = run.cfg, torch.ones_like(ids)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if run.device.type == "cuda" else _nullcontext()
     with autocast:
-        with torch.no_grad():
-            needs_teacher = cfg.kl_weight or cfg.cosine_weight or cfg.mse_weight or cfg.local_weight
-            teacher_logits = run.teacher.model(ids, use_cache=False).logits if needs_teacher else None
         zero = torch.zeros((), dtype=torch.float32, device=ids.device)
         ce = kl = cos = mse = local = zero
         if cfg.ce_weight or cfg.kl_weight or cfg.cosine_weight or cfg.mse_weight:
-            student_logits = run.student(ids, use_cache=False).logits
+            # a mixed size shares the student's and teacher's modules (and their hooks): it runs before the
+            # teacher, whose own forward then rewrites every teacher state the hooks keep
+            model = run.family.build_patched(patched) if patched else run.student
+            student_logits = model(ids, use_cache=False).logits
+        with torch.no_grad():
+            needs_teacher = cfg.kl_weight or cfg.cosine_weight or cfg.mse_weight or cfg.local_weight
+            teacher_logits = run.teacher.model(ids, use_cache=False).logits if needs_teacher else None
+        if cfg.ce_weight or cfg.kl_weight or cfg.cosine_weight or cfg.mse_weight:
             ce = next_token_cross_entropy(student_logits, ids, mask) if cfg.ce_weight else zero
             kl = kl_to_teacher(student_logits, teacher_logits, mask, cfg.temperature) if cfg.kl_weight else zero
             pairs = sorted(run.captured["student"])
@@ -538,7 +601,7 @@ def _optimizer_step(run: _Run, step: int) -> tuple[LossParts, float]:
         # with several processes, each takes its slice of the same global batch
         batch = run.data.batch(step * cfg.grad_accum + micro, cfg.batch_size * world, cfg.seed)
         ids = batch[rank * cfg.batch_size:(rank + 1) * cfg.batch_size].to(run.device)  # (B, T)
-        p = _loss_step(run, ids)
+        p = _loss_step(run, ids, mixed_size(cfg, run.plan, step, micro))
         (p.total / cfg.grad_accum).backward()
         parts.append(p)
     params = [p for p in run.student.parameters() if p.requires_grad]

@@ -95,6 +95,41 @@ class LayerPlan:
         return {"n_teacher": self.n_teacher, "kept": list(self.kept), "spans": [list(s) for s in self.spans]}
 
 
+def importance_plan(costs: list[float], n_keep: int, *, keep_first: int = 1, keep_last: int = 2,
+                    max_run: int = 2) -> LayerPlan:
+    """Keep `n_keep` of the teacher's layers, dropping those whose loss costs least.
+
+    `costs[i]` is what dropping teacher layer i alone costs (e.g. `baselines.drop_one_costs`).
+    Layers are dropped cheapest first, never one of the first `keep_first` or last `keep_last`, and
+    never so that more than `max_run` consecutive layers go (a student layer then stands for at
+    most `max_run + 1` teacher layers).
+    """
+    n = len(costs)
+    n_drop = n - n_keep
+    if not 0 <= n_drop <= n - keep_first - keep_last:
+        raise BoomerangError(f"cannot keep {n_keep} of {n} layers with the first {keep_first} and last {keep_last} kept")
+    dropped: set[int] = set()
+
+    def run_through(i: int) -> int:
+        left = right = i
+        while left - 1 in dropped:
+            left -= 1
+        while right + 1 in dropped:
+            right += 1
+        return right - left + 1
+
+    for i in sorted(range(keep_first, n - keep_last), key=lambda i: (costs[i], i)):
+        if len(dropped) == n_drop:
+            break
+        dropped.add(i)
+        if run_through(i) > max_run:
+            dropped.remove(i)
+    if len(dropped) < n_drop:
+        raise BoomerangError(f"cannot drop {n_drop} of {n} layers with at most {max_run} in a row; keep more layers "
+                             f"or allow longer runs (a larger --every)")
+    return LayerPlan(n, tuple(i for i in range(n) if i not in dropped))
+
+
 def _validate(kept: tuple[int, ...], n_teacher: int) -> None:
     if n_teacher < 2:
         raise BoomerangError(f"the teacher has {n_teacher} layer(s); a student needs a teacher of at least 2")

@@ -201,3 +201,69 @@ def test_blockwise_training_moves_only_patchable_layers_and_lowers_their_error(t
         moved = not torch.equal(student.model.layers[j].mlp.up_proj.weight, teacher.model.model.layers[a].mlp.up_proj.weight)
         assert moved == (b - a > 1), f"student layer {j} (teacher {a}-{b - 1})"
     assert torch.equal(student.model.embed_tokens.weight, teacher.model.model.embed_tokens.weight)
+
+
+def test_importance_plan_drops_a_layer_the_teacher_does_not_need_and_resumes_with_it(tmp_path):
+    # teacher layer 5 made an identity: dropping it costs nothing, so the importance plan drops it,
+    # which the paper's rule (keep 0, 2, 4, 6, 7 of 8) never does
+    from boomerang.baselines import drop_one_costs
+
+    model = save_tiny_teacher(tmp_path / "teacher", "llama")
+    for name, p in adapter_for(model).layer_list(model)[5].named_parameters():
+        if name.endswith(("o_proj.weight", "down_proj.weight")):
+            p.data.zero_()
+    model.save_pretrained(tmp_path / "teacher")
+    (tmp_path / "corpus.txt").write_text(TEXT)
+    costs = drop_one_costs(model, tokens(2, 12))
+    assert costs[5] == pytest.approx(0, abs=1e-6) and min(c for i, c in enumerate(costs) if i != 5) > 1e-4
+    cfg = config(tmp_path, "imp", plan="importance", steps=2)
+    stops = iter([True])
+    first = distill(cfg, should_stop=lambda: next(stops))
+    kept = json.loads((first.out / "plan.json").read_text())["kept"]
+    assert 5 not in kept and len(kept) == 5 and kept[0] == 0 and kept[-2:] == [6, 7]
+    done = distill(cfg, resume=True)
+    teacher = load_teacher(cfg.teacher)
+    _, manifest = load_student(done.student_dir, teacher)
+    assert list(manifest.plan.kept) == kept
+
+
+def test_mixed_sizes_are_last_k_sizes_drawn_from_the_seed_and_step():
+    from boomerang.distill import mixed_size
+    from boomerang.plan import LayerPlan
+
+    plan = LayerPlan.from_rule(30)  # patchable student layers 0..13
+    cfg = DistillConfig(mix_prob=0.5)
+    draws = [mixed_size(cfg, plan, step, 0) for step in range(400)]
+    assert draws == [mixed_size(cfg, plan, step, 0) for step in range(400)], "not reproducible"
+    mixed = [d for d in draws if d]
+    assert 150 < len(mixed) < 250
+    for d in mixed:
+        k = len(d)
+        assert 1 <= k <= 13 and d == set(range(14 - k, 14)), d
+    assert {len(d) for d in mixed} == set(range(1, 14))
+    assert not any(mixed_size(DistillConfig(), plan, step, 0) for step in range(50))
+
+
+def test_a_mixed_size_step_trains_the_student_through_the_teachers_blocks(teacher_dir):
+    from boomerang.distill import _loss_step
+    from boomerang.family import Family
+    from boomerang.losses import kl_to_teacher
+
+    run = setup(config(teacher_dir, "mix", ce_weight=0, kl_weight=1.0, cosine_weight=2.0, mix_prob=1.0))
+    try:
+        ids = tokens(2, 12)
+        parts = _loss_step(run, ids, {1, 2})  # student layers 1, 2 replaced by teacher layers 2-5
+        with torch.no_grad():
+            mixed = Family(run.teacher.model, run.student, run.plan).build_patched({1, 2})
+            reference = kl_to_teacher(mixed(ids).logits, run.teacher.model(ids).logits, torch.ones_like(ids))
+        assert parts.kl == pytest.approx(float(reference), rel=1e-5)
+        parts.total.backward()
+        layers = run.student.model.layers
+        assert layers[0].mlp.up_proj.weight.grad is not None, "no gradient through the teacher's blocks"
+        assert layers[1].mlp.up_proj.weight.grad is None and layers[2].mlp.up_proj.weight.grad is None
+        assert all(p.grad is None for p in run.teacher.model.parameters())
+    finally:
+        for handle in run.hooks:
+            handle.remove()
+    with pytest.raises(BoomerangError, match="mix_prob and fsdp"):
+        DistillConfig(mix_prob=0.5, fsdp=True)

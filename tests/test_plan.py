@@ -59,3 +59,19 @@ def test_parse_layer_list():
         parse_layer_list("0,x")
     with pytest.raises(BoomerangError, match="cannot read '5-2'"):
         parse_layer_list("5-2")
+
+
+def test_importance_plan_drops_the_cheapest_layers_within_its_limits():
+    from boomerang.plan import importance_plan
+
+    #        0    1    2    3    4    5    6    7    8    9
+    costs = [9.0, 0.1, 0.2, 0.3, 5.0, 0.4, 0.5, 0.6, 0.05, 8.0]
+    # 4 of 10 dropped: 8 is in the last 2, so 1, 2 (a run of 2), then 3 would make a run of 3: skipped; 5, 6
+    plan = importance_plan(costs, 6, keep_first=1, keep_last=2, max_run=2)
+    assert plan.kept == (0, 3, 4, 7, 8, 9)
+    assert plan.spans[0] == (0, 3) and plan.spans[2] == (4, 7)
+    assert importance_plan(costs, 8, max_run=1).kept == tuple(i for i in range(10) if i not in (1, 3))
+    with pytest.raises(BoomerangError, match="at most 1 in a row"):
+        importance_plan(costs, 4, keep_first=1, keep_last=2, max_run=1)
+    with pytest.raises(BoomerangError, match="cannot keep 2 of 10"):
+        importance_plan(costs, 2)

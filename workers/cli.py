@@ -26,7 +26,7 @@ def register(sub, helpers: dict) -> None:
     p = sub.add_parser("submit", help="queue a job: distill | eval | export")
     kinds = p.add_subparsers(title="kind", required=True)
     d = kinds.add_parser("distill", help="queue a distillation (same settings as `boomerang distill`)")
-    d.add_argument("--recipe", default=None)
+    d.add_argument("--recipe", default=None, help="paper (default) | cpu | a JSON file of settings")
     d.add_argument("--queue", default="default")
     helpers["distill_flags"](d)
     d.set_defaults(func=cmd_submit, kind="distill", helpers=helpers)
@@ -92,7 +92,7 @@ def cmd_submit(args) -> int:
     from workers.submit import submit
 
     if args.kind == "distill":
-        settings = args.helpers["distill_config"](args).to_dict()
+        settings = args.helpers["distill_config"](args, default_recipe="paper").to_dict()
     elif args.kind == "eval":
         req = args.helpers["eval_request"](args)
         settings = {**{k: v for k, v in vars(req).items() if k != "settings"}, "settings": vars(req.settings)}
