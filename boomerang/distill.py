@@ -36,7 +36,11 @@ IMPORTANCE_BLOCKS = 8
 
 RECIPES: dict[str, dict] = {
     "paper": {},  # DistillConfig's defaults are the paper's
-    "cpu": {},  # filled below DistillConfig: see docs/distillation.md for the tries behind it
+    # The best of the tries on a 2-core CPU (docs/distillation.md, try 7): pure distillation (KL, no CE), a plan
+    # that keeps the layers the teacher cannot lose, half the batches training a random size of the family,
+    # norms matched as well as directions, the teacher's ends and single-layer blocks left as they are.
+    "cpu": {"plan": "importance", "ce_weight": 0.0, "kl_weight": 1.0, "mse_weight": 1.0, "mix_prob": 0.5,
+            "freeze_embeddings": True, "freeze_head": True, "freeze_single_blocks": True, "warmup": 0.05},
 }
 
 

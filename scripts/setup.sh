@@ -67,8 +67,9 @@ setsid .venv/bin/boomerang worker > "$home/logs/worker.log" 2>&1 &
 pids+=($!)
 
 if [ "$(.venv/bin/boomerang jobs --json | .venv/bin/python -c 'import json,sys; print(len(json.load(sys.stdin)))')" = 0 ]; then
-  echo "==> the main job: a first distillation of the default teacher on text it writes itself"
-  .venv/bin/boomerang submit distill --data teacher --teacher-docs 32 --steps 40 --checkpoint-every 10
+  recipe=cpu; command -v nvidia-smi >/dev/null 2>&1 && recipe=paper   # docs/distillation.md: why two recipes
+  echo "==> the main job: a first distillation of the default teacher on text it writes itself ($recipe recipe)"
+  .venv/bin/boomerang submit distill --recipe "$recipe" --data teacher --teacher-docs 32 --steps 40 --checkpoint-every 10
 fi
 
 echo "==> starting the dashboard"

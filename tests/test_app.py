@@ -61,6 +61,24 @@ def test_preview_shows_the_plan_and_every_size(world):
     assert text.startswith("**Cannot use this plan:**") and "must keep layer 0" in text and rows == []
 
 
+def test_the_recipe_choice_fills_the_form_and_goes_with_the_job(world):
+    from boomerang.distill import RECIPES, DistillConfig
+
+    s, tmp = world["services"], world["tmp"]
+    assert h.recipe_fields("paper") == [1.0, 0.1, 2.0, False, False, 0.0, 1, 2, 2]
+    cpu = DistillConfig.from_dict(RECIPES["cpu"])
+    assert h.recipe_fields("cpu") == [getattr(cpu, f) for f in h.RECIPE_FIELDS]
+    msg = h.launch_job(s, str(tmp / "teacher"), *h.recipe_fields("cpu")[-3:], "", str(tmp / "corpus.txt"), 8, 2, 16,
+                       1e-3, *h.recipe_fields("cpu")[:6], 1, False, "cpu")
+    job_id = int(msg.split("Job ")[1].split(" ")[0])
+    with Session(s.engine) as ses:
+        job = crud.get_job(session=ses, job_id=job_id)
+        crud.request_cancel(session=ses, job_id=job_id)
+    for key, value in RECIPES["cpu"].items():
+        if key not in ("steps", "batch_size", "seq_len", "lr"):
+            assert job.settings[key] == value, key
+
+
 def test_launch_flags_bad_input_with_the_library_message(world):
     s, tmp = world["services"], world["tmp"]
     with Session(s.engine) as ses:

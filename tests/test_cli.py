@@ -87,3 +87,23 @@ def test_heldout_lists_every_size(teacher_dir, tmp_path, capsys):
     data = json.loads(capsys.readouterr().out)
     assert [s["n_layers"] for s in data["sizes"]] == [5, 6, 7, 8] and data["tokens"] == 64
     assert data["sizes"][-1]["kl_to_teacher"] == pytest.approx(0, abs=1e-6)
+
+
+def test_recipes_cpu_by_default_on_a_cpu_paper_when_asked_flags_on_top(tmp_path):
+    from boomerang.cli import build_parser, distill_config_from_args
+    from boomerang.distill import RECIPES, DistillConfig
+
+    parser = build_parser()
+
+    def cfg(*argv, **kw):
+        return distill_config_from_args(parser.parse_args(["distill", "--out", str(tmp_path / "r"), *argv]), **kw)
+
+    paper, cpu = DistillConfig(), DistillConfig.from_dict(RECIPES["cpu"])
+    assert RECIPES["cpu"] and cpu != paper
+    assert cfg("--device", "cpu") == DistillConfig.from_dict({**RECIPES["cpu"], "out": str(tmp_path / "r"),
+                                                             "device": "cpu"})
+    assert cfg("--device", "cpu", "--recipe", "paper").kl_weight == paper.kl_weight
+    assert cfg("--device", "cpu", default_recipe="paper").ce_weight == paper.ce_weight  # what `submit` does
+    assert cfg("--device", "cpu", "--kl-weight", "0.5").kl_weight == 0.5  # a flag beats the recipe
+    (tmp_path / "mine.json").write_text(json.dumps({"steps": 7}))
+    assert cfg("--recipe", str(tmp_path / "mine.json")).steps == 7

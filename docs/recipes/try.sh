@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # One recipe try: distill the default teacher on TinyShakespeare (the first 90% of its tokens), then
 # measure every size of the family (last-k order) on 4,096 held-out tokens (the last 10%) and on
-# 4,096 tokens of another domain (TinyStories valid). Usage: docs/recipes/try.sh NAME [distill flags...]
+# 4,096 tokens of another domain (TinyStories valid). The flags change the paper's recipe.
+# Usage: docs/recipes/try.sh NAME [distill flags...]      (SKIP_OTHER=1: the training domain only)
 set -euo pipefail
 name=$1; shift
 data=${DATA:-../shared/data/lm/tinyshakespeare_input.txt}
 other=${OTHER:-../shared/data/lm/tinystories_valid_sample.txt}
 out=${TRIES:-/tmp/tries}/$name
 start=$(date +%s)
-.venv/bin/boomerang distill --data "$data" --out "$out" --steps 150 --batch-size 8 --seq-len 128 \
+.venv/bin/boomerang distill --recipe paper --data "$data" --out "$out" --steps 150 --batch-size 8 --seq-len 128 \
   --checkpoint-every 50 "$@" 2>&1 | tr '\r' '\n' | grep -v '^distill: ' || true
 echo "wall time: $(( $(date +%s) - start )) s"
 echo "== $name: held-out (same domain)"
