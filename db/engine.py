@@ -8,6 +8,7 @@ timeout, so a worker and the dashboard can write at once. PostgreSQL when DATABA
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 from sqlalchemy import event
@@ -59,10 +60,46 @@ def alembic_config(engine: Engine):
 
 
 def upgrade(engine: Engine, revision: str = "head") -> None:
-    """Apply migrations up to `revision` (idempotent)."""
+    """Apply migrations up to `revision` (idempotent), one process at a time.
+
+    A worker, the dashboard and a CLI command started together on a fresh database would otherwise
+    all try to create the same tables: a file lock beside a SQLite file, an advisory lock on PostgreSQL.
+    """
     from alembic import command
 
-    command.upgrade(alembic_config(engine), revision)
+    with _migration_lock(engine):
+        command.upgrade(alembic_config(engine), revision)
+
+
+_PG_MIGRATION_LOCK = 0x626F6F6D  # "boom": the advisory lock key for migrations
+
+
+@contextmanager
+def _migration_lock(engine: Engine):
+    from sqlalchemy import text
+
+    if engine.dialect.name == "sqlite":
+        database = engine.url.database
+        if not database or database == ":memory:":
+            yield
+            return
+        import fcntl
+
+        with open(f"{database}.migrate.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+    elif engine.dialect.name == "postgresql":
+        with engine.connect() as conn:
+            conn.execute(text("SELECT pg_advisory_lock(:key)"), {"key": _PG_MIGRATION_LOCK})
+            try:
+                yield
+            finally:
+                conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": _PG_MIGRATION_LOCK})
+    else:
+        yield
 
 
 def current_revision(engine: Engine) -> str | None:

@@ -128,3 +128,17 @@ def test_database_url_forms(monkeypatch, tmp_path):
     monkeypatch.delenv("DATABASE_URL", raising=False)
     monkeypatch.setenv("BOOMERANG_HOME", str(tmp_path))
     assert database_url() == f"sqlite:///{tmp_path / 'boomerang.db'}"
+
+
+def test_processes_starting_together_on_a_fresh_sqlite_file_all_migrate(tmp_path):
+    # the quick start starts a worker and asks for the job list at once: both migrate a new file
+    import subprocess
+    import sys
+
+    url = f"sqlite:///{tmp_path / 'fresh.db'}"
+    code = f"from db.engine import make_engine, current_revision; print(current_revision(make_engine({url!r})))"
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(4)]
+    results = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-800:] for _, err in results]
+    assert len({out.strip() for out, _ in results}) == 1

@@ -41,7 +41,8 @@ def single(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("mp")
     save_tiny_teacher(tmp / "teacher", "llama")
     (tmp / "text.txt").write_text(TEXT)
-    common = ["--teacher", str(tmp / "teacher"), "--data", str(tmp / "text.txt"), "--steps", "5", "--seq-len", "16",
+    common = ["--recipe", "paper", "--teacher", str(tmp / "teacher"), "--data", str(tmp / "text.txt"), "--steps", "5",
+              "--seq-len", "16",
               "--lr", "1e-3", "--warmup", "0.2", "--device", "cpu", "--local-weight", "1.0", "--checkpoint-every", "2"]
     cli("distill", *common, "--batch-size", "4", "--out", str(tmp / "one"))
     return tmp, common
