@@ -40,8 +40,10 @@ def test_first_readme_command_from_a_clean_clone_serves_the_dashboard(tmp_path):
     if teacher_cache.is_dir():  # the conversion itself is tested elsewhere; spare the 30 s here
         shutil.copytree(teacher_cache, tmp_path / "home" / "teachers")
     log = open(tmp_path / "setup.log", "w")
+    # a terminal's Ctrl-C must work even where this test runs with SIGINT ignored (a background CI job:
+    # bash cannot trap a signal ignored when it starts)
     proc = subprocess.Popen(command.split(), cwd=clone, env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.time() + 900
         while time.time() < deadline:
