@@ -10,7 +10,7 @@ import sys
 import torch
 
 from boomerang import data as d
-from boomerang.arch import adapter_for
+from boomerang.baselines import dropped_teacher
 from boomerang.losses import kl_to_teacher, next_token_cross_entropy
 from boomerang.models import load_teacher
 
@@ -20,22 +20,14 @@ def main(path: str = "../shared/data/lm/tinyshakespeare_input.txt", tokens: int 
     held = d.heldout_blocks(path, teacher.tokenizer, tokens, seq_len=128, fraction=0.1)
     mask = torch.ones_like(held)
     model = teacher.model
-    layers = adapter_for(model).layer_list(model)
-    full = list(layers)
     with torch.no_grad():
         reference = model(held, use_cache=False).logits
         print(f"teacher: perplexity {next_token_cross_entropy(reference, held, mask).exp():.1f} on {held.numel()} tokens")
-        for i in range(len(full)):
-            layers._modules.clear()
-            for layer in full[:i] + full[i + 1:]:
-                layers.append(layer)
-            logits = model(held, use_cache=False).logits
+        for i in range(teacher.n_layers):
+            logits = dropped_teacher(model, [i])(held, use_cache=False).logits
             kl = kl_to_teacher(logits, reference, mask)
             ppl = next_token_cross_entropy(logits, held, mask).exp()
             print(f"without layer {i:2d}: KL {kl:7.3f}  perplexity {ppl:10.1f}", flush=True)
-    layers._modules.clear()
-    for layer in full:
-        layers.append(layer)
 
 
 if __name__ == "__main__":
