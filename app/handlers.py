@@ -16,7 +16,7 @@ from sqlmodel import Session
 
 from boomerang.errors import BoomerangError
 from db import crud
-from db.models import FINISHED, JobStatus
+from db.models import JobStatus
 
 # ----------------------------------------------------------------------------- launch
 
@@ -38,9 +38,9 @@ def _plan_settings(keep_first, every, keep_last, keep) -> dict:
 
 def preview_plan(services, teacher: str, keep_first, every, keep_last, keep) -> tuple[str, list[list]]:
     """What the student keeps and every size the family will have; an error message otherwise."""
-    from boomerang.distill import DistillConfig
     from boomerang.family import Family
     from boomerang.student import cut_student
+    from boomerang.training.recipe import DistillConfig
 
     try:
         cfg = DistillConfig(teacher=teacher or "default", **_plan_settings(keep_first, every, keep_last, keep))
@@ -59,34 +59,81 @@ def preview_plan(services, teacher: str, keep_first, every, keep_last, keep) -> 
     return text, rows
 
 
-RECIPE_FIELDS = ("ce_weight", "kl_weight", "cosine_weight", "freeze_embeddings", "freeze_head", "local_weight",
-                 "keep_first", "every", "keep_last")
+LAUNCH_FIELDS = ("teacher", "keep_first", "every", "keep_last", "keep", "plan", "data", "steps", "batch_size", "seq_len",
+                 "lr", "warmup", "ce_weight", "kl_weight", "cosine_weight", "mse_weight", "local_weight", "mix_prob",
+                 "freeze_embeddings", "freeze_head", "freeze_single_blocks", "processes", "fsdp")
+"""The DistillConfig fields the launch form shows (the form is built from their types, defaults and docs)."""
 
 
-def recipe_fields(recipe: str) -> list:
-    """The launch form's values for a named recipe (the rest of the recipe goes with the job as it is)."""
-    from boomerang.distill import RECIPES, DistillConfig
+def form_values(recipe: str) -> dict:
+    """The launch form's values for a named recipe: every field it shows, as the recipe sets it."""
+    from boomerang.training.recipe import DistillConfig, named_recipe
 
-    cfg = DistillConfig.from_dict(RECIPES[recipe])
-    return [getattr(cfg, name) for name in RECIPE_FIELDS]
+    cfg = DistillConfig.from_dict(named_recipe(recipe))
+    values = {name: getattr(cfg, name) for name in LAUNCH_FIELDS}
+    values["keep"] = ",".join(map(str, cfg.keep)) if cfg.keep else ""
+    return values
 
 
-def launch_job(services, teacher, keep_first, every, keep_last, keep, data, steps, batch_size, seq_len, lr,
-               ce_weight, kl_weight, cosine_weight, freeze_embeddings, freeze_head, local_weight=0.0, processes=1,
-               fsdp=False, recipe="paper") -> str:
-    """Queue a distillation job; the message says which job, or what to fix."""
-    from boomerang.distill import RECIPES
+def recipe_summary(recipe: str) -> str:
+    """What the chosen recipe is, in one paragraph, with its values (not the paper's when it is another)."""
+    from boomerang.training.recipe import DistillConfig, named_recipe
+
+    cfg = DistillConfig.from_dict(named_recipe(recipe))
+    terms = ", ".join(f"{name.removesuffix('_weight')} {getattr(cfg, name):g}" for name in cfg.loss_weights()
+                      if getattr(cfg, name))
+    head = {"paper": "Paper defaults (Kangaslahti et al., 2026)",
+            "cpu": "The CPU recipe (docs/distillation.md, try 7)"}.get(recipe, f"Recipe {recipe}")
+    frozen = [name.removeprefix("freeze_") for name in ("freeze_embeddings", "freeze_head", "freeze_single_blocks")
+              if getattr(cfg, name)]
+    return (f"**Settings** — {head}: AdamW lr {cfg.lr:g}, betas ({cfg.beta1:g}, {cfg.beta2:g}), wd {cfg.weight_decay:g}, "
+            f"warm-up {cfg.warmup:.0%}, {cfg.schedule} schedule; loss terms {terms}; plan {cfg.plan}"
+            + (f"; mixed sizes {cfg.mix_prob:.0%} of batches" if cfg.mix_prob else "")
+            + (f"; frozen: {', '.join(frozen)}" if frozen else "") + ".")
+
+
+def _form_settings(form: dict) -> dict:
+    """Form values as DistillConfig settings: numbers typed by their fields, the keep list parsed, blanks dropped."""
+    import dataclasses
+    import typing
+
+    from boomerang.plan import parse_layer_list
+    from boomerang.training.recipe import DistillConfig
+
+    hints = typing.get_type_hints(DistillConfig)
+    names = {f.name for f in dataclasses.fields(DistillConfig)}
+    out = {}
+    for name, value in form.items():
+        if name not in names or value is None or (isinstance(value, str) and not value.strip()):
+            continue
+        kind = hints[name]
+        if name == "keep":
+            value = parse_layer_list(str(value))
+        elif kind is int:
+            value = int(value)
+        elif kind is float:
+            value = float(value)
+        elif kind is bool:
+            value = bool(value)
+        elif isinstance(value, str):
+            value = value.strip()
+        out[name] = value
+    return out
+
+
+def launch_job(services, form: dict) -> str:
+    """Queue a distillation from the launch form: `form` holds "recipe" and any DistillConfig fields by name.
+
+    The recipe's settings come first, the form's values over them; the message says which job, or what to fix.
+    """
+    from boomerang.training.recipe import named_recipe
     from workers.submit import submit
 
     try:
-        settings = {**RECIPES[recipe or "paper"], "teacher": teacher or "default", "data": (data or "").strip() or "teacher", "steps": int(steps),
-                    "batch_size": int(batch_size), "seq_len": int(seq_len), "lr": float(lr),
-                    "ce_weight": float(ce_weight), "kl_weight": float(kl_weight), "cosine_weight": float(cosine_weight),
-                    "freeze_embeddings": bool(freeze_embeddings), "freeze_head": bool(freeze_head),
-                    "local_weight": float(local_weight or 0), "processes": 1 if processes is None else int(processes), "fsdp": bool(fsdp),
-                    **_plan_settings(keep_first, every, keep_last, keep)}
+        settings = {**named_recipe(form.get("recipe") or "paper"), **_form_settings(form)}
+        settings.setdefault("teacher", "default")
         job = submit(engine=services.engine, app=services.celery, kind="distill", settings=settings, queue=services.queue)
-    except (BoomerangError, ValueError) as exc:
+    except (BoomerangError, ValueError, TypeError) as exc:
         return f"**Not launched:** {exc}"
     return f"**Job {job.id} queued.** Follow it on the Jobs tab."
 
@@ -97,7 +144,7 @@ JOB_COLUMNS = ["id", "kind", "status", "progress", "tokens/s", "ETA", "loss", "w
 
 
 def _eta(seconds) -> str:
-    from workers.cli import format_eta
+    from boomerang.progress import format_eta
 
     return format_eta(seconds, missing="")
 
@@ -131,7 +178,7 @@ def job_detail(services, job_id) -> tuple[str, list[dict], str]:
               f"<div style='background:#eee;border-radius:4px;height:14px;margin:6px 0'>"
               f"<div style='width:{frac * 100:.1f}%;background:{color};height:14px;border-radius:4px'></div></div>{extra}")
     curves = [{"step": m.step, "loss": value, "term": term} for m in steps
-              for term, value in (("ce", m.ce), ("kl", m.kl), ("cosine", m.cosine), ("total", m.loss))]
+              for term, value in (("total", m.loss), *m.terms.items())]
     return status, curves, job.log
 
 
@@ -142,7 +189,7 @@ def loss_figure(curves: list[dict]):
     import plotly.graph_objects as go
 
     fig = go.Figure()
-    for term in ("total", "ce", "kl", "cosine"):
+    for term in dict.fromkeys(c["term"] for c in curves):  # total first, then every term the recipe has
         pts = [c for c in curves if c["term"] == term]
         fig.add_trace(go.Scatter(x=[c["step"] for c in pts], y=[c["loss"] for c in pts], name=term, mode="lines"))
     fig.update_layout(height=280, margin={"l": 40, "r": 10, "t": 30, "b": 30}, template="plotly_white",
@@ -219,7 +266,7 @@ def task_metric_choices(services, student_id) -> tuple[list[str], list[str]]:
 
 def best_within_budget(rows: list[dict], task: str, metric: str, budget_kind: str, budget) -> dict | None:
     """The best-scoring model that fits: parameters, memory (MB of weights) or latency (prefill ms)."""
-    from boomerang.chart import LOWER_IS_BETTER, points
+    from boomerang.evaluation.chart import LOWER_IS_BETTER, points
 
     if not budget:
         return None
@@ -238,7 +285,7 @@ def best_within_budget(rows: list[dict], task: str, metric: str, budget_kind: st
 
 def compare(services, student_id, task, metric, log_x, budget_kind, budget):
     """(plotly figure, table rows, CSV path, budget message) for one family, task and metric."""
-    from boomerang import chart
+    from boomerang.evaluation import chart
 
     rows = result_rows(services, student_id)
     if not rows or not task or not metric:
@@ -309,7 +356,7 @@ def _messages(history: list[dict], system: str, user: str) -> list[dict]:
 def chat_turn(services, student_id, n_layers, message: str, left: list, right: list, system: str,
               temperature, top_p, max_new_tokens, stop: threading.Event):
     """Stream one turn to a size (left) and the teacher (right) at once; yields (left, right, left stats, right stats)."""
-    from app.chat import Sampling, stream_pair
+    from boomerang.generation import Sampling, stream_pair
 
     folder = _student_folder(services, student_id)
     if folder is None or not message or not message.strip():
@@ -342,7 +389,3 @@ def export_chosen(services, student_id, n_layers) -> str:
     except BoomerangError as exc:
         return f"**Not exported:** {exc}"
     return f"Exported the {int(n_layers)}-layer size to `{path}` (loads with plain transformers)."
-
-
-def is_finished(status: str) -> bool:
-    return status in {s.value for s in FINISHED}

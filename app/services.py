@@ -27,15 +27,15 @@ class ModelCache:
 
     def family(self, student_folder: str, order: str = "last"):
         """(teacher, family) for a student folder."""
-        from boomerang.student import load_family, read_manifest
+        from boomerang.student import open_family
 
-        key = (str(Path(student_folder).resolve()), order)
-        manifest = read_manifest(student_folder)
-        teacher = self.teacher(manifest.teacher_source)
-        with self._lock:
-            if key not in self._families:
-                self._families[key] = load_family(student_folder, teacher, order)[0]
-            return teacher, self._families[key]
+        key = (str(Path(student_folder).expanduser().resolve()), order)
+        if key not in self._families:
+            opened = open_family(student_folder, order=order, load=self.teacher)
+            with self._lock:
+                self._families.setdefault(key, opened)
+        opened = self._families[key]
+        return opened.teacher, opened.family
 
 
 @dataclass

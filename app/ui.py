@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 from functools import partial
 
@@ -9,7 +10,6 @@ import gradio as gr
 
 from app import handlers as h
 
-PAPER = "Paper defaults (Kangaslahti et al., 2026)"
 CSS = ".job-error{color:#d62728;font-weight:600} .stats{font-size:0.85em;color:#555}"
 
 
@@ -45,52 +45,82 @@ def _refresh_on_open(services, tab, dropdown, show) -> None:
     tab.select(open_tab, [dropdown, *inputs[1:]], [dropdown, *outputs])
 
 
+LABELS = {"keep_first": "Keep first", "every": "Every", "keep_last": "Keep last", "keep": "Or keep exactly these teacher layers",
+          "plan": "Plan", "data": "Training data", "steps": "Steps", "batch_size": "Batch size",
+          "seq_len": "Sequence length", "lr": "Learning rate", "warmup": "Warm-up", "ce_weight": "CE weight",
+          "kl_weight": "KL weight", "cosine_weight": "Cosine weight", "mse_weight": "Norm (MSE) weight",
+          "local_weight": "Blockwise weight", "mix_prob": "Mixed sizes", "freeze_embeddings": "Freeze embeddings",
+          "freeze_head": "Freeze head", "freeze_single_blocks": "Freeze single-layer blocks", "processes": "Processes",
+          "fsdp": "FSDP"}
+ROWS = (("keep_first", "every", "keep_last"), ("keep", "plan"), ("data",), ("steps", "batch_size", "seq_len"),
+        ("lr", "warmup", "mix_prob"), ("ce_weight", "kl_weight", "cosine_weight", "mse_weight", "local_weight"),
+        ("freeze_embeddings", "freeze_head", "freeze_single_blocks"), ("processes", "fsdp"))
+"""The launch form's layout: rows of DistillConfig fields (every name in handlers.LAUNCH_FIELDS but the teacher)."""
+
+
+def _field(name: str, value, kind, doc: str):
+    """One launch-form component for a DistillConfig field, from its type, value and docstring."""
+    info = re.split(r"(?<!e\.g)\. ", doc)[0].rstrip(".")  # the docstring's first sentence
+    common = {"label": LABELS.get(name, name), "info": info, "elem_id": name.replace("_", "-")}
+    if kind is bool:
+        return gr.Checkbox(value, **common)
+    if kind is int:
+        return gr.Number(value, precision=0, **common)
+    if kind is float:
+        return gr.Number(value, **common)
+    if name == "plan":
+        return gr.Radio(["rule", "importance"], value=value, **common)
+    return gr.Textbox(value, **common)
+
+
 def _launch_tab(services) -> None:
+    import typing
+
+    from boomerang.settings import field_docs
+    from boomerang.training.recipe import DistillConfig, recipe_names
+
+    docs, hints = field_docs(DistillConfig), typing.get_type_hints(DistillConfig)
+    values = h.form_values("paper")
+    fields = {}
     with gr.Row():
         with gr.Column(scale=3):
-            teacher = gr.Dropdown(h.teacher_choices(services), value="default", allow_custom_value=True,
-                                  label="Teacher", elem_id="teacher", info="the embedded SmolLM2-135M-Instruct, a hub id, a local folder "
-                                                        "or a .gguf file")
-            with gr.Row():
-                keep_first = gr.Number(1, precision=0, label="Keep first", info="leading layers kept")
-                every = gr.Number(2, precision=0, label="Every", info="then one layer in every")
-                keep_last = gr.Number(2, precision=0, label="Keep last", info="trailing layers kept")
-            keep = gr.Textbox(label="Or keep exactly these teacher layers", placeholder="e.g. 0,2,4-10,29")
+            fields["teacher"] = gr.Dropdown(h.teacher_choices(services), value="default", allow_custom_value=True,
+                                            label="Teacher", elem_id="teacher",
+                                            info="the embedded SmolLM2-135M-Instruct, a hub id, a local folder or a .gguf file")
+            for row in ROWS[:2]:
+                with gr.Row():
+                    for name in row:
+                        fields[name] = _field(name, values[name], hints[name], docs[name])
             preview_btn = gr.Button("Preview the family", elem_id="preview-btn")
             preview_md = gr.Markdown(elem_id="plan-preview")
             preview_table = gr.Dataframe(headers=["layers", "params", "without embeddings", "size"], interactive=False)
         with gr.Column(scale=2):
-            data = gr.Textbox(value="teacher", label="Training data", elem_id="data",
-                              info="a .txt/.jsonl/.parquet file or folder, hub:NAME, or 'teacher' (text the teacher writes)")
-            gr.Markdown(f"**Settings** — {PAPER}: AdamW lr 3e-4, KL 0.1, cosine 2.0, warm-up 1 %, cosine schedule.")
-            recipe = gr.Radio(["paper", "cpu"], value="paper", label="Recipe", elem_id="recipe",
+            recipe = gr.Radio(list(recipe_names()), value="paper", label="Recipe", elem_id="recipe",
                               info="paper: the paper's settings; cpu: the best found for a CPU's budget "
-                                   "(docs/distillation.md); the fields below follow it")
-            with gr.Row():
-                steps = gr.Number(300, precision=0, label="Steps", elem_id="steps")
-                batch = gr.Number(8, precision=0, label="Batch size", elem_id="batch")
-                seq_len = gr.Number(128, precision=0, label="Sequence length", elem_id="seq-len")
-            with gr.Row():
-                lr = gr.Number(3e-4, label="Learning rate")
-                ce = gr.Number(1.0, label="CE weight", info="next-token loss on the data")
-                kl = gr.Number(0.1, label="KL weight", info="match the teacher's logits")
-                cos = gr.Number(2.0, label="Cosine weight", info="align each layer with its teacher block")
-                local = gr.Number(0.0, label="Blockwise weight", elem_id="local-weight",
-                                  info="each layer, fed its block's teacher input, matches the block's output")
-            with gr.Row():
-                freeze_emb = gr.Checkbox(False, label="Freeze embeddings")
-                freeze_head = gr.Checkbox(False, label="Freeze head")
-                processes = gr.Number(1, precision=0, label="Processes", info="one per GPU of the worker's machine")
-                fsdp = gr.Checkbox(False, label="FSDP", info="shard teacher and student over the processes")
+                                   "(docs/distillation.md); every field below follows it")
+            summary = gr.Markdown(h.recipe_summary("paper"), elem_id="recipe-summary")
+            for row in ROWS[2:]:
+                with gr.Row():
+                    for name in row:
+                        fields[name] = _field(name, values[name], hints[name], docs[name])
             launch_btn = gr.Button("Launch distillation", variant="primary", elem_id="launch-btn")
             launch_md = gr.Markdown(elem_id="launch-result")
-    plan_inputs = [teacher, keep_first, every, keep_last, keep]
+    names = list(h.LAUNCH_FIELDS)
+    assert set(names) == set(fields), "ROWS and LAUNCH_FIELDS must name the same fields"
+    components = [fields[n] for n in names]
+    plan_inputs = [fields[n] for n in ("teacher", "keep_first", "every", "keep_last", "keep")]
     preview_btn.click(partial(h.preview_plan, services), plan_inputs, [preview_md, preview_table], api_name="preview")
-    recipe.change(h.recipe_fields, recipe, [ce, kl, cos, freeze_emb, freeze_head, local, keep_first, every, keep_last])
-    launch_btn.click(partial(h.launch_job, services),
-                     [*plan_inputs, data, steps, batch, seq_len, lr, ce, kl, cos, freeze_emb, freeze_head, local,
-                      processes, fsdp, recipe], launch_md,
-                     api_name="launch")
+
+    def pick_recipe(name):
+        chosen = h.form_values(name)
+        return h.recipe_summary(name), *[chosen[n] for n in names if n != "teacher"]
+
+    recipe.change(pick_recipe, recipe, [summary, *[fields[n] for n in names if n != "teacher"]])
+
+    def launch(recipe_name, *form):
+        return h.launch_job(services, {"recipe": recipe_name, **dict(zip(names, form))})
+
+    launch_btn.click(launch, [recipe, *components], launch_md, api_name="launch")
 
 
 def _jobs_tab(services) -> None:

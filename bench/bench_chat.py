@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from app.chat import Sampling, prompt_ids, stream_pair
+from boomerang.generation import Sampling, prompt_ids, stream_pair
 from boomerang.family import Family
 from boomerang.models import load_teacher
 from boomerang.plan import LayerPlan

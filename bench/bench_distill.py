@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from boomerang.distill import DistillConfig, _optimizer, _optimizer_step, setup
+from boomerang.training.loop import make_optimizer, optimizer_step, setup
+from boomerang.training.recipe import DistillConfig
 
 
 def reference_step(teacher, student, optimizer, ids, plan, cfg) -> float:
@@ -67,7 +68,7 @@ def main() -> None:
                             heldout_fraction=0.01, warmup=0.0, schedule="constant")
         run = setup(cfg)
         ref_student = copy.deepcopy(run.student)
-        ref_opt = _optimizer(ref_student, cfg)
+        ref_opt = make_optimizer(ref_student, cfg)
         device = run.device
         print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), "
               f"torch threads {torch.get_num_threads()}, batch {args.batch_size} x {args.seq_len} tokens")
@@ -76,7 +77,7 @@ def main() -> None:
         for step in range(args.steps + 1):  # the first step of each is a warm-up
             ids = run.data.batch(step, cfg.batch_size, cfg.seed).to(device)
             sync(); t0 = time.perf_counter()
-            _optimizer_step(run, step)
+            optimizer_step(run, step)
             sync(); t1 = time.perf_counter()
             autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
             with autocast:

@@ -11,10 +11,48 @@ import json
 import os
 import sys
 import time
-from importlib import resources
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from boomerang.errors import BoomerangError
+
+
+@dataclass(frozen=True)
+class RequestCommand:
+    """How a command line builds one kind of job request: its flags and the request from parsed flags.
+
+    `boomerang submit KIND` (the jobs layer) is made from this table; the direct commands share the flags.
+    """
+
+    help: str
+    add_flags: Callable[[argparse.ArgumentParser], None]
+    from_args: Callable[[argparse.Namespace], object]
+
+
+def _submit_distill_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--recipe", default=None, help="paper (default) | cpu | a JSON file of settings")
+    _add_config_flags(p)
+
+
+def _submit_eval_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("student")
+    _add_teacher(p), _add_order(p), _add_eval_flags(p)
+
+
+def _submit_export_flags(p: argparse.ArgumentParser) -> None:
+    _add_export_flags(p)
+    p.add_argument("--order", default="last", help="patch order named in the manifest: last | first | greedy")
+
+
+REQUEST_COMMANDS = {
+    "distill": RequestCommand("queue a distillation (same settings as `boomerang distill`)", _submit_distill_flags,
+                              lambda args: distill_config_from_args(args, default_recipe="paper")),
+    "eval": RequestCommand("queue an evaluation (same settings as `boomerang eval`)", _submit_eval_flags,
+                           lambda args: eval_request_from_args(args)),
+    "export": RequestCommand("queue an export of one size", _submit_export_flags,
+                             lambda args: export_request_from_args(args)),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,11 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_cut)
 
     p = sub.add_parser("export", help="one size as a standalone Hugging Face model folder")
-    _add_teacher(p), _add_order(p)
-    p.add_argument("--student", required=True)
-    p.add_argument("--layers", type=int, required=True, help="the size, by its number of layers")
-    p.add_argument("--out", required=True)
-    p.add_argument("--overwrite", action="store_true")
+    _add_teacher(p), _add_order(p), _add_export_flags(p)
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("generate", help="one prompt through any size, streamed")
@@ -148,9 +182,7 @@ def _add_plugin_commands(sub) -> None:
 
     for ep in sorted(entry_points(group="boomerang.commands"), key=lambda e: e.name):
         try:
-            ep.load()(sub, {"distill_flags": _add_config_flags, "eval_flags": _add_eval_flags,
-                            "teacher_flags": _add_teacher, "order_flags": _add_order,
-                            "distill_config": distill_config_from_args, "eval_request": eval_request_from_args})
+            ep.load()(sub, {"requests": REQUEST_COMMANDS})
         except ImportError as exc:  # a layer whose dependencies are missing: the library still works
             print(f"warning: commands from {ep.value} unavailable ({exc})", file=sys.stderr)
 
@@ -159,9 +191,10 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
     """One flag per DistillConfig field, help from its docstring; unset flags leave the recipe's value."""
     import dataclasses
 
-    from boomerang.distill import DistillConfig
+    from boomerang.settings import field_docs
+    from boomerang.training.recipe import DistillConfig
 
-    docs = _field_docs(DistillConfig)
+    docs = field_docs(DistillConfig)
     g = p.add_argument_group("settings (defaults: the paper's; a recipe file sets them too)")
     for f in dataclasses.fields(DistillConfig):
         flag = "--" + f.name.replace("_", "-")
@@ -193,19 +226,6 @@ def _add_eval_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chart-metric", default="acc", help="metric for the chart (default acc)")
 
 
-def _field_docs(cls) -> dict[str, str]:
-    """The one-line docstrings under dataclass fields."""
-    import ast
-    import inspect
-
-    tree = ast.parse(inspect.getsource(cls))
-    body, docs = tree.body[0].body, {}
-    for node, nxt in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
-            docs[node.target.id] = str(nxt.value.value).strip()
-    return docs
-
-
 # ----------------------------------------------------------------------------- loading helpers
 
 
@@ -227,35 +247,23 @@ def _load_teacher(args, default_source: str = "default"):
 def _load_family(args):
     """(teacher, family, student label) from --teacher/--student and plan/order flags."""
     from boomerang.family import Family
-    from boomerang.student import cut_student, load_student, read_manifest
+    from boomerang.student import cut_student, greedy_order, open_family
 
     if args.student:
-        manifest = read_manifest(args.student)
-        teacher = _load_teacher(args, manifest.teacher_source)
-        student, manifest = load_student(args.student, teacher)
-        plan, label = manifest.plan, str(Path(args.student).expanduser().resolve())
-    else:
-        teacher = _load_teacher(args)
-        plan = _plan_from_args(args, teacher.n_layers)
-        student, label = cut_student(teacher.model, plan, share=True), "(freshly cut, undistilled)"
-    order = _resolve_order_arg(args, teacher, student, plan)
-    return teacher, Family(teacher.model, student, plan, order=order), label
-
-
-def _resolve_order_arg(args, teacher, student, plan):
-    from boomerang.family import greedy_patch_order
-    from boomerang.plan import parse_layer_list
-
+        opened = open_family(args.student, teacher=args.teacher, order=args.order, calibration=args.calibration,
+                             load=lambda source: _load_teacher(args, source))
+        return opened.teacher, opened.family, str(opened.folder)
+    teacher = _load_teacher(args)
+    plan = _plan_from_args(args, teacher.n_layers)
+    student = cut_student(teacher.model, plan, share=True)
     order = args.order
-    if order in ("last", "first"):
-        return order
     if order == "greedy":
-        text = (Path(args.calibration).read_text() if args.calibration
-                else resources.files("boomerang.resources").joinpath("calibration.txt").read_text())
-        ids = teacher.tokenizer(text, return_tensors="pt").input_ids[:, :256].to(teacher.model.device)
-        print(f"computing the greedy order on {ids.shape[1]} calibration tokens...", file=sys.stderr)
-        return greedy_patch_order(teacher.model, student, plan, ids)
-    return parse_layer_list(order)
+        order = greedy_order(teacher, student, plan, args.calibration)
+    elif order[:1].isdigit():
+        from boomerang.plan import parse_layer_list
+
+        order = parse_layer_list(order)
+    return teacher, Family(teacher.model, student, plan, order=order), "(freshly cut, undistilled)"
 
 
 # ----------------------------------------------------------------------------- commands
@@ -300,16 +308,28 @@ def cmd_cut(args) -> int:
     return 0
 
 
-def cmd_export(args) -> int:
-    from boomerang.export import export_size
-    from boomerang.outputs import check_output_dir
+def export_request_from_args(args):
+    from boomerang.export import ExportRequest
 
-    check_output_dir(args.out, overwrite=args.overwrite)
-    teacher, family, label = _load_family(args)
-    out = export_size(family, args.layers, args.out, tokenizer=teacher.tokenizer, teacher_source=teacher.source,
-                      student_source=label, overwrite=args.overwrite)
-    info = family.info(args.layers)
-    print(f"exported the {info.n_layers}-layer size ({info.params:,} parameters) to {out}")
+    return ExportRequest(student=args.student, layers=args.layers, out=args.out, order=args.order,
+                         overwrite=args.overwrite, teacher=getattr(args, "teacher", None))
+
+
+def _add_export_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--student", required=True)
+    p.add_argument("--layers", type=int, required=True, help="the size, by its number of layers")
+    p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing model folder at --out")
+
+
+def cmd_export(args) -> int:
+    from boomerang.export import run_export
+
+    req = export_request_from_args(args)
+    out = run_export(req, device=args.device, dtype=args.dtype, calibration=args.calibration,
+                     teacher=_load_teacher(args) if args.teacher else None)
+    params = json.loads((out / "boomerang-size.json").read_text())["params"]
+    print(f"exported the {req.layers}-layer size ({params:,} parameters) to {out}")
     return 0
 
 
@@ -348,8 +368,9 @@ def distill_config_from_args(args, *, default_recipe: str = "auto"):
     """
     import dataclasses
 
-    from boomerang.distill import RECIPES, DistillConfig, read_recipe, resolve_device
+    from boomerang.models import resolve_device
     from boomerang.plan import parse_layer_list
+    from boomerang.training.recipe import DistillConfig, read_recipe, recipe_settings
 
     names = {f.name for f in dataclasses.fields(DistillConfig)}
     given = {k: v for k, v in vars(args).items() if k in names}
@@ -362,8 +383,7 @@ def distill_config_from_args(args, *, default_recipe: str = "auto"):
     recipe = getattr(args, "recipe", None) or default_recipe
     if recipe == "auto":
         recipe = "cpu" if resolve_device(given.get("device", "auto")).type == "cpu" else "paper"
-    base = RECIPES[recipe] if recipe in RECIPES else DistillConfig.from_file(recipe).to_dict()
-    return DistillConfig.from_dict({**base, **given})
+    return DistillConfig.from_dict({**recipe_settings(recipe), **given})
 
 
 def cmd_distill(args) -> int:
@@ -371,7 +391,8 @@ def cmd_distill(args) -> int:
 
     from tqdm import tqdm
 
-    from boomerang.distill import distill
+    from boomerang.training.loop import distill
+    from boomerang.training.parallel import launch_processes
 
     cfg = distill_config_from_args(args)
     if cfg.processes > 1 and "WORLD_SIZE" not in os.environ:
@@ -390,9 +411,8 @@ def cmd_distill(args) -> int:
     previous = signal.signal(signal.SIGINT, ask_stop)
 
     def on_step(r):
-        bar.set_postfix_str(f"loss {r.loss:.3f} ce {r.ce:.3f} kl {r.kl:.3f} cos {r.cosine:.3f} "
-                            + (f"local {r.local:.3f} " if cfg.local_weight else "")
-                            + f"lr {r.lr:.1e} {r.tokens_per_s:,.0f} tok/s", refresh=False)
+        terms = " ".join(f"{name} {value:.3f}" for name, value in r.terms.items())
+        bar.set_postfix_str(f"loss {r.loss:.3f} {terms} lr {r.lr:.1e} {r.tokens_per_s:,.0f} tok/s", refresh=False)
         bar.update(r.step - bar.n)  # a resumed run starts past 0
 
     def should_stop() -> bool:
@@ -414,64 +434,9 @@ def cmd_distill(args) -> int:
     return 0
 
 
-def launch_processes(cfg, *, resume: bool = False, stop_file: str | None = None, log=None) -> int:
-    """Run a distillation on `cfg.processes` processes (torchrun, one per GPU) and wait for it.
-
-    The processes run in their own session, so Ctrl-C reaches this launcher alone: the first one
-    asks every process to stop after its current step (they checkpoint), a second one terminates them.
-    `log` (a file) receives their output; default: this terminal.
-    """
-    import signal
-    import subprocess
-    import tempfile
-
-    from boomerang.distill import resolve_device
-
-    device = resolve_device(cfg.device)
-    if device.type == "cuda" and torch_cuda_count() < cfg.processes:
-        raise BoomerangError(f"processes={cfg.processes} but only {torch_cuda_count()} GPU(s) are visible here "
-                             f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})")
-    with tempfile.TemporaryDirectory(prefix="boomerang-launch-") as tmp:
-        recipe = Path(tmp) / "recipe.json"
-        recipe.write_text(json.dumps(cfg.to_dict()))
-        stop = Path(stop_file) if stop_file else Path(tmp) / "stop"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(cfg.processes),
-               "-m", "boomerang.cli", "distill", "--recipe", str(recipe), "--out", cfg.out, "--stop-file", str(stop)]
-        cmd += ["--resume"] if resume else []
-        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS") or
-               str(max(1, (os.cpu_count() or 1) // cfg.processes))}
-        proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT if log else None)
-        asked = {"n": 0}
-
-        def on_sigint(signum, frame):
-            asked["n"] += 1
-            if asked["n"] == 1:
-                stop.touch()
-                print(f"stopping all {cfg.processes} processes after this step (Ctrl-C again to terminate them)...",
-                      file=sys.stderr)
-            else:
-                os.killpg(proc.pid, signal.SIGTERM)
-
-        previous = signal.signal(signal.SIGINT, on_sigint) if log is None else None
-        try:
-            return proc.wait()
-        finally:
-            if previous is not None:
-                signal.signal(signal.SIGINT, previous)
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-                proc.wait()
-
-
-def torch_cuda_count() -> int:
-    import torch
-
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
-
-
 def cmd_heldout(args) -> int:
     from boomerang import data as d
-    from boomerang.evaluate import family_label_free
+    from boomerang.evaluation.metrics import family_label_free
 
     teacher, family, label = _load_family(args)
     held = d.heldout_blocks(args.data, teacher.tokenizer, args.tokens, seq_len=args.seq_len,
@@ -493,8 +458,8 @@ def cmd_heldout(args) -> int:
 
 
 def eval_request_from_args(args):
-    from boomerang.evaluate import EvalSettings
-    from boomerang.family_eval import EvalRequest
+    from boomerang.evaluation.metrics import EvalSettings
+    from boomerang.evaluation.run import EvalRequest
 
     return EvalRequest(
         student=str(Path(args.student).expanduser()), teacher=args.teacher, order=args.order,
@@ -509,7 +474,7 @@ def eval_request_from_args(args):
 def cmd_eval(args) -> int:
     from tqdm import tqdm
 
-    from boomerang.family_eval import evaluate_student
+    from boomerang.evaluation.run import evaluate_student
 
     request = eval_request_from_args(args)
     bar = tqdm(unit="cell", desc="eval", dynamic_ncols=True)

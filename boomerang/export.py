@@ -8,10 +8,64 @@ says what the size is made of.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
-from boomerang.family import Family, SizeInfo
-from boomerang.outputs import replace_dir_atomically
+from boomerang.errors import BoomerangError
+from boomerang.family import Family, SizeInfo, layer_counts
+from boomerang.outputs import check_output_dir, replace_dir_atomically
+from boomerang.settings import Settings
+
+
+@dataclass
+class ExportRequest(Settings):
+    """One size of a student's family to write as a plain Hugging Face folder (a command or a queued job)."""
+
+    student: str
+    """Student folder."""
+    layers: int
+    """The size, by its number of layers."""
+    out: str
+    """Folder to write."""
+    order: str = "last"
+    """Patch order named in the student's manifest: last | first | greedy (once computed)."""
+    overwrite: bool = False
+    """Replace an existing model folder at `out`."""
+    teacher: str | None = None
+    """Teacher source (default: the student's own)."""
+
+    def __post_init__(self):
+        self.check_types()
+        self.student = str(Path(self.student).expanduser().resolve())
+        self.out = str(Path(self.out).expanduser().resolve())
+        if self.layers < 1:
+            raise BoomerangError(f"layers must be at least 1, got {self.layers}")
+
+    def check(self) -> None:
+        """Before any work: the student exists, the family has this size, the output folder may be written."""
+        from boomerang.student import named_order, read_manifest
+
+        manifest = read_manifest(self.student)
+        if self.order == "greedy" and "greedy" not in manifest.patch_orders:
+            counts = [self.layers]  # its sizes are known once the order is computed, when the export runs
+        else:
+            counts = layer_counts(manifest.plan, named_order(manifest, self.order))
+        if self.layers not in counts:
+            raise BoomerangError(f"no size with {self.layers} layers in this family: its sizes are "
+                                 f"{', '.join(map(str, counts))}")
+        check_output_dir(self.out, overwrite=self.overwrite)
+
+
+def run_export(req: ExportRequest, *, teacher=None, device: str = "cpu", dtype: str | None = None,
+               calibration: str | None = None) -> Path:
+    """Do what `req` asks (with `teacher` already loaded, or the student's own); returns the folder written."""
+    from boomerang.student import open_family
+
+    req.check()
+    opened = open_family(req.student, teacher=teacher or req.teacher, order=req.order, device=device, dtype=dtype,
+                         calibration=calibration)
+    return export_size(opened.family, req.layers, req.out, tokenizer=opened.teacher.tokenizer,
+                       teacher_source=opened.teacher.source, student_source=str(opened.folder), overwrite=req.overwrite)
 
 
 def export_size(family: Family, n_layers: int, out: str | Path, *, tokenizer=None, teacher_source: str = "?",

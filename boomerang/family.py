@@ -130,7 +130,7 @@ def compress_runs(layers) -> str:
     return " ".join(out)
 
 
-def _count(modules: Iterable[nn.Module]) -> int:
+def count_params(modules: Iterable[nn.Module]) -> int:
     seen: set[int] = set()
     total = 0
     for module in modules:
@@ -165,7 +165,7 @@ class Family:
     # sizes are named by their layer count
     @property
     def layer_counts(self) -> list[int]:
-        return [self.plan.n_layers(set(self.order[:k])) for k in range(len(self.order) + 1)]
+        return layer_counts(self.plan, self.order)
 
     def patched_for(self, n_layers: int) -> tuple[int, ...]:
         counts = self.layer_counts
@@ -215,8 +215,8 @@ class Family:
         ends_model = self.teacher if is_teacher else self.student
         layer_mods = [self._t_layers[i] if w == "teacher" else self._s_layers[i] for w, i in seq]
         ends = self.arch.end_modules(ends_model)
-        body = _count(layer_mods) + _count([ends[(self.arch.base, self.arch.norm)]])
-        total = _count([*layer_mods, *ends.values()])
+        body = count_params(layer_mods) + count_params([ends[(self.arch.base, self.arch.norm)]])
+        total = count_params([*layer_mods, *ends.values()])
         return SizeInfo(
             n_layers=n_layers,
             patched=tuple(sorted(patched)),
@@ -243,6 +243,11 @@ def _check_shapes(arch: Arch, teacher: nn.Module, student: nn.Module, plan: Laye
         t_shapes = [tuple(p.shape) for p in arch.layer_list(teacher)[i].parameters()]
         if s_shapes != t_shapes:
             raise BoomerangError(f"student layer {j} does not have the shapes of teacher layer {i}")
+
+
+def layer_counts(plan: LayerPlan, order: Sequence[int]) -> list[int]:
+    """The sizes (layer counts) a family with this plan and full patch order has, smallest first."""
+    return [plan.n_layers(set(order[:k])) for k in range(len(order) + 1)]
 
 
 def resolve_order(plan: LayerPlan, order: str | Sequence[int]) -> tuple[int, ...]:

@@ -53,6 +53,15 @@ class Teacher:
     def n_layers(self) -> int:
         return self.model.config.num_hidden_layers
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def to(self, device: str | torch.device) -> "Teacher":
+        """Move the model to `device` (in place) and return self."""
+        self.model.to(device)
+        return self
+
 
 def boomerang_home() -> Path:
     """The project's data folder: `$BOOMERANG_HOME`, default `~/.boomerang`."""
@@ -106,6 +115,55 @@ def classify_source(source: str) -> str:
     return "hub"
 
 
+def normalize_source(source: str) -> str:
+    """One spelling per teacher: "default", an absolute path for a folder or .gguf file, or the hub id.
+
+    Every layer stores and compares teachers by this string, so `./t` and `/home/me/t` are one teacher.
+    """
+    kind = classify_source(source)
+    if kind in ("folder", "gguf"):
+        return str(Path(source).expanduser().resolve())
+    return source
+
+
+def resolve_device(name: str) -> torch.device:
+    """The device a run uses: "auto" is CUDA where present, else the CPU; CUDA asked for must exist."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise BoomerangError(f"device {name!r} asked for, but CUDA is not available here; use --device cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise BoomerangError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
+
+
+def teacher_layer_count(source: str) -> int:
+    """The teacher's layer count, read from its config (or GGUF header) without loading its weights."""
+    from transformers import AutoConfig
+
+    from boomerang.arch import adapter_for
+
+    kind = classify_source(source)
+    if kind in ("default", "gguf"):
+        return _gguf_block_count(default_gguf_path() if kind == "default" else Path(source).expanduser())
+    if kind == "hub":
+        reason = hub_unreachable_reason()
+        if reason and not in_hub_cache(source):
+            raise BoomerangError(f"unknown teacher {source!r}: not a local folder, and the hub cannot be checked ({reason})")
+    config = AutoConfig.from_pretrained(Path(source).expanduser() if kind == "folder" else source)
+    adapter_for(config)
+    return config.num_hidden_layers
+
+
+def _gguf_block_count(path: Path) -> int:
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+    arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()
+    return int(reader.fields[f"{arch}.block_count"].parts[-1][0])
+
+
 def load_teacher(source: str = DEFAULT_TEACHER, *, dtype: str | torch.dtype | None = None,
                  device: str = "cpu", trust_remote_code: bool = False) -> Teacher:
     """Load a teacher model and tokenizer from any source, frozen and in eval mode."""
@@ -143,7 +201,7 @@ def _hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
 
 
-def _hub_unreachable_reason(timeout: float = 3.0) -> str | None:
+def hub_unreachable_reason(timeout: float = 3.0) -> str | None:
     """Why the hub cannot be reached, checked in seconds rather than the client's retries; None if it can."""
     import socket
     from urllib.parse import urlparse
@@ -164,8 +222,8 @@ def _load_hub(repo_id: str, dtype: torch.dtype, trust_remote_code: bool):
         f"Download it where the hub is reachable (e.g. `hf download {repo_id} --local-dir DIR`), "
         "copy the folder here and pass --teacher DIR"
     )
-    reason = _hub_unreachable_reason()
-    if reason and not _in_hub_cache(repo_id):
+    reason = hub_unreachable_reason()
+    if reason and not in_hub_cache(repo_id):
         raise BoomerangError(
             f"could not load teacher {repo_id!r} from the Hugging Face Hub, and there is no local folder "
             f"of that name ({reason}). {hint}"
@@ -181,7 +239,7 @@ def _load_hub(repo_id: str, dtype: torch.dtype, trust_remote_code: bool):
         ) from exc
 
 
-def _in_hub_cache(repo_id: str) -> bool:
+def in_hub_cache(repo_id: str) -> bool:
     """Whether the hub client has this model cached locally (then it loads without the network)."""
     try:
         from huggingface_hub import try_to_load_from_cache

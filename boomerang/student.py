@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import datetime as dt
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -119,11 +120,16 @@ def save_student(student: nn.Module, tokenizer, manifest: Manifest, out: str | P
     return replace_dir_atomically(out, write, overwrite=overwrite)
 
 
-def load_student(folder: str | Path, teacher: Teacher, *, device: str | None = None):
+def load_student(folder: str | Path, teacher: Teacher):
     """Load a student folder for `teacher`, checking the pair matches. Returns (model, manifest)."""
+    manifest = read_manifest(folder)
+    return _load_student_model(folder, manifest, teacher), manifest
+
+
+def _load_student_model(folder: str | Path, manifest: Manifest, teacher: Teacher) -> nn.Module:
+    """The student's weights, on the teacher's device and in its dtype, after checking the pair."""
     from transformers import AutoModelForCausalLM
 
-    manifest = read_manifest(folder)
     check_teacher(manifest, teacher)
     model = AutoModelForCausalLM.from_pretrained(Path(folder).expanduser(), dtype=teacher.model.dtype)
     adapter_for(model)
@@ -132,16 +138,81 @@ def load_student(folder: str | Path, teacher: Teacher, *, device: str | None = N
             f"{folder}: the model has {model.config.num_hidden_layers} layers but the manifest's plan keeps "
             f"{manifest.plan.n_student}; the folder is inconsistent"
         )
-    model.to(device or teacher.model.device).eval()
-    return model, manifest
+    return model.to(teacher.device).eval()
 
 
-def load_family(folder: str | Path, teacher: Teacher, order: str = "last"):
-    """(Family, manifest) of a student folder; `order` is a patch order named in the manifest
-    (last, first, greedy when computed) or any order `resolve_order` accepts."""
-    student, manifest = load_student(folder, teacher)
+@dataclass
+class StudentFamily:
+    """A student folder opened for use: its teacher, its family of sizes, its manifest."""
+
+    teacher: Teacher
+    family: Family
+    manifest: Manifest
+    folder: Path
+    """The student folder, absolute."""
+
+
+def named_order(manifest: Manifest, order: str | Sequence[int]) -> tuple[int, ...]:
+    """A patch order named in the manifest (last, first, greedy once computed), a comma-separated list of
+    student layers ("13,12,4-11"), or anything `resolve_order` accepts."""
+    if isinstance(order, str) and order[:1].isdigit():
+        from boomerang.plan import parse_layer_list
+
+        order = parse_layer_list(order)
     named = manifest.patch_orders.get(order, order) if isinstance(order, str) else order
-    return Family(teacher.model, student, manifest.plan, order=resolve_order(manifest.plan, named)), manifest
+    return resolve_order(manifest.plan, named)
+
+
+def family_order(manifest: Manifest, order: str | Sequence[int], teacher: Teacher, student: nn.Module,
+                 calibration: str | None = None) -> tuple[int, ...]:
+    """The patch order to use: named in the manifest, explicit, or "greedy" computed now on a calibration text
+    (a file, default: a built-in text) when the manifest does not hold it."""
+    if order != "greedy" or "greedy" in manifest.patch_orders:
+        return named_order(manifest, order)
+    return greedy_order(teacher, student, manifest.plan, calibration)
+
+
+def greedy_order(teacher: Teacher, student: nn.Module, plan: LayerPlan, calibration: str | None = None) -> tuple[int, ...]:
+    """The greedy patch order (closest to the teacher in KL at each size) on 256 calibration tokens."""
+    import sys
+    from importlib import resources
+
+    from boomerang.family import greedy_patch_order
+
+    try:
+        text = (Path(calibration).expanduser().read_text() if calibration
+                else resources.files("boomerang.resources").joinpath("calibration.txt").read_text())
+    except OSError as exc:
+        raise BoomerangError(f"cannot read the calibration text {calibration}: {exc.strerror}") from None
+    ids = teacher.tokenizer(text, return_tensors="pt").input_ids[:, :256].to(teacher.device)
+    print(f"computing the greedy order on {ids.shape[1]} calibration tokens...", file=sys.stderr)
+    return greedy_patch_order(teacher.model, student, plan, ids)
+
+
+def open_family(folder: str | Path, *, teacher: Teacher | str | None = None, order: str | Sequence[int] = "last",
+                device: str | None = None, dtype: str | None = None, calibration: str | None = None,
+                load: Callable[[str], Teacher] | None = None) -> StudentFamily:
+    """Open a student folder as a family, reading its manifest once.
+
+    `teacher` is a loaded teacher, a source to load, or None for the manifest's own. `load` loads a
+    source (default: `load_teacher` with `device` and `dtype`); a cache passes its own. The student
+    follows the teacher's device, and is checked against the teacher's weights. `order`: see
+    `family_order` (`calibration` is the text for a greedy order not yet in the manifest).
+    """
+    folder = Path(folder).expanduser().resolve()
+    manifest = read_manifest(folder)
+    if not isinstance(teacher, Teacher):
+        if load is None:
+            from boomerang.models import load_teacher
+
+            def load(source: str) -> Teacher:
+                return load_teacher(source, dtype=dtype, device=device or "cpu")
+
+        teacher = load(teacher or manifest.teacher_source)
+    student = _load_student_model(folder, manifest, teacher)
+    family = Family(teacher.model, student, manifest.plan,
+                    order=family_order(manifest, order, teacher, student, calibration))
+    return StudentFamily(teacher, family, manifest, folder)
 
 
 def check_teacher(manifest: Manifest, teacher: Teacher) -> None:

@@ -8,7 +8,7 @@ import datetime as dt
 from sqlalchemy import delete, update
 from sqlmodel import Session, select
 
-from db.models import (FINISHED, EvalResult, Job, JobCreate, JobStatus, Size, StepMetric, Student, Teacher,
+from db.models import (FINISHED, EvalResult, Job, JobCreate, JobStatus, Size, StepMetric, Student, TeacherRecord,
                        utcnow)
 
 
@@ -106,10 +106,21 @@ def stale_jobs(*, session: Session, stale_after: dt.timedelta) -> list[Job]:
     return list(session.exec(select(Job).where(Job.status == JobStatus.RUNNING, Job.heartbeat_at < cutoff)))
 
 
+def requeue_stale_job(*, session: Session, job: Job, stale_after: dt.timedelta) -> bool:
+    """Put a RUNNING job whose worker stopped beating back to QUEUED, in one statement; False if it beat since."""
+    note = f"\nrequeued: worker {job.worker} stopped beating"
+    stmt = (update(Job).where(Job.id == job.id, Job.status == JobStatus.RUNNING, Job.heartbeat_at < utcnow() - stale_after)
+            .values(status=JobStatus.QUEUED, log=(job.log + note)[-4000:]))
+    done = session.exec(stmt).rowcount == 1
+    session.commit()
+    return done
+
+
 def record_steps(*, session: Session, job_id: int, steps: list[dict]) -> None:
+    """Store step reports (the library's StepReport.to_dict()); loss terms go into `terms` by name."""
     for s in steps:
         session.add(StepMetric(job_id=job_id, **{k: s[k] for k in (
-            "step", "loss", "ce", "kl", "cosine", "mse", "lr", "grad_norm", "tokens", "tokens_per_s")}))
+            "step", "loss", "terms", "lr", "grad_norm", "tokens", "tokens_per_s")}))
     session.commit()
 
 
@@ -124,10 +135,10 @@ def steps_of(*, session: Session, job_id: int) -> list[StepMetric]:
 
 
 def get_or_create_teacher(*, session: Session, source: str, fingerprint: str | None = None,
-                          n_layers: int | None = None) -> Teacher:
-    teacher = session.exec(select(Teacher).where(Teacher.source == source)).first()
+                          n_layers: int | None = None) -> TeacherRecord:
+    teacher = session.exec(select(TeacherRecord).where(TeacherRecord.source == source)).first()
     if teacher is None:
-        teacher = Teacher(source=source, fingerprint=fingerprint, n_layers=n_layers)
+        teacher = TeacherRecord(source=source, fingerprint=fingerprint, n_layers=n_layers)
     elif fingerprint:
         teacher.fingerprint, teacher.n_layers = fingerprint, n_layers
     session.add(teacher)
@@ -136,8 +147,8 @@ def get_or_create_teacher(*, session: Session, source: str, fingerprint: str | N
     return teacher
 
 
-def list_teachers(*, session: Session) -> list[Teacher]:
-    return list(session.exec(select(Teacher).order_by(Teacher.created_at.desc())))
+def list_teachers(*, session: Session) -> list[TeacherRecord]:
+    return list(session.exec(select(TeacherRecord).order_by(TeacherRecord.created_at.desc())))
 
 
 def upsert_student(*, session: Session, folder: str, manifest: dict, sizes: list[dict], job_id: int | None = None,

@@ -40,7 +40,9 @@ class TeacherBase(SQLModel):
     n_layers: int | None = None
 
 
-class Teacher(TeacherBase, table=True):
+class TeacherRecord(TeacherBase, table=True):
+    """A teacher jobs have used (the loaded model is `boomerang.models.Teacher`)."""
+
     __tablename__ = "teachers"
     id: int | None = Field(default=None, primary_key=True)
     created_at: dt.datetime = Field(default_factory=utcnow)
@@ -155,10 +157,9 @@ class StepMetric(SQLModel, table=True):
     job_id: int = Field(foreign_key="jobs.id", index=True)
     step: int
     loss: float
-    ce: float
-    kl: float
-    cosine: float
-    mse: float = 0.0
+    """The weighted sum of the terms."""
+    terms: dict = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    """Each loss term the recipe switched on, by name (the library's StepReport.terms)."""
     lr: float
     grad_norm: float
     tokens: int

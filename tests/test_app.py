@@ -42,8 +42,7 @@ def world(tmp_path_factory):
     services = Services(engine=engine, celery=make_celery(REDIS_URL), models=ModelCache(), eval_data_dir=str(data),
                         eval_tasks="quiz,fill", exports_dir=tmp / "exports")
     services.queue = queue
-    msg = h.launch_job(services, str(tmp / "teacher"), 1, 2, 2, "", str(tmp / "corpus.txt"), 8, 2, 16, 1e-3,
-                       1.0, 0.1, 2.0, False, False)
+    msg = h.launch_job(services, form(tmp))
     job_id = int(msg.split("Job ")[1].split(" ")[0])
     assert run_job(job_id, engine=engine, worker="test") == "SUCCEEDED"
     msg = h.evaluate_job(services, job_id, "quiz,fill", str(data), 5)
@@ -51,6 +50,13 @@ def world(tmp_path_factory):
     assert run_job(eval_id, engine=engine, worker="test") == "SUCCEEDED"
     yield {"services": services, "tmp": tmp, "job": job_id, "eval": eval_id}
     mp.undo()
+
+
+def form(tmp, **changes) -> dict:
+    """The launch form as the page sends it: the paper recipe's values, a tiny teacher and corpus, a short run."""
+    values = {**h.form_values("paper"), "teacher": str(tmp / "teacher"), "data": str(tmp / "corpus.txt"), "steps": 8,
+              "batch_size": 2, "seq_len": 16, "lr": 1e-3, "recipe": "paper"}
+    return {**values, **changes}
 
 
 def test_preview_shows_the_plan_and_every_size(world):
@@ -62,33 +68,37 @@ def test_preview_shows_the_plan_and_every_size(world):
 
 
 def test_the_recipe_choice_fills_the_form_and_goes_with_the_job(world):
-    from boomerang.distill import RECIPES, DistillConfig
+    from boomerang.training.recipe import DistillConfig, named_recipe
 
     s, tmp = world["services"], world["tmp"]
-    assert h.recipe_fields("paper") == [1.0, 0.1, 2.0, False, False, 0.0, 1, 2, 2]
-    cpu = DistillConfig.from_dict(RECIPES["cpu"])
-    assert h.recipe_fields("cpu") == [getattr(cpu, f) for f in h.RECIPE_FIELDS]
-    msg = h.launch_job(s, str(tmp / "teacher"), *h.recipe_fields("cpu")[-3:], "", str(tmp / "corpus.txt"), 8, 2, 16,
-                       1e-3, *h.recipe_fields("cpu")[:6], 1, False, "cpu")
+    paper, cpu = h.form_values("paper"), h.form_values("cpu")
+    assert paper["kl_weight"] == 0.1 and paper["plan"] == "rule" and paper["keep"] == ""
+    reference = DistillConfig.from_dict(named_recipe("cpu"))
+    for name in h.LAUNCH_FIELDS:  # every field the recipe sets is on the form with the recipe's value
+        if name != "keep":
+            assert cpu[name] == getattr(reference, name), name
+    assert "Paper defaults" in h.recipe_summary("paper") and "kl 0.1" in h.recipe_summary("paper")
+    summary = h.recipe_summary("cpu")
+    assert "CPU recipe" in summary and "kl 1" in summary and "ce" not in summary.split("loss terms")[1].split(";")[0]
+    msg = h.launch_job(s, form(tmp, **{**cpu, "teacher": str(tmp / "teacher"), "data": str(tmp / "corpus.txt"),
+                                       "recipe": "cpu"}))
     job_id = int(msg.split("Job ")[1].split(" ")[0])
     with Session(s.engine) as ses:
         job = crud.get_job(session=ses, job_id=job_id)
         crud.request_cancel(session=ses, job_id=job_id)
-    for key, value in RECIPES["cpu"].items():
-        if key not in ("steps", "batch_size", "seq_len", "lr"):
-            assert job.settings[key] == value, key
+    for key, value in named_recipe("cpu").items():
+        assert job.settings[key] == value, key
 
 
 def test_launch_flags_bad_input_with_the_library_message(world):
     s, tmp = world["services"], world["tmp"]
     with Session(s.engine) as ses:
         before = len(crud.list_jobs(session=ses))
-    msg = h.launch_job(s, str(tmp / "teacher"), 1, 2, 2, "", str(tmp / "nope.txt"), 8, 2, 16, 1e-3, 1, 0.1, 2, False, False)
+    msg = h.launch_job(s, form(tmp, data=str(tmp / "nope.txt")))
     assert msg.startswith("**Not launched:**") and "data not found" in msg
-    msg = h.launch_job(s, "./no/teacher", 1, 2, 2, "", "teacher", 8, 2, 16, 1e-3, 1, 0.1, 2, False, False)
+    msg = h.launch_job(s, form(tmp, teacher="./no/teacher", data="teacher"))
     assert "teacher folder not found" in msg
-    msg = h.launch_job(s, str(tmp / "teacher"), 1, 2, 2, "", "teacher", 8, 2, 16, 1e-3, 1, 0.1, 2, False, False,
-                       0.5, 0)
+    msg = h.launch_job(s, form(tmp, data="teacher", local_weight=0.5, processes=0))
     assert msg.startswith("**Not launched:**") and "processes must be at least 1" in msg
     with Session(s.engine) as ses:
         assert len(crud.list_jobs(session=ses)) == before

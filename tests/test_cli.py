@@ -91,16 +91,16 @@ def test_heldout_lists_every_size(teacher_dir, tmp_path, capsys):
 
 def test_recipes_cpu_by_default_on_a_cpu_paper_when_asked_flags_on_top(tmp_path):
     from boomerang.cli import build_parser, distill_config_from_args
-    from boomerang.distill import RECIPES, DistillConfig
+    from boomerang.training.recipe import DistillConfig, named_recipe
 
     parser = build_parser()
 
     def cfg(*argv, **kw):
         return distill_config_from_args(parser.parse_args(["distill", "--out", str(tmp_path / "r"), *argv]), **kw)
 
-    paper, cpu = DistillConfig(), DistillConfig.from_dict(RECIPES["cpu"])
-    assert RECIPES["cpu"] and cpu != paper
-    assert cfg("--device", "cpu") == DistillConfig.from_dict({**RECIPES["cpu"], "out": str(tmp_path / "r"),
+    paper, cpu = DistillConfig(), DistillConfig.from_dict(named_recipe("cpu"))
+    assert named_recipe("cpu") and cpu != paper
+    assert cfg("--device", "cpu") == DistillConfig.from_dict({**named_recipe("cpu"), "out": str(tmp_path / "r"),
                                                              "device": "cpu"})
     assert cfg("--device", "cpu", "--recipe", "paper").kl_weight == paper.kl_weight
     assert cfg("--device", "cpu", default_recipe="paper").ce_weight == paper.ce_weight  # what `submit` does

@@ -40,11 +40,37 @@ def new_job(session, **settings):
 
 
 def test_migrations_bring_an_empty_database_to_head(engine):
-    assert current_revision(engine) == "0001"
+    assert current_revision(engine) == "0002"
     tables = set(inspect(engine).get_table_names())
     assert {"teachers", "jobs", "students", "sizes", "eval_results", "step_metrics", "alembic_version"} <= tables
     make_engine(engine.url.render_as_string(hide_password=False))  # upgrading again is a no-op
-    assert current_revision(engine) == "0001"
+    assert current_revision(engine) == "0002"
+
+
+def test_loss_terms_migration_keeps_old_step_rows_and_queued_jobs(engine):
+    from db.engine import upgrade
+
+    url = engine.url.render_as_string(hide_password=False)
+    with engine.begin() as conn:  # back to the schema before loss terms by name, with rows of that time
+        conn.execute(text("DELETE FROM alembic_version"))
+        for table in ("step_metrics", "sizes", "eval_results", "students", "jobs", "teachers"):
+            conn.execute(text(f"DROP TABLE {table}"))
+        if engine.dialect.name == "postgresql":
+            conn.execute(text("DROP TYPE jobkind")), conn.execute(text("DROP TYPE jobstatus"))
+    upgrade(engine, "0001")
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO jobs (kind, settings, queue, status, step, total, losses, log, attempts, "
+                          "cancel_requested, result, created_at) VALUES ('DISTILL', :s, 'default', 'QUEUED', 0, 0, "
+                          "'{}', '', 0, false, '{}', :now)"), {"s": '{"steps": 3, "out": null}', "now": utcnow()})
+        conn.execute(text("INSERT INTO step_metrics (job_id, step, loss, ce, kl, cosine, mse, lr, grad_norm, tokens, "
+                          "tokens_per_s) VALUES (1, 1, 2.5, 1.5, 0.5, 0.25, 0, 1e-4, 1.0, 32, 10.0)"))
+    engine = make_engine(url)
+    assert current_revision(engine) == "0002"
+    with Session(engine) as s:
+        (row,) = crud.steps_of(session=s, job_id=1)
+        assert row.loss == 2.5 and row.terms == {"ce": 1.5, "kl": 0.5, "cosine": 0.25}  # a term that was off is gone
+        assert crud.get_job(session=s, job_id=1).settings == {"steps": 3, "out": "runs/distill"}
+    assert "ce" not in {c["name"] for c in inspect(engine).get_columns("step_metrics")}
 
 
 def test_claim_is_exclusive_until_the_heartbeat_goes_stale(engine):
@@ -82,7 +108,8 @@ def test_cancel_retry_and_finish(engine):
 
 
 def test_step_metrics_are_unique_per_step_and_trimmed_on_resume(engine):
-    step = dict(loss=1.0, ce=1.0, kl=0.5, cosine=0.1, mse=0.0, lr=1e-4, grad_norm=1.0, tokens=32, tokens_per_s=10.0)
+    step = dict(loss=1.0, terms={"ce": 1.0, "kl": 0.5, "cosine": 0.1}, lr=1e-4, grad_norm=1.0, tokens=32,
+                tokens_per_s=10.0)
     with Session(engine) as s:
         job = new_job(s)
         crud.record_steps(session=s, job_id=job.id, steps=[{**step, "step": i} for i in (1, 2, 3)])

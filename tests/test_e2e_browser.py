@@ -59,7 +59,7 @@ def test_launch_watch_evaluate_compare_chat_stop(stack):
         teacher.fill(str(cluster.tmp / "teacher"))
         teacher.press("Enter")
         page.locator("#data textarea").fill(str(cluster.tmp / "corpus.txt"))
-        for elem, value in (("steps", "8"), ("batch", "2"), ("seq-len", "16")):
+        for elem, value in (("steps", "8"), ("batch-size", "2"), ("seq-len", "16")):
             page.locator(f"#{elem} input").fill(value)
         page.locator("#preview-btn").click()
         expect(page.locator("#plan-preview")).to_contain_text("5 layers")

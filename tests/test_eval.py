@@ -7,12 +7,12 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from boomerang import tasks
-from boomerang.baselines import block_influence, drop_order, dropped_teacher
-from boomerang.chart import pareto, points
+from boomerang.evaluation import task_files as tasks
+from boomerang.importance import block_influence, drop_order, dropped_teacher
+from boomerang.evaluation.chart import pareto, points
 from boomerang.cli import main
 from boomerang.errors import BoomerangError
-from boomerang.evaluate import EvalSettings, lm_eval_task, metrics_of
+from boomerang.evaluation.metrics import EvalSettings, lm_eval_task, metrics_of
 from boomerang.family import Family
 from boomerang.plan import LayerPlan
 from boomerang.student import cut_student

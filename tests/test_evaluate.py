@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from boomerang.evaluate import family_label_free, label_free
+from boomerang.evaluation.metrics import family_label_free, label_free
 from test_family import make_family
 from tiny import tokens
 

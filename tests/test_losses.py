@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from boomerang.losses import cosine_alignment, kl_to_teacher, next_token_cross_entropy
+from boomerang.training.losses import cosine_alignment, kl_to_teacher, next_token_cross_entropy
 
 
 def logits(seed=0, shape=(2, 6, 11)):
@@ -69,7 +69,7 @@ def test_gradients_flow_to_the_student_only():
 
 
 def test_relative_mse_is_zero_for_identical_states_and_sees_norms():
-    from boomerang.losses import relative_mse
+    from boomerang.training.losses import relative_mse
 
     h, mask = logits(shape=(2, 6, 8)), torch.ones(2, 6)
     assert relative_mse([h], [h.clone()], mask).item() == pytest.approx(0, abs=1e-7)

@@ -34,7 +34,22 @@ def make_celery(url: str | None = None) -> Celery:
         task_serializer="json",
         accept_content=["json"],
     )
-    from workers.tasks import register
-
-    register(app)
+    register_tasks(app)
     return app
+
+
+def register_tasks(app: Celery) -> None:
+    """One named task per job kind. Each takes a job id, nothing else; the runner reloads the row."""
+    from workers.kinds import KINDS
+
+    def make(kind: str, name: str):
+        @app.task(name=name, ignore_result=False)
+        def run(job_id: int) -> str:
+            from workers.runner import run_job
+
+            return run_job(job_id, expected_kind=kind)
+
+        return run
+
+    for kind, job_type in KINDS.items():
+        make(kind.value, job_type.task)

@@ -10,6 +10,8 @@ import os
 import sys
 import time
 
+from boomerang.progress import format_eta
+
 
 def register(sub, helpers: dict) -> None:
     p = sub.add_parser("worker", help="start one worker (one per GPU; says which device it uses)")
@@ -23,26 +25,13 @@ def register(sub, helpers: dict) -> None:
     p.add_argument("--sweep-every", type=float, default=15.0, help="seconds between sweeps for stale jobs")
     p.set_defaults(func=cmd_worker)
 
-    p = sub.add_parser("submit", help="queue a job: distill | eval | export")
+    p = sub.add_parser("submit", help=f"queue a job: {' | '.join(helpers['requests'])}")
     kinds = p.add_subparsers(title="kind", required=True)
-    d = kinds.add_parser("distill", help="queue a distillation (same settings as `boomerang distill`)")
-    d.add_argument("--recipe", default=None, help="paper (default) | cpu | a JSON file of settings")
-    d.add_argument("--queue", default="default")
-    helpers["distill_flags"](d)
-    d.set_defaults(func=cmd_submit, kind="distill", helpers=helpers)
-    e = kinds.add_parser("eval", help="queue an evaluation (same settings as `boomerang eval`)")
-    e.add_argument("student")
-    e.add_argument("--queue", default="default")
-    helpers["teacher_flags"](e), helpers["order_flags"](e), helpers["eval_flags"](e)
-    e.set_defaults(func=cmd_submit, kind="eval", helpers=helpers)
-    x = kinds.add_parser("export", help="queue an export of one size")
-    x.add_argument("--student", required=True)
-    x.add_argument("--layers", type=int, required=True)
-    x.add_argument("--out", required=True)
-    x.add_argument("--order", default="last")
-    x.add_argument("--overwrite", action="store_true")
-    x.add_argument("--queue", default="default")
-    x.set_defaults(func=cmd_submit, kind="export", helpers=helpers)
+    for kind, command in helpers["requests"].items():
+        k = kinds.add_parser(kind, help=command.help)
+        command.add_flags(k)
+        k.add_argument("--queue", default="default")
+        k.set_defaults(func=cmd_submit, kind=kind, build=command.from_args)
 
     p = sub.add_parser("jobs", help="every job with status and progress")
     p.add_argument("--watch", action="store_true", help="refresh every 2 s until Ctrl-C")
@@ -91,26 +80,10 @@ def cmd_submit(args) -> int:
     from workers.app import make_celery
     from workers.submit import submit
 
-    if args.kind == "distill":
-        settings = args.helpers["distill_config"](args, default_recipe="paper").to_dict()
-    elif args.kind == "eval":
-        req = args.helpers["eval_request"](args)
-        settings = {**{k: v for k, v in vars(req).items() if k != "settings"}, "settings": vars(req.settings)}
-    else:
-        settings = {"student": args.student, "layers": args.layers, "out": args.out, "order": args.order,
-                    "overwrite": args.overwrite}
+    settings = args.build(args).to_dict()
     job = submit(engine=make_engine(), app=make_celery(), kind=args.kind, settings=settings, queue=args.queue)
     print(f"job {job.id} queued ({job.kind.value}, queue {job.queue}); watch it with: boomerang jobs --watch")
     return 0
-
-
-def format_eta(seconds, missing: str = "-") -> str:
-    """Seconds as M:SS or H:MM:SS, for progress displays."""
-    if seconds is None:
-        return missing
-    m, s = divmod(int(seconds), 60)
-    h, m = divmod(m, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
 def render_jobs(jobs) -> str:

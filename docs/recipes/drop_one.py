@@ -10,8 +10,8 @@ import sys
 import torch
 
 from boomerang import data as d
-from boomerang.baselines import dropped_teacher
-from boomerang.losses import kl_to_teacher, next_token_cross_entropy
+from boomerang.importance import dropped_teacher
+from boomerang.training.losses import kl_to_teacher, next_token_cross_entropy
 from boomerang.models import load_teacher
 
 

@@ -11,16 +11,18 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 
-from boomerang import tasks as local_tasks
-from boomerang.baselines import block_influence, drop_order, dropped_teacher
 from boomerang.errors import BoomerangError
-from boomerang.evaluate import EvalSettings, label_free, lm_eval_task, measure_cost, metrics_of
-from boomerang.family import Family, _count
-from boomerang.results import ModelEntry, ResultStore, cell_key
+from boomerang.evaluation import task_files
+from boomerang.evaluation.metrics import EvalSettings, label_free, lm_eval_task, measure_cost, metrics_of
+from boomerang.evaluation.results import ModelEntry, ResultStore, cell_key
+from boomerang.family import Family, compress_runs, count_params
+from boomerang.importance import block_influence, drop_order, dropped_teacher
+from boomerang.settings import Settings
 from boomerang.student import cut_student
 
 BASELINES = ("undistilled", "drop-bi")
@@ -32,18 +34,12 @@ class Candidate:
     build: Callable[[], torch.nn.Module]
 
 
-def _runs(layers) -> str:
-    from boomerang.family import compress_runs
-
-    return compress_runs(layers)
-
-
 def family_candidates(family: Family, sizes: list[int] | None) -> list[Candidate]:
     out = []
     for n in sizes or family.layer_counts:
         info = family.info(n)
         series = "teacher" if info.is_teacher else "student" if info.is_student else "interpolated"
-        entry = ModelEntry(f"{series}-{n}", series, n, info.params, info.params_no_embed, _runs(info.layers))
+        entry = ModelEntry(f"{series}-{n}", series, n, info.params, info.params_no_embed, compress_runs(info.layers))
         out.append(Candidate(entry, lambda n=n: family.build(n)))
     return out
 
@@ -59,7 +55,7 @@ def baseline_candidates(family: Family, names: list[str], sizes: list[int] | Non
                        order=family.order)
         for n in counts:
             info = fresh.info(n)
-            entry = ModelEntry(f"undistilled-{n}", "undistilled", n, info.params, info.params_no_embed, _runs(info.layers))
+            entry = ModelEntry(f"undistilled-{n}", "undistilled", n, info.params, info.params_no_embed, compress_runs(info.layers))
             out.append(Candidate(entry, lambda n=n: fresh.build(n)))
     if "drop-bi" in names:
         if bi_ids is None:
@@ -70,16 +66,16 @@ def baseline_candidates(family: Family, names: list[str], sizes: list[int] | Non
             drop = order[: n_t - n]
             kept = [i for i in range(n_t) if i not in set(drop)]
             model = dropped_teacher(family.teacher, drop)
-            params = _count([model])
-            body = params - _count([m for p, m in family.arch.end_modules(model).items() if p[-1] != family.arch.norm])
-            entry = ModelEntry(f"drop-bi-{n}", "drop-bi", n, params, body, _runs([f"T{i}" for i in kept]))
+            params = count_params([model])
+            body = params - count_params([m for p, m in family.arch.end_modules(model).items() if p[-1] != family.arch.norm])
+            entry = ModelEntry(f"drop-bi-{n}", "drop-bi", n, params, body, compress_runs([f"T{i}" for i in kept]))
             out.append(Candidate(entry, lambda model=model: model))
     return out
 
 
 def reference_candidate(source: str, model: torch.nn.Module) -> Candidate:
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", source.rstrip("/").split("/")[-1]).strip("-").lower()
-    params = _count([model])
+    params = count_params([model])
     embed = model.get_input_embeddings().weight.numel()
     entry = ModelEntry(f"reference-{slug}", "reference", model.config.num_hidden_layers, params, params - embed, source)
     return Candidate(entry, lambda: model)
@@ -97,7 +93,7 @@ class CellJob:
 
 def plan_cells(candidates: list[Candidate], task_names: list[str], data_dir, settings: EvalSettings,
                heldout: torch.Tensor | None, cost: bool) -> list[CellJob]:
-    specs = local_tasks.resolve(task_names, data_dir) if task_names else []
+    specs = task_files.resolve(task_names, data_dir) if task_names else []
     jobs = []
     for cand in candidates:
         for name, spec in zip(task_names, specs):
@@ -147,40 +143,67 @@ def _compute(job: CellJob, model, family: Family, tokenizer, settings: EvalSetti
 
 
 @dataclass
-class EvalRequest:
-    """Everything an evaluation of a student's family needs; the CLI and the worker both build one."""
+class EvalRequest(Settings):
+    """Everything an evaluation of a student's family needs; the CLI, a queued job and the dashboard build one."""
 
     student: str
     """Student folder."""
-    tasks: list[str]
+    tasks: list[str] = field(default_factory=list)
     """lm-eval task names (local file stems or registry names)."""
     data_dir: str | None = None
     """Folder of local evaluation files."""
     teacher: str | None = None
     """Teacher source (default: the student's own)."""
     order: str = "last"
-    """Patch order."""
+    """Patch order: last | first | greedy (once in the manifest) | a comma-separated list of student layers."""
     sizes: str = "all"
     """all | comma-separated layer counts."""
-    baselines: list[str] = None
+    baselines: list[str] = field(default_factory=list)
     """Any of BASELINES."""
-    references: list[str] = None
+    references: list[str] = field(default_factory=list)
     """Reference models (hub ids or folders)."""
     heldout_data: str | None = None
     """Text file for label-free metrics (its last 10%)."""
     heldout_tokens: int = 4096
+    """Held-out tokens measured."""
     cost: bool = False
-    settings: EvalSettings = None
+    """Also measure memory, prefill latency and decode speed."""
+    settings: EvalSettings = field(default_factory=EvalSettings)
+    """lm-eval settings (few-shot, limit, batch size, seed)."""
     out: str | None = None
     """Results folder (default: STUDENT/eval)."""
     chart_metric: str = "acc"
+    """Metric of the charts."""
     device: str = "cpu"
     dtype: str = "float32"
 
     def __post_init__(self):
-        self.baselines = list(self.baselines or [])
-        self.references = list(self.references or [])
-        self.settings = self.settings or EvalSettings()
+        from boomerang.plan import parse_layer_list
+
+        self.check_types()
+        self.tasks, self.baselines, self.references = list(self.tasks), list(self.baselines), list(self.references)
+        self.student = str(Path(self.student).expanduser().resolve())
+        unknown = sorted(set(self.baselines) - set(BASELINES))
+        if unknown:
+            raise BoomerangError(f"unknown baselines {unknown}: choose from {', '.join(BASELINES)}")
+        if self.sizes != "all":
+            parse_layer_list(self.sizes)
+        if self.heldout_tokens < 2:
+            raise BoomerangError(f"heldout_tokens must be at least 2, got {self.heldout_tokens}")
+        if not (self.tasks or self.heldout_data or self.cost):
+            raise BoomerangError("nothing to evaluate: give tasks, held-out data or cost")
+        if "drop-bi" in self.baselines and not self.heldout_data:
+            raise BoomerangError("the drop-bi baseline needs text to measure block influence on: give --heldout-data")
+
+    def check(self) -> None:
+        """Checks against the world, before any work: the student's manifest, the tasks, the held-out file."""
+        from boomerang.student import read_manifest
+
+        read_manifest(self.student)
+        if self.tasks:
+            task_files.resolve(self.tasks, self.data_dir)
+        if self.heldout_data and not Path(self.heldout_data).expanduser().exists():
+            raise BoomerangError(f"held-out data not found: {self.heldout_data}")
 
 
 @dataclass
@@ -194,17 +217,15 @@ class EvalReport:
 
 def evaluate_student(req: EvalRequest, *, on_cell=None, should_stop=None, teacher=None) -> EvalReport:
     """Evaluate a student's family (and baselines, references) as `req` says; resumable."""
-    from pathlib import Path
-
-    from boomerang import chart
     from boomerang import data as d
+    from boomerang.evaluation import chart
     from boomerang.models import load_teacher
     from boomerang.plan import parse_layer_list
-    from boomerang.student import load_family, read_manifest
+    from boomerang.student import open_family
 
-    manifest = read_manifest(req.student)
-    teacher = teacher or load_teacher(req.teacher or manifest.teacher_source, dtype=req.dtype, device=req.device)
-    family, manifest = load_family(req.student, teacher, req.order)
+    opened = open_family(req.student, teacher=teacher or req.teacher, order=req.order, device=req.device,
+                         dtype=req.dtype)
+    teacher, family = opened.teacher, opened.family
     sizes = None if req.sizes == "all" else parse_layer_list(req.sizes)
     for n in sizes or []:
         family.info(n)  # a size the family lacks fails before any work

@@ -14,9 +14,6 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-SERIES = ("interpolated", "teacher", "student", "undistilled", "drop-bi", "reference")
-
-
 @dataclass(frozen=True)
 class ModelEntry:
     """One model measured: a family size, a baseline or a reference."""
@@ -24,7 +21,7 @@ class ModelEntry:
     key: str
     """Unique name, e.g. "interpolated-23", "drop-bi-20", "reference-qwen3-0.6b"."""
     series: str
-    """One of SERIES."""
+    """interpolated | teacher | student | undistilled | drop-bi | reference."""
     n_layers: int
     params: int
     params_no_embed: int

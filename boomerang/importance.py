@@ -1,4 +1,6 @@
-"""Baselines a boomerang family is measured against, built on the same footing.
+"""How much each teacher layer matters, and the teacher with layers dropped (shared weights).
+
+Used by training (the importance plan) and by evaluation, whose baselines are built on the same footing:
 
 - `undistilled`: the freshly cut student, patched the same way. Its layers are the teacher's own, so
   its size with n layers is also plain layer dropping of the teacher *by the same plan* (the layers
@@ -12,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from boomerang.arch import adapter_for
-from boomerang.family import assemble, layer_types_of
+from boomerang.family import assemble, layer_types_of, mean_kl
 
 
 @torch.no_grad()
@@ -46,11 +48,8 @@ def drop_one_costs(teacher, ids: torch.Tensor) -> list[float]:
 
     The direct measure of what a plan asks a student layer to make up for when it drops the layer.
     """
-    from boomerang.losses import kl_to_teacher
-
-    mask = torch.ones_like(ids)
     reference = teacher(ids, use_cache=False).logits
-    return [float(kl_to_teacher(dropped_teacher(teacher, [i])(ids, use_cache=False).logits, reference, mask))
+    return [mean_kl(reference, dropped_teacher(teacher, [i])(ids, use_cache=False).logits)
             for i in range(teacher.config.num_hidden_layers)]
 
 

@@ -1,7 +1,7 @@
-"""Label-free measures of every size of a family: held-out perplexity, KL to the teacher, top-1 agreement.
+"""What is measured on one model: label-free metrics (held-out perplexity, KL to the teacher, top-1
+agreement), an lm-eval task, and cost (memory, prefill latency, decode speed).
 
-They need no labels and say how close each size stays to its teacher. (lm-eval tasks, cost and
-baselines build on this; see the evaluation issue.)
+Label-free metrics need no labels and say how close each size stays to its teacher.
 """
 
 from __future__ import annotations
@@ -11,7 +11,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from boomerang.errors import BoomerangError
 from boomerang.family import Family
+from boomerang.settings import Settings
 
 
 @dataclass
@@ -64,7 +66,7 @@ def family_label_free(family: Family, blocks: torch.Tensor, *, batch_size: int =
 
 
 @dataclass(frozen=True)
-class EvalSettings:
+class EvalSettings(Settings):
     """What an lm-eval run depends on besides the model; part of every result's identity."""
 
     num_fewshot: int = 0
@@ -77,8 +79,7 @@ class EvalSettings:
     """Seed for few-shot sampling and everything random in lm-eval."""
 
     def __post_init__(self):
-        from boomerang.errors import BoomerangError
-
+        self.check_types()
         if self.num_fewshot < 0:
             raise BoomerangError(f"num_fewshot must be 0 or more, got {self.num_fewshot}")
         if self.limit is not None and self.limit < 1:

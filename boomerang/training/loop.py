@@ -1,0 +1,485 @@
+"""The training half of the method: distill a cut student toward its teacher, resumably.
+
+`distill(cfg, on_step=..., should_stop=...)` reads `setup -> run -> finish`. The library reports
+(every step goes to the callback and to `metrics.jsonl`, its loss terms by name) and the caller
+decides (the stop flag is checked after every optimizer step; stopping saves a checkpoint).
+
+Loss terms are the rows of `TERMS`: a name, the config field holding its weight, the forward passes
+it reads, and the function. A term whose weight is 0 is not computed, not reported and not stored.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from boomerang.arch import adapter_for
+from boomerang.errors import BoomerangError
+from boomerang.models import Teacher, boomerang_home, load_teacher
+from boomerang.plan import LayerPlan
+from boomerang.training import parallel
+from boomerang.training.checkpoint import (CHECKPOINT, METRICS, PLAN, RECIPE, STUDENT, load_checkpoint,
+                                           save_checkpoint)
+from boomerang.training.losses import cosine_alignment, kl_to_teacher, next_token_cross_entropy, relative_mse
+from boomerang.training.recipe import DistillConfig
+
+IMPORTANCE_BLOCKS = 8
+"""Training blocks the importance plan is measured on (the first batch of the run's own order)."""
+
+
+@dataclass
+class StepReport:
+    """What the callback gets after every optimizer step (and one line of `metrics.jsonl`)."""
+
+    step: int
+    total: int
+    loss: float
+    """The weighted sum of the terms."""
+    terms: dict[str, float]
+    """Each active loss term, unweighted, by name (see TERMS)."""
+    lr: float
+    grad_norm: float
+    tokens: int
+    """Tokens seen so far in the run."""
+    tokens_per_s: float
+    elapsed_s: float
+    eta_s: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "StepReport":
+        return cls(**data)
+
+
+@dataclass
+class DistillResult:
+    out: Path
+    steps_done: int
+    stopped: bool
+    student_dir: Path | None
+    last: StepReport | None = None
+
+
+@dataclass
+class Run:
+    """A run in progress: what `setup` made and the loop, checkpoints and `finish` use."""
+
+    cfg: DistillConfig
+    out: Path
+    teacher: Teacher
+    student: torch.nn.Module
+    plan: LayerPlan
+    data: object
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    device: torch.device
+    """The run's one device: teacher, student and every batch are on it."""
+    start_step: int = 0
+    sharded: bool = False
+    """True when the teacher and student are sharded with FSDP over several processes."""
+    family: object = None
+    """The family of teacher and student (for mix_prob: random sizes trained in place of the student)."""
+    captured: dict = field(default_factory=dict)
+    hooks: list = field(default_factory=list)
+    """Hook handles on the teacher and student; removed when the run ends (the teacher may be reused)."""
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+def setup(cfg: DistillConfig, *, resume: bool = False, teacher: Teacher | None = None) -> Run:
+    """Everything a run needs, on the run's one device. A `teacher` given is moved there (it is frozen)."""
+    parallel.check_world(cfg)
+    device = parallel.run_device(cfg)
+    parallel.init_distributed(device)
+    rank, world = parallel.world()
+    sharded = cfg.fsdp and world > 1
+    out = _prepare_out(cfg, resume) if rank == 0 else Path(cfg.out).expanduser().resolve()
+    parallel.barrier()
+    if sharded:  # each process reads the teacher on the host and keeps only its shards on the device
+        teacher = load_teacher(cfg.teacher, dtype=cfg.dtype, device="cpu")
+    elif teacher is None:
+        teacher = load_teacher(cfg.teacher, dtype=cfg.dtype, device=str(device))
+    elif teacher.device != device:
+        teacher.to(device)
+    data = load_data(cfg, teacher)
+    if resume and (out / PLAN).is_file():  # the plan the run started with, however it was chosen
+        plan = LayerPlan(teacher.n_layers, tuple(json.loads((out / PLAN).read_text())["kept"]))
+    else:
+        plan = cfg.resolve_plan(teacher.model, data.batch(0, IMPORTANCE_BLOCKS, cfg.seed).to(teacher.device))
+    from boomerang.student import cut_student
+
+    student = cut_student(teacher.model, plan).train().requires_grad_(True)
+    _freeze(student, cfg, plan)
+    if sharded:
+        parallel.shard(teacher.model, device, world)
+        parallel.shard(student, device, world)
+    else:
+        student.to(device)
+    optimizer = make_optimizer(student, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg))
+    run = Run(cfg, out, teacher, student, plan, data, optimizer, scheduler, device, sharded=sharded)
+    if cfg.mix_prob:
+        from boomerang.family import Family
+
+        run.family = Family(teacher.model, student, plan, order="last")
+    _attach_capture(run)
+    if resume:
+        load_checkpoint(run)
+    elif rank == 0:
+        (out / RECIPE).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        (out / PLAN).write_text(json.dumps(plan.to_dict()) + "\n")
+        (out / METRICS).write_text("")
+    parallel.barrier()
+    return run
+
+
+def _prepare_out(cfg: DistillConfig, resume: bool) -> Path:
+    out = Path(cfg.out).expanduser().resolve()
+    if resume:
+        if not (out / CHECKPOINT).is_file():
+            raise BoomerangError(f"nothing to resume in {out}: it has no {CHECKPOINT}; start a run without --resume")
+        return out
+    if (out / CHECKPOINT).is_file() or (out / RECIPE).is_file():
+        raise BoomerangError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise BoomerangError(f"{out} exists and is not an empty folder; choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def load_data(cfg: DistillConfig, teacher: Teacher):
+    from boomerang import data as d
+
+    if cfg.data == "teacher":
+        docs = d.teacher_documents(teacher, n_docs=cfg.teacher_docs, seed=cfg.seed,
+                                   cache_dir=boomerang_home() / "corpora")
+        desc = f"teacher-written ({cfg.teacher_docs} documents)"
+    elif cfg.data.startswith("hub:"):
+        max_chars = (cfg.max_tokens or 2_000_000) * 6
+        docs, desc = d.stream_hub_documents(cfg.data[4:], text_field=cfg.text_field, max_chars=max_chars), cfg.data
+    else:
+        docs, desc = d.read_documents(cfg.data, text_field=cfg.text_field), str(Path(cfg.data).expanduser().resolve())
+    stream = d.pack(docs, teacher.tokenizer, cfg.seq_len, max_tokens=cfg.max_tokens)
+    train, heldout = d.split_blocks(stream, cfg.seq_len, cfg.heldout_fraction, desc)
+    return d.TokenData(train, heldout, desc)
+
+
+def _freeze(student: torch.nn.Module, cfg: DistillConfig, plan: LayerPlan) -> None:
+    arch = adapter_for(student)
+    ends = arch.end_modules(student)
+    for path, module in ends.items():
+        is_embedding = path[-1] in arch.embeddings
+        if (is_embedding and cfg.freeze_embeddings) or (not is_embedding and cfg.freeze_head):
+            module.requires_grad_(False)
+    if cfg.freeze_single_blocks:
+        for j, (a, b) in enumerate(plan.spans):
+            if b - a == 1:
+                arch.layer_list(student)[j].requires_grad_(False)
+
+
+def make_optimizer(student: torch.nn.Module, cfg: DistillConfig) -> torch.optim.Optimizer:
+    arch = adapter_for(student)
+    embed_ids = {id(p) for path, m in arch.end_modules(student).items() for p in m.parameters()
+                 if path[-1] in arch.embeddings}
+    decay, no_decay = [], []
+    for p in student.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 and id(p) not in embed_ids else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+
+
+def _schedule(cfg: DistillConfig) -> Callable[[int], float]:
+    warm = max(1, math.ceil(cfg.warmup * cfg.steps)) if cfg.warmup > 0 else 0
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        if cfg.schedule == "constant":
+            return 1.0
+        progress = (step - warm) / max(1, cfg.steps - warm)
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+# ----------------------------------------------------------------------------- loss terms
+
+
+@dataclass
+class LossInputs:
+    """What a loss term reads: the batch, both models' logits, and the states the hooks captured."""
+
+    run: Run
+    ids: torch.Tensor
+    """(B, T) token ids."""
+    mask: torch.Tensor
+    """(B, T) 1 where a position counts."""
+    student_logits: torch.Tensor | None
+    """(B, T, V), of the student or of the mixed size this micro-batch trains."""
+    teacher_logits: torch.Tensor | None
+    """(B, T, V), without gradient."""
+
+    def aligned_states(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Each student layer's output beside its teacher block's, for the student layers that ran."""
+        pairs = sorted(self.run.captured["student"])
+        return ([self.run.captured["student"][j] for j in pairs], [self.run.captured["teacher"][j] for j in pairs])
+
+    def blockwise_states(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        return blockwise_states(self.run)
+
+
+@dataclass(frozen=True)
+class Term:
+    """One loss term: `weight` names the DistillConfig field that weighs it; `needs` the passes it reads.
+
+    needs: "student" (the student's forward), "teacher" (the teacher's forward), "states" (each student
+    layer's and its teacher block's outputs), "blockwise" (each block's teacher input).
+    """
+
+    weight: str
+    needs: frozenset[str]
+    compute: Callable[[LossInputs], torch.Tensor]
+
+
+def _per_state(fn, states) -> torch.Tensor:
+    """A loss over aligned states, divided by their number (the paper's 2.0 / number of aligned states)."""
+    outs, targets = states
+    return fn(outs, targets) / max(1, len(outs))
+
+
+TERMS: dict[str, Term] = {
+    "ce": Term("ce_weight", frozenset({"student"}),
+               lambda x: next_token_cross_entropy(x.student_logits, x.ids, x.mask)),
+    "kl": Term("kl_weight", frozenset({"student", "teacher"}),
+               lambda x: kl_to_teacher(x.student_logits, x.teacher_logits, x.mask, x.run.cfg.temperature)),
+    "cosine": Term("cosine_weight", frozenset({"student", "teacher", "states"}),
+                   lambda x: _per_state(lambda s, t: cosine_alignment(s, t, x.mask), x.aligned_states())),
+    "mse": Term("mse_weight", frozenset({"student", "teacher", "states"}),
+                lambda x: _per_state(lambda s, t: relative_mse(s, t, x.mask), x.aligned_states())),
+    "local": Term("local_weight", frozenset({"teacher", "blockwise"}),
+                  lambda x: relative_mse(*x.blockwise_states(), x.mask) / len(x.run.plan.alignment)),
+}
+"""Every loss term by name. Adding one: its function (losses.py), its `*_weight` field, one row here."""
+
+
+def active_terms(cfg: DistillConfig) -> dict[str, Term]:
+    """The terms a recipe switches on (weight above 0), in TERMS' order."""
+    return {name: t for name, t in TERMS.items() if getattr(cfg, t.weight)}
+
+
+def _needs(cfg: DistillConfig) -> frozenset[str]:
+    return frozenset().union(*(t.needs for t in active_terms(cfg).values()))
+
+
+def _attach_capture(run: Run) -> None:
+    """Forward hooks on the teacher and student for the terms that read states.
+
+    They keep the outputs of aligned layers (every student layer, its teacher block) and, for the
+    blockwise term, the teacher's inputs to each block: the arguments its first layer was called with.
+    """
+    arch = adapter_for(run.student)
+
+    def keep(store: dict, key):
+        def hook(module, args, output):
+            store[key] = output[0] if isinstance(output, tuple) else output
+        return hook
+
+    def keep_call(store: dict, key):
+        def hook(module, args, kwargs):
+            store[key] = (args, kwargs)
+        return hook
+
+    run.captured = {"student": {}, "teacher": {}, "teacher_in": {}}
+    needs = _needs(run.cfg)
+    if "states" in needs:
+        for j, i in run.plan.alignment:
+            run.hooks.append(arch.layer_list(run.student)[j].register_forward_hook(keep(run.captured["student"], j)))
+    if needs & {"states", "blockwise"}:
+        for j, i in run.plan.alignment:
+            layer = arch.layer_list(run.teacher.model)[i]
+            run.hooks.append(layer.register_forward_hook(keep(run.captured["teacher"], j)))
+    if "blockwise" in needs:
+        for j, (a, b) in enumerate(run.plan.spans):
+            if j in run.plan.patchable:
+                layer = arch.layer_list(run.teacher.model)[a]
+                run.hooks.append(layer.register_forward_pre_hook(keep_call(run.captured["teacher_in"], j),
+                                                                 with_kwargs=True))
+
+
+def blockwise_states(run: Run) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Each patchable student layer run on its block's teacher input, beside the block's teacher output."""
+    layers = adapter_for(run.student).layer_list(run.student)
+    outs, targets = [], []
+    for j in sorted(run.captured["teacher_in"]):
+        args, kwargs = run.captured["teacher_in"][j]
+        kwargs = {**kwargs, "use_cache": False}
+        for name in ("past_key_values", "past_key_value", "layer_past"):
+            if name in kwargs:
+                kwargs[name] = None
+        out = layers[j](*args, **kwargs)
+        outs.append(out[0] if isinstance(out, tuple) else out)
+        targets.append(run.captured["teacher"][j])
+    return outs, targets
+
+
+# ----------------------------------------------------------------------------- one step
+
+
+@dataclass
+class LossParts:
+    total: torch.Tensor
+    terms: dict[str, float]
+    """Each active term's value (unweighted)."""
+
+
+def mixed_size(cfg: DistillConfig, plan: LayerPlan, step: int, micro: int) -> set[int]:
+    """The student layers patched back for this micro-batch (empty: the student itself).
+
+    Drawn from the seed and the position alone, so a resumed run and every process draw alike.
+    """
+    rng = random.Random((cfg.seed * 1_000_003 + step) * 1_009 + micro)
+    blocks = plan.patchable
+    if not cfg.mix_prob or len(blocks) < 2 or rng.random() >= cfg.mix_prob:
+        return set()
+    k = rng.randint(1, len(blocks) - 1)
+    return set(blocks[-k:])  # last-k: the paper's default order
+
+
+def loss_step(run: Run, ids: torch.Tensor, patched: set[int] = frozenset()) -> LossParts:
+    """The weighted loss of one micro-batch `ids` (B, T), and each active term's value."""
+    cfg, mask = run.cfg, torch.ones_like(ids)
+    terms = active_terms(cfg)
+    needs = _needs(cfg)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if run.device.type == "cuda" else nullcontext()
+    with autocast:
+        student_logits = teacher_logits = None
+        if "student" in needs:
+            # a mixed size shares the student's and teacher's modules (and their hooks): it runs before the
+            # teacher, whose own forward then rewrites every teacher state the hooks keep
+            model = run.family.build_patched(patched) if patched else run.student
+            student_logits = model(ids, use_cache=False).logits
+        if "teacher" in needs:
+            with torch.no_grad():
+                teacher_logits = run.teacher.model(ids, use_cache=False).logits
+        inputs = LossInputs(run, ids, mask, student_logits, teacher_logits)
+        values = {name: term.compute(inputs) for name, term in terms.items()}
+    total = sum(getattr(cfg, terms[name].weight) * value for name, value in values.items())
+    for store in run.captured.values():
+        store.clear()
+    return LossParts(total, {name: float(value.detach()) for name, value in values.items()})
+
+
+def optimizer_step(run: Run, step: int) -> tuple[float, dict[str, float], float]:
+    """One optimizer step over `grad_accum` micro-batches: (loss, terms, gradient norm), averaged over ranks."""
+    cfg = run.cfg
+    run.optimizer.zero_grad(set_to_none=True)
+    parts = []
+    rank, world = parallel.world()
+    for micro in range(cfg.grad_accum):
+        # with several processes, each takes its slice of the same global batch
+        batch = run.data.batch(step * cfg.grad_accum + micro, cfg.batch_size * world, cfg.seed)
+        ids = batch[rank * cfg.batch_size:(rank + 1) * cfg.batch_size].to(run.device)  # (B, T)
+        p = loss_step(run, ids, mixed_size(cfg, run.plan, step, micro))
+        (p.total / cfg.grad_accum).backward()
+        parts.append(p)
+    params = [p for p in run.student.parameters() if p.requires_grad]
+    if not run.sharded:  # FSDP has already reduced (and averaged) each gradient shard
+        parallel.average_gradients(params)
+    norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else float("inf"))
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    run.optimizer.step()
+    run.scheduler.step()
+    names = list(parts[0].terms)  # the same terms, in the same order, on every rank
+    local = [sum(float(p.total.detach()) for p in parts) / len(parts),
+             *(sum(p.terms[name] for p in parts) / len(parts) for name in names)]
+    loss, *values = parallel.all_mean(local, run.device)
+    return loss, dict(zip(names, values)), float(norm)
+
+
+# ----------------------------------------------------------------------------- run and finish
+
+
+def distill(cfg: DistillConfig, *, on_step: Callable[[StepReport], None] | None = None,
+            should_stop: Callable[[], bool] | None = None, resume: bool = False,
+            teacher: Teacher | None = None) -> DistillResult:
+    """Distill a student as `cfg` says; resumable, observable, stoppable within one step."""
+    run = setup(cfg, resume=resume, teacher=teacher)
+    try:
+        return run_loop(run, on_step=on_step, should_stop=should_stop)
+    finally:
+        for handle in run.hooks:
+            handle.remove()
+
+
+def run_loop(run: Run, *, on_step=None, should_stop=None) -> DistillResult:
+    cfg = run.cfg
+    rank, world = parallel.world()
+    tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * world
+    start, last = time.perf_counter(), None
+    step = run.start_step
+    while step < cfg.steps:
+        loss, terms, norm = optimizer_step(run, step)
+        step += 1
+        elapsed = time.perf_counter() - start
+        rate = (step - run.start_step) * tokens_per_step / elapsed
+        last = StepReport(step, cfg.steps, loss, terms, run.scheduler.get_last_lr()[0], norm, step * tokens_per_step,
+                          rate, elapsed, (cfg.steps - step) * tokens_per_step / rate)
+        if rank == 0:
+            with open(run.out / METRICS, "a") as f:
+                f.write(json.dumps(last.to_dict()) + "\n")
+            if on_step:
+                on_step(last)
+        stop = parallel.any_rank(bool(should_stop and should_stop()), run.device)
+        if stop or step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            save_checkpoint(run, step)  # every rank: a sharded student is gathered first
+        if stop and step < cfg.steps:
+            parallel.barrier()
+            return DistillResult(run.out, step, True, None, last)
+    student_dir = finish(run, step)
+    parallel.barrier()
+    return DistillResult(run.out, step, False, student_dir, last)
+
+
+def finish(run: Run, step: int) -> Path | None:
+    """Write the student folder (rank 0; every rank takes part in gathering a sharded student)."""
+    from boomerang.student import Manifest, save_student
+
+    cfg = run.cfg
+    student = _plain_student(run)
+    rank, world = parallel.world()
+    if rank != 0:
+        return None
+    summary = {"steps": step, "tokens": step * cfg.batch_size * cfg.seq_len * cfg.grad_accum * world,
+               "data": run.data.description, "recipe": str(run.out / RECIPE)}
+    manifest = Manifest(run.teacher.source, run.teacher.fingerprint, run.plan,
+                        teacher_revision=run.teacher.revision, distilled=summary if step else None)
+    return save_student(student.eval(), run.teacher.tokenizer, manifest, run.out / STUDENT, overwrite=True)
+
+
+def _plain_student(run: Run) -> torch.nn.Module | None:
+    """The student as an ordinary model; a sharded one is gathered and rebuilt on rank 0 (None elsewhere)."""
+    if not run.sharded:
+        return run.student
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    weights, _ = parallel.full_state(run.student, run.optimizer, run.sharded)
+    if parallel.world()[0] != 0:
+        return None
+    model = AutoModelForCausalLM.from_config(copy.deepcopy(run.student.config), dtype=run.teacher.model.dtype)
+    model.load_state_dict(weights)
+    return model

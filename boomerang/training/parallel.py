@@ -1,0 +1,199 @@
+"""One run on several processes: torchrun's process group, data-parallel helpers, FSDP, and the launcher.
+
+`launch_processes(cfg)` starts `boomerang distill` under torchrun (one process per GPU) and waits;
+the CLI and the workers both call it. Inside a run, the helpers below are no-ops with one process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from boomerang.arch import adapter_for
+from boomerang.errors import BoomerangError
+from boomerang.models import resolve_device
+from boomerang.training.recipe import DistillConfig
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size): (0, 1) unless torch.distributed is running."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def launched_world_size() -> int:
+    """The number of processes torchrun started (1 outside torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def run_device(cfg: DistillConfig) -> torch.device:
+    """The one device a run puts everything on: the teacher, the student, every batch, the family after.
+
+    With several CUDA processes, each takes the GPU of its local rank.
+    """
+    device = resolve_device(cfg.device)
+    if device.type == "cuda" and launched_world_size() > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return device
+
+
+def init_distributed(device: torch.device) -> None:
+    """Join the process group that torchrun describes in the environment (WORLD_SIZE > 1)."""
+    import torch.distributed as dist
+
+    if launched_world_size() > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # NCCL and FSDP work on the current device
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+
+
+def check_world(cfg: DistillConfig) -> None:
+    """The processes a run has must be the ones its recipe asks for."""
+    if cfg.processes > 1 and "WORLD_SIZE" not in os.environ:
+        raise BoomerangError(f"processes={cfg.processes} needs one process per share: run `boomerang distill` (it starts "
+                             f"them with torchrun), queue a job, or run torchrun --nproc-per-node {cfg.processes} yourself")
+    if cfg.processes > 1 and launched_world_size() != cfg.processes:
+        raise BoomerangError(f"the recipe asks for {cfg.processes} processes but {launched_world_size()} were started")
+
+
+def all_mean(values: list[float], device) -> list[float]:
+    """The mean over ranks of a few numbers (loss terms), for logging."""
+    rank, size = world()
+    if size == 1:
+        return values
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return (t / size).tolist()
+
+
+def average_gradients(params: list[torch.Tensor]) -> None:
+    """Average gradients over ranks: every rank then takes the same optimizer step."""
+    rank, size = world()
+    if size == 1:
+        return
+    import torch.distributed as dist
+
+    grads = [p.grad for p in params if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= size
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def any_rank(flag: bool, device) -> bool:
+    rank, size = world()
+    if size == 1:
+        return flag
+    import torch.distributed as dist
+
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def barrier() -> None:
+    if world()[1] > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def shard(model: torch.nn.Module, device: torch.device, size: int) -> None:
+    """FSDP2: every decoder layer its own unit, the rest (embeddings, head) in the root unit."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (size,))
+    for layer in adapter_for(model).layer_list(model):
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
+def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sharded: bool) -> tuple[dict, dict]:
+    """The model's and optimizer's state dicts, whole (gathered from every rank when sharded, on the CPU)."""
+    if not sharded:
+        return model.state_dict(), optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, optimizer, options=options)
+
+
+def load_full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict, optim_state: dict,
+                    sharded: bool) -> None:
+    """The inverse of `full_state`: every rank reads the whole state and keeps its shards."""
+    if not sharded:
+        model.load_state_dict(state)
+        optimizer.load_state_dict(optim_state)
+        return
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, state, options=options)
+    set_optimizer_state_dict(model, optimizer, optim_state, options=options)
+
+
+# ----------------------------------------------------------------------------- the launcher
+
+
+def cuda_count() -> int:
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def launch_processes(cfg: DistillConfig, *, resume: bool = False, stop_file: str | None = None, log=None) -> int:
+    """Run a distillation on `cfg.processes` processes (torchrun, one per GPU) and wait for it.
+
+    The processes run in their own session, so Ctrl-C reaches this launcher alone: the first one
+    asks every process to stop after its current step (they checkpoint), a second one terminates them.
+    `log` (a file) receives their output; default: this terminal.
+    """
+    if resolve_device(cfg.device).type == "cuda" and cuda_count() < cfg.processes:
+        raise BoomerangError(f"processes={cfg.processes} but only {cuda_count()} GPU(s) are visible here "
+                             f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})")
+    with tempfile.TemporaryDirectory(prefix="boomerang-launch-") as tmp:
+        recipe = Path(tmp) / "recipe.json"
+        recipe.write_text(json.dumps(cfg.to_dict()))
+        stop = Path(stop_file) if stop_file else Path(tmp) / "stop"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(cfg.processes),
+               "-m", "boomerang.cli", "distill", "--recipe", str(recipe), "--out", cfg.out, "--stop-file", str(stop)]
+        cmd += ["--resume"] if resume else []
+        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS") or
+               str(max(1, (os.cpu_count() or 1) // cfg.processes))}
+        proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT if log else None)
+        asked = {"n": 0}
+
+        def on_sigint(signum, frame):
+            asked["n"] += 1
+            if asked["n"] == 1:
+                stop.touch()
+                print(f"stopping all {cfg.processes} processes after this step (Ctrl-C again to terminate them)...",
+                      file=sys.stderr)
+            else:
+                os.killpg(proc.pid, signal.SIGTERM)
+
+        previous = signal.signal(signal.SIGINT, on_sigint) if log is None else None
+        try:
+            return proc.wait()
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait()

@@ -1,0 +1,242 @@
+"""A distillation run's settings: `DistillConfig`, the named recipes (JSON files beside this module), reading them.
+
+A recipe file has exactly `DistillConfig`'s keys (any subset); the named recipes are such files in
+`boomerang/training/recipes/`, so `--recipe cpu` and `--recipe path/to/cpu.json` are the same thing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+import torch
+
+from boomerang.errors import BoomerangError
+from boomerang.plan import LayerPlan, PaperRule
+from boomerang.settings import Settings
+
+RECIPES_DIR = Path(__file__).parent / "recipes"
+RECIPE = "recipe.json"
+"""The file in a run folder that holds the run's full settings."""
+
+
+@dataclass
+class DistillConfig(Settings):
+    """Every setting of a distillation run; a recipe file has exactly these keys."""
+
+    teacher: str = "default"
+    """Teacher: default | hub id | local folder | .gguf file."""
+    data: str = "teacher"
+    """Training text: a .txt/.jsonl/.parquet file or folder, hub:NAME[:SPLIT], or teacher (self-written)."""
+    out: str = "runs/distill"
+    """Run folder: recipe, metrics, checkpoint and, at the end, the student folder."""
+    steps: int = 300
+    """Optimizer steps; 0 writes the freshly cut, undistilled student."""
+    batch_size: int = 8
+    """Sequences per micro-batch."""
+    seq_len: int = 128
+    """Tokens per sequence."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    lr: float = 3e-4
+    """Peak learning rate (AdamW)."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    weight_decay: float = 0.1
+    """AdamW weight decay (matrices only; not norms, biases or embeddings)."""
+    warmup: float = 0.01
+    """Warm-up, as a fraction of the steps."""
+    schedule: str = "cosine"
+    """Learning-rate schedule after warm-up: cosine | constant."""
+    min_lr_ratio: float = 0.0
+    """Floor of the cosine schedule, as a fraction of lr."""
+    clip: float = 1.0
+    """Gradient-norm clipping; 0 turns it off."""
+    ce_weight: float = 1.0
+    """Weight of next-token cross-entropy on the training text; 0 switches it off."""
+    kl_weight: float = 0.1
+    """Weight of KL(teacher || student) on the logits; 0 switches it off."""
+    cosine_weight: float = 2.0
+    """Weight of the cosine alignment loss, divided by the number of aligned states; 0 switches it off."""
+    mse_weight: float = 0.0
+    """Weight of a relative-MSE term on the aligned states (norms as well as directions), divided like cosine; 0: off (paper)."""
+    mix_prob: float = 0.0
+    """Fraction of micro-batches that train a random size of the family (last-k order, 1 to all-but-one blocks
+    patched back with the teacher's frozen blocks) instead of the student alone, so student layers learn to work
+    beside teacher blocks; 0: off (paper)."""
+    local_weight: float = 0.0
+    """Weight of the blockwise term, divided like cosine: each student layer, run on the teacher's input to its
+    block, must give the block's output (relative MSE). It makes every student layer a drop-in for its block,
+    whatever the other layers are; 0: off (paper)."""
+    temperature: float = 1.0
+    """Softmax temperature of the KL term."""
+    freeze_embeddings: bool = False
+    """Keep the input embeddings at the teacher's (with tied embeddings, the head too)."""
+    freeze_head: bool = False
+    """Keep the output head and final norm at the teacher's (with tied embeddings, the embeddings too)."""
+    freeze_single_blocks: bool = False
+    """Keep student layers that stand for one teacher layer (e.g. the last 2) at the teacher's weights."""
+    keep_first: int = 1
+    """Plan: leading teacher layers kept."""
+    every: int = 2
+    """Plan: keep one layer in `every` after the first ones."""
+    keep_last: int = 2
+    """Plan: trailing teacher layers kept."""
+    keep: list[int] | None = None
+    """Plan: explicit kept teacher layers (overrides the rule)."""
+    plan: str = "rule"
+    """Plan: rule (keep_first, every, keep_last) | importance (as many layers as the rule keeps, dropping those whose
+    loss costs the teacher least on the first training blocks; never more than `every` in a row)."""
+    text_field: str = "text"
+    """Field holding the text in .jsonl/.parquet/hub data."""
+    heldout_fraction: float = 0.1
+    """Fraction of the token stream held out (its end)."""
+    max_tokens: int | None = None
+    """Use at most this many tokens of the data (None: all)."""
+    teacher_docs: int = 256
+    """Documents the teacher writes when data is `teacher`."""
+    checkpoint_every: int = 50
+    """Checkpoint every this many steps (and always on stop and at the end)."""
+    seed: int = 0
+    """Seed for the batch order and everything random."""
+    device: str = "auto"
+    """auto (CUDA if present) | cpu | cuda | cuda:N."""
+    dtype: str = "float32"
+    """Weights' dtype; on CUDA the forward runs under bf16 autocast."""
+    processes: int = 1
+    """Processes (one per GPU) sharing each global batch; `boomerang distill` and the workers start them with torchrun."""
+    fsdp: bool = False
+    """Shard the teacher and the student over the processes (FSDP, one unit per layer): for teachers too large for one device."""
+
+    def __post_init__(self):
+        self.check_types()
+        from boomerang.models import normalize_source
+
+        self.teacher = normalize_source(self.teacher)  # one spelling per teacher, in every row and file
+        positive = ("batch_size", "seq_len", "grad_accum", "checkpoint_every", "teacher_docs", "processes")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise BoomerangError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.steps < 0:
+            raise BoomerangError(f"steps must be 0 or more, got {self.steps}")
+        if self.lr <= 0:
+            raise BoomerangError(f"lr must be positive, got {self.lr}")
+        for name in (*self.loss_weights(), "weight_decay", "clip", "min_lr_ratio"):
+            if getattr(self, name) < 0:
+                raise BoomerangError(f"{name} must be 0 or more, got {getattr(self, name)}")
+        if not any(getattr(self, name) for name in self.loss_weights()):
+            raise BoomerangError(f"every loss weight is 0: switch on at least one of {', '.join(self.loss_weights())}")
+        if not 0 <= self.mix_prob <= 1:
+            raise BoomerangError(f"mix_prob is a probability in [0, 1], got {self.mix_prob}")
+        if self.mix_prob and self.fsdp:
+            raise BoomerangError("mix_prob and fsdp cannot be combined yet: a mixed size would run sharded layers "
+                                 "outside their FSDP units; use data parallelism (no --fsdp) or mix_prob 0")
+        if not 0 <= self.warmup < 1:
+            raise BoomerangError(f"warmup is a fraction of the steps in [0, 1), got {self.warmup}")
+        if not 0 < self.heldout_fraction < 1:
+            raise BoomerangError(f"heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
+        if self.plan not in ("rule", "importance"):
+            raise BoomerangError(f"plan must be rule or importance, got {self.plan!r}")
+        if self.schedule not in ("cosine", "constant"):
+            raise BoomerangError(f"schedule must be cosine or constant, got {self.schedule!r}")
+        if self.temperature <= 0:
+            raise BoomerangError(f"temperature must be positive, got {self.temperature}")
+        for beta in ("beta1", "beta2"):
+            if not 0 <= getattr(self, beta) < 1:
+                raise BoomerangError(f"{beta} must be in [0, 1), got {getattr(self, beta)}")
+        PaperRule(self.keep_first, self.every, self.keep_last)  # validates the rule's numbers
+
+    @classmethod
+    def loss_weights(cls) -> tuple[str, ...]:
+        """The fields that weigh a loss term (every `*_weight` field); a term with weight 0 is off."""
+        return tuple(f.name for f in dataclasses.fields(cls) if f.name.endswith("_weight") and f.name != "weight_decay")
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "DistillConfig":
+        return cls.from_dict(read_recipe_file(path), source=f"recipe {path}")
+
+    def plan_for(self, n_teacher: int) -> LayerPlan:
+        """The plan by the rule or the explicit list (with plan=importance: the rule's, whose size it keeps)."""
+        if self.keep:
+            return LayerPlan(n_teacher, tuple(self.keep))
+        return LayerPlan.from_rule(n_teacher, PaperRule(self.keep_first, self.every, self.keep_last))
+
+    def resolve_plan(self, teacher_model: torch.nn.Module, ids: torch.Tensor) -> LayerPlan:
+        """The run's plan; with plan=importance, measured on the teacher with `ids` (B, T)."""
+        rule_plan = self.plan_for(teacher_model.config.num_hidden_layers)
+        if self.keep or self.plan == "rule":
+            return rule_plan
+        from boomerang.importance import drop_one_costs
+        from boomerang.plan import importance_plan
+
+        costs = drop_one_costs(teacher_model, ids)
+        return importance_plan(costs, rule_plan.n_student, keep_first=self.keep_first, keep_last=self.keep_last,
+                               max_run=self.every)
+
+    def check(self) -> None:
+        """Checks against the world, before any work: the teacher's config, the plan on it, the data's lines.
+
+        Cheap (no weights are loaded): what a queued job is checked with before it is accepted.
+        """
+        from boomerang.models import teacher_layer_count
+
+        self.plan_for(teacher_layer_count(self.teacher))
+        if self.data != "teacher" and not self.data.startswith("hub:"):
+            from boomerang.data import read_documents
+
+            path = Path(self.data).expanduser()
+            if not path.exists():
+                raise BoomerangError(f"data not found: {path}")
+            if path.is_file() and path.stat().st_size < 50_000_000:
+                read_documents(str(path), text_field=self.text_field)  # bad lines are named now, not hours later
+
+
+# ----------------------------------------------------------------------------- named recipes and recipe files
+
+
+@cache
+def recipe_names() -> tuple[str, ...]:
+    """The named recipes: the JSON files of `boomerang/training/recipes/`, paper first."""
+    names = sorted(p.stem for p in RECIPES_DIR.glob("*.json"))
+    return tuple(sorted(names, key=lambda n: n != "paper"))
+
+
+def named_recipe(name: str) -> dict:
+    """The settings a named recipe changes from DistillConfig's defaults (a copy)."""
+    if name not in recipe_names():
+        raise BoomerangError(f"unknown recipe {name!r}: use one of {', '.join(recipe_names())} or a JSON file")
+    return read_recipe_file(RECIPES_DIR / f"{name}.json")
+
+
+def recipe_settings(name_or_file: str) -> dict:
+    """A named recipe's or a recipe file's settings, validated."""
+    data = named_recipe(name_or_file) if name_or_file in recipe_names() else read_recipe_file(name_or_file)
+    DistillConfig.from_dict(data, source=f"recipe {name_or_file}")
+    return data
+
+
+def read_recipe_file(path: str | Path) -> dict:
+    try:
+        data = json.loads(Path(path).expanduser().read_text())
+    except FileNotFoundError:
+        raise BoomerangError(f"recipe file not found: {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BoomerangError(f"{path}: not valid JSON ({getattr(exc, 'msg', exc)})") from None
+    except OSError as exc:
+        raise BoomerangError(f"cannot read recipe {path}: {exc.strerror}") from None
+    if not isinstance(data, dict):
+        raise BoomerangError(f"recipe {path}: a recipe is a JSON object of settings, got {type(data).__name__}")
+    return data
+
+
+def read_recipe(out: str | Path) -> DistillConfig:
+    """The full settings of the run in folder `out`."""
+    folder = Path(out).expanduser()
+    if not (folder / RECIPE).is_file():
+        raise BoomerangError(f"no run in {folder}: it has no {RECIPE}")
+    return DistillConfig.from_file(folder / RECIPE)

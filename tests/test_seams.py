@@ -1,0 +1,196 @@
+"""The seams between library, jobs, database and dashboard: who may import whom, one device per run,
+loss terms by name from the loop to the chart, and job kinds as one registry."""
+
+from __future__ import annotations
+
+import ast
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from sqlmodel import Session
+
+from db import crud
+from db.engine import make_engine
+from db.models import JobCreate, JobKind
+from tiny import save_tiny_teacher
+
+ROOT = Path(__file__).resolve().parents[1]
+TEXT = "One device for the whole run: teacher, student, every batch, and the family after. " * 60
+
+
+def imports_of(path: Path) -> list[tuple[str, list[str]]]:
+    """(module, names) for every import statement of a file; relative imports are not used here."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out += [(a.name, []) for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            out.append((node.module, [a.name for a in node.names]))
+    return out
+
+
+def files(folder: str) -> list[Path]:
+    return sorted((ROOT / folder).rglob("*.py"))
+
+
+FORBIDDEN = {
+    "boomerang": ("db", "workers", "app", "gradio", "celery", "sqlmodel", "sqlalchemy", "redis"),
+    "db": ("workers", "app", "gradio", "celery"),
+    "workers": ("app", "gradio", "boomerang.cli"),
+    "app": ("workers.cli", "workers.runner", "workers.bodies", "workers.context"),
+    "bench": ("app", "workers", "db"),
+}
+
+
+@pytest.mark.parametrize("folder", sorted(FORBIDDEN))
+def test_each_folder_imports_only_what_the_architecture_allows(folder):
+    """docs/architecture.md's table, enforced: a layer never imports the layers above it."""
+    bad = []
+    for path in files(folder):
+        for module, _ in imports_of(path):
+            if any(module == f or module.startswith(f + ".") for f in FORBIDDEN[folder]):
+                bad.append(f"{path.relative_to(ROOT)} imports {module}")
+    assert not bad, "\n".join(bad)
+
+
+def test_no_private_name_is_imported_across_modules():
+    bad = []
+    for folder in ("boomerang", "db", "workers", "app", "bench", "tests"):
+        for path in files(folder):
+            for module, names in imports_of(path):
+                if module.split(".")[0] in ("boomerang", "db", "workers", "app"):
+                    bad += [f"{path.relative_to(ROOT)}: from {module} import {n}" for n in names if n.startswith("_")]
+    assert not bad, "\n".join(bad)
+
+
+def test_the_import_check_catches_a_violation(tmp_path):
+    """The checks above can fail: a file that imports db from the library is caught by the same parser."""
+    path = tmp_path / "bad.py"
+    path.write_text("from db import crud\nfrom boomerang.family import _shallow\n")
+    assert imports_of(path) == [("db", ["crud"]), ("boomerang.family", ["_shallow"])]
+
+
+# ----------------------------------------------------------------------------- one device per run
+
+
+def devices() -> list[str]:
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("BOOMERANG_HOME", str(tmp_path / "home"))
+    save_tiny_teacher(tmp_path / "teacher", "llama")
+    (tmp_path / "corpus.txt").write_text(TEXT)
+    return tmp_path
+
+
+def queued(engine, tmp: Path, **settings) -> int:
+    """A distillation job row as submit writes it (validated by the registry), without a queue."""
+    from workers.submit import validate
+
+    clean = validate("distill", dict(teacher=str(tmp / "teacher"), data=str(tmp / "corpus.txt"), steps=3,
+                                     batch_size=2, seq_len=16, lr=1e-3, checkpoint_every=2, **settings))
+    with Session(engine) as s:
+        return crud.create_job(session=s, job_in=JobCreate(kind=JobKind.DISTILL, settings=clean)).id
+
+
+@pytest.mark.parametrize("device", devices())
+def test_a_job_through_the_real_runner_keeps_teacher_student_batches_and_family_on_one_device(home, device, monkeypatch):
+    from boomerang import family as family_module
+    from boomerang.training import loop
+    from workers.runner import run_job
+
+    seen = []
+    real_loss_step, real_init = loop.loss_step, family_module.Family.__init__
+
+    def spy_loss_step(run, ids, patched=frozenset()):
+        seen.append(("batch", ids.device.type))
+        seen.append(("teacher", next(run.teacher.model.parameters()).device.type))
+        seen.append(("student", next(run.student.parameters()).device.type))
+        return real_loss_step(run, ids, patched)
+
+    def spy_family(self, teacher, student, plan, order="last"):
+        seen.append(("family teacher", next(teacher.parameters()).device.type))
+        seen.append(("family student", next(student.parameters()).device.type))
+        real_init(self, teacher, student, plan, order)
+
+    monkeypatch.setattr(loop, "loss_step", spy_loss_step)
+    monkeypatch.setattr(family_module.Family, "__init__", spy_family)
+    engine = make_engine(f"sqlite:///{home / 'jobs.db'}")
+    job_id = queued(engine, home, device=device, mix_prob=0.5)
+    assert run_job(job_id, engine=engine, worker="test") == "SUCCEEDED"
+    kinds = {what for what, _ in seen}
+    assert {"batch", "teacher", "student", "family teacher", "family student"} <= kinds
+    assert {where for _, where in seen} == {device}, seen
+    with Session(engine) as s:
+        (student,) = crud.list_students(session=s)
+        assert [z.n_layers for z in crud.sizes_of(session=s, student_id=student.id)] == [5, 6, 7, 8]
+
+
+# ----------------------------------------------------------------------------- loss terms by name
+
+
+def test_a_new_loss_term_reaches_metrics_the_database_the_log_and_the_chart(home, monkeypatch):
+    """Adding a term is a row of TERMS: here one is added in the test and followed to the Jobs chart."""
+    from app.handlers import job_detail, loss_figure
+    from boomerang.training import loop
+    from workers.runner import run_job
+
+    probe = loop.Term("kl_weight", frozenset({"student"}), lambda x: x.student_logits.float().pow(2).mean() * 0 + 0.125)
+    monkeypatch.setitem(loop.TERMS, "probe", probe)
+    engine = make_engine(f"sqlite:///{home / 'jobs.db'}")
+    job_id = queued(engine, home, ce_weight=0, cosine_weight=0)
+    assert run_job(job_id, engine=engine, worker="test") == "SUCCEEDED"
+    with Session(engine) as s:
+        job = crud.get_job(session=s, job_id=job_id)
+        rows = crud.steps_of(session=s, job_id=job_id)
+    assert [r.step for r in rows] == [1, 2, 3]
+    assert all(set(r.terms) == {"kl", "probe"} and r.terms["probe"] == 0.125 for r in rows)
+    assert all(r.loss == pytest.approx(0.1 * (r.terms["kl"] + 0.125)) for r in rows)  # weighted like kl
+    assert job.losses["probe"] == 0.125 and "probe 0.1250" in job.log
+    metrics = [json.loads(line) for line in (Path(job.run_dir) / "metrics.jsonl").read_text().splitlines()]
+    assert [m["terms"]["probe"] for m in metrics] == [0.125] * 3
+    services = type("S", (), {"engine": engine})()
+    _, curves, _ = job_detail(services, job_id)
+    assert {c["term"] for c in curves} == {"total", "kl", "probe"}
+    assert [t.name for t in loss_figure(curves).data] == ["total", "kl", "probe"]
+
+
+# ----------------------------------------------------------------------------- job kinds
+
+
+def test_every_job_kind_has_one_registry_row_and_its_request_round_trips(tmp_path):
+    from boomerang.evaluation.run import EvalRequest
+    from boomerang.export import ExportRequest
+    from boomerang.training.recipe import DistillConfig
+    from workers.kinds import KINDS, build_request
+
+    assert set(KINDS) == set(JobKind)
+    assert len({k.task for k in KINDS.values()}) == len(KINDS)
+    samples = {JobKind.DISTILL: DistillConfig(), JobKind.EXPORT: ExportRequest(str(tmp_path), 5, str(tmp_path / "x")),
+               JobKind.EVAL: EvalRequest(str(tmp_path), cost=True)}
+    for kind, request in samples.items():
+        assert isinstance(request, KINDS[kind].request)
+        again = build_request(kind, json.loads(json.dumps(request.to_dict())))  # what a job row holds
+        assert again == request
+
+
+@pytest.mark.parametrize("kind, settings, message", [
+    ("distill", {"steps": "ten"}, 'steps must be an integer, got "ten"'),
+    ("distill", {"lr": float("inf")}, "lr must be a finite number, got inf"),
+    ("distill", {"stepz": 1}, r"unknown keys \['stepz'\]"),
+    ("eval", {"student": "s", "tasks": "quiz"}, 'tasks must be a list of strings, got "quiz"'),
+    ("eval", {"student": "s", "settings": {"limit": 0}, "cost": True}, "limit must be at least 1"),
+    ("eval", {"student": "s"}, "nothing to evaluate"),
+    ("export", {"student": "s", "layers": 0, "out": "o"}, "layers must be at least 1"),
+    ("export", {"student": "s", "layers": 5}, "missing out"),
+])
+def test_requests_refuse_bad_settings_with_the_setting_named(kind, settings, message):
+    from boomerang.errors import BoomerangError
+    from workers.kinds import build_request
+
+    with pytest.raises(BoomerangError, match=message):
+        build_request(kind, settings)

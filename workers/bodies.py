@@ -1,0 +1,179 @@
+"""Job bodies: what a worker does for each kind of job, given the job's context and its typed request.
+
+A body calls the library, turns its reports into progress and log lines, raises `Cancelled` when
+asked to stop, and returns the job's result (a JSON object). Which body serves which kind: kinds.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import threading
+from pathlib import Path
+
+from sqlmodel import Session, select
+
+from boomerang.errors import BoomerangError
+from boomerang.evaluation.run import EvalRequest
+from boomerang.export import ExportRequest
+from boomerang.training.recipe import DistillConfig
+from db import crud
+from db.models import Student
+from workers.context import Cancelled, JobContext, worker_name
+
+# ----------------------------------------------------------------------------- distill
+
+
+def run_dir_for(job, cfg: DistillConfig) -> Path:
+    """The run folder: the one the job asked for, or a folder of its own under BOOMERANG_HOME."""
+    from boomerang.models import boomerang_home
+
+    asked = cfg.out != DistillConfig.out
+    return Path(cfg.out if asked else boomerang_home() / "runs" / f"job-{job.id}").expanduser().resolve()
+
+
+def distill(ctx: JobContext, cfg: DistillConfig) -> dict:
+    from boomerang.models import load_teacher
+    from boomerang.training.checkpoint import CHECKPOINT
+    from boomerang.training.loop import distill as run_distillation
+    from boomerang.training.parallel import run_device
+
+    job = ctx.job
+    out = run_dir_for(job, cfg)
+    cfg = dataclasses.replace(cfg, out=str(out))
+    resume = (out / CHECKPOINT).is_file()
+    with Session(ctx.engine) as s:
+        crud.update_progress(session=s, job_id=job.id, run_dir=str(out), total=cfg.steps)
+    where = f"{cfg.processes} processes" if cfg.processes > 1 else f"one process on {run_device(cfg)}"
+    ctx.log(f"{'resuming' if resume else 'starting'} on {worker_name()} ({where}): {cfg.steps} steps into {out}")
+    first = {"seen": False, "step": 0}
+
+    def on_step(r) -> None:
+        if not first["seen"]:
+            first["seen"], first["step"] = True, r.step
+            with Session(ctx.engine) as s:  # steps past the checkpoint are logged again: drop the old ones
+                crud.forget_steps_after(session=s, job_id=job.id, step=r.step - 1)
+        ctx.log(f"step {r.step}/{r.total} loss {r.loss:.4f} " + " ".join(f"{k} {v:.4f}" for k, v in r.terms.items()))
+        # a checkpoint follows this report: the rows it covers must be in the database before it exists
+        checkpoint = r.step == r.total or r.step % cfg.checkpoint_every == 0
+        ctx.progress(r.step, r.total, steps=[r.to_dict()], force=checkpoint, losses={"loss": r.loss, **r.terms},
+                     tokens_per_s=r.tokens_per_s, eta_s=r.eta_s)
+
+    if cfg.processes > 1:
+        steps_done, stopped, student_dir = _distill_processes(ctx, cfg, resume, on_step)
+        teacher = load_teacher(cfg.teacher, dtype=cfg.dtype)  # on the host: only to list the family's sizes
+    else:
+        # one decision: the teacher is loaded where the run runs, and the family built after follows it
+        teacher = load_teacher(cfg.teacher, dtype=cfg.dtype, device=str(run_device(cfg)))
+        result = run_distillation(cfg, on_step=on_step, should_stop=ctx.should_stop, resume=resume, teacher=teacher)
+        steps_done, stopped, student_dir = result.steps_done, result.stopped, result.student_dir
+    ctx.progress(steps_done, cfg.steps, force=True)
+    if stopped:
+        raise Cancelled
+    _register_student(ctx, teacher, student_dir)
+    return {"student_dir": str(student_dir), "steps": steps_done,
+            "resumed_from": first["step"] - 1 if first["seen"] else steps_done}
+
+
+def _distill_processes(ctx: JobContext, cfg: DistillConfig, resume: bool, on_step) -> tuple[int, bool, Path | None]:
+    """One job on several processes (GPUs): torchrun in a child, its steps read back from metrics.jsonl.
+
+    Cancelling creates the stop file the processes watch: they finish the step and checkpoint.
+    """
+    from boomerang.training.checkpoint import CHECKPOINT, METRICS, STUDENT, checkpoint_step, truncate_metrics
+    from boomerang.training.loop import StepReport
+    from boomerang.training.parallel import launch_processes
+
+    out = Path(cfg.out)
+    stop = out.parent / f".{out.name}.stop"
+    stop.unlink(missing_ok=True)
+    log_path = out.parent / f"{out.name}.log"
+    seen = {"step": 0, "offset": 0}
+    if resume:  # lines past the checkpoint will be written again by the resumed run
+        seen["step"] = checkpoint_step(out / CHECKPOINT)
+        truncate_metrics(out / METRICS, seen["step"])
+
+    def read_steps() -> None:
+        path = out / METRICS
+        if not path.is_file():
+            return
+        with open(path) as f:
+            f.seek(seen["offset"])
+            chunk = f.read()
+        complete = chunk[:chunk.rfind("\n") + 1]
+        seen["offset"] += len(complete.encode())
+        for line in complete.splitlines():
+            r = StepReport.from_dict(json.loads(line))
+            if r.step > seen["step"]:
+                seen["step"] = r.step
+                on_step(r)
+
+    result: dict = {}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "a") as log:
+        runner = threading.Thread(target=lambda: result.update(
+            rc=launch_processes(cfg, resume=resume, stop_file=str(stop), log=log)), daemon=True)
+        runner.start()
+        while runner.is_alive():
+            runner.join(timeout=1.0)
+            read_steps()
+            if ctx.should_stop() and not stop.exists():
+                stop.touch()
+                ctx.log("cancel asked: the processes stop after this step and checkpoint")
+    read_steps()
+    stopped = stop.exists()
+    stop.unlink(missing_ok=True)
+    if result.get("rc") != 0:
+        lines = log_path.read_text(errors="replace").strip().splitlines()
+        ours = list(dict.fromkeys(line for line in lines if line.startswith("error: ")))  # our processes' own errors
+        detail = "\n".join(ours) if ours else "the end of the log:\n" + "\n".join(lines[-15:])
+        raise BoomerangError(f"the {cfg.processes} distillation processes failed (exit {result.get('rc')}; "
+                             f"output in {log_path})\n{detail}")
+    student = out / STUDENT
+    if not stopped and not (student / "boomerang.json").is_file():
+        raise BoomerangError(f"the distillation processes ended without writing {student}; see {log_path}")
+    return seen["step"], stopped, None if stopped else student
+
+
+def _register_student(ctx: JobContext, teacher, folder: Path) -> None:
+    from boomerang.student import open_family
+
+    opened = open_family(folder, teacher=teacher)
+    sizes = [s.to_dict() for s in opened.family.sizes()]
+    with Session(ctx.engine) as s:
+        t = crud.get_or_create_teacher(session=s, source=teacher.source, fingerprint=teacher.fingerprint,
+                                       n_layers=teacher.n_layers)
+        crud.upsert_student(session=s, folder=str(opened.folder), manifest=opened.manifest.to_dict(), sizes=sizes,
+                            job_id=ctx.job.id, teacher_id=t.id)
+
+
+# ----------------------------------------------------------------------------- evaluate
+
+
+def evaluate(ctx: JobContext, req: EvalRequest) -> dict:
+    from boomerang.evaluation.run import evaluate_student
+
+    def on_cell(done, total, key, task, skipped):
+        ctx.log(f"{done}/{total} {key} {task}{' (cached)' if skipped else ''}")
+        ctx.progress(done, total, force=done == total)
+
+    report = evaluate_student(req, on_cell=on_cell, should_stop=ctx.should_stop)
+    if ctx.should_stop():
+        raise Cancelled
+    with Session(ctx.engine) as s:
+        student = s.exec(select(Student).where(Student.folder == req.student)).first()
+        added = crud.record_eval_rows(session=s, student_id=student.id if student else None, job_id=ctx.job.id,
+                                      rows=report.rows)
+    return {"cells": report.total, "computed": report.computed, "rows_added": added, "table": str(report.table),
+            "charts": [str(c) for c in report.charts]}
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def export(ctx: JobContext, req: ExportRequest) -> dict:
+    from boomerang.export import run_export
+
+    out = run_export(req)
+    ctx.progress(1, 1, force=True)
+    return {"folder": str(out), "layers": req.layers}

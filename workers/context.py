@@ -1,0 +1,78 @@
+"""What a running job's body works with: its context (progress, log, the stop flag) and its heartbeat.
+
+The library reports through callbacks; a body turns those reports into `ctx.progress(...)` and
+`ctx.log(...)`, and passes `ctx.should_stop` as the library's stop flag.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+
+from sqlmodel import Session
+
+from db import crud
+
+HEARTBEAT_S = float(os.environ.get("BOOMERANG_HEARTBEAT_S", "5"))
+PROGRESS_EVERY_S = 2.0
+LOG_LINES = 20
+
+
+def worker_name() -> str:
+    return os.environ.get("BOOMERANG_WORKER_NAME") or f"{socket.gethostname()}:{os.getpid()}"
+
+
+class Heartbeat(threading.Thread):
+    """Refreshes a job's heartbeat; notices when the job is no longer ours."""
+
+    def __init__(self, engine, job_id: int, worker: str, every: float = HEARTBEAT_S):
+        super().__init__(daemon=True, name=f"heartbeat-{job_id}")
+        self.engine, self.job_id, self.worker, self.every = engine, job_id, worker, every
+        self.done, self.lost = threading.Event(), False
+
+    def run(self) -> None:
+        while not self.done.wait(self.every):
+            with Session(self.engine) as s:
+                if not crud.heartbeat(session=s, job_id=self.job_id, worker=self.worker):
+                    self.lost = True
+                    return
+
+
+class Cancelled(Exception):
+    pass
+
+
+class JobContext:
+    """What a job body gets: progress reporting, the stop flag, and the job row's settings."""
+
+    def __init__(self, engine, job, beat: Heartbeat):
+        self.engine, self.job, self.beat = engine, job, beat
+        self._checked, self._cancel = 0.0, False
+        self._pending, self._flushed, self._log = [], 0.0, []
+
+    def should_stop(self) -> bool:
+        if self.beat.lost:
+            return True
+        now = time.monotonic()
+        if now - self._checked > 1.0:
+            with Session(self.engine) as s:
+                self._cancel = bool(crud.get_job(session=s, job_id=self.job.id).cancel_requested)
+            self._checked = now
+        return self._cancel
+
+    def log(self, line: str) -> None:
+        self._log = (self._log + [line])[-LOG_LINES:]
+
+    def progress(self, step: int, total: int, *, steps: list[dict] | None = None, force: bool = False, **fields) -> None:
+        """Buffer step metrics; write progress to the database at least every PROGRESS_EVERY_S."""
+        self._pending += steps or []
+        now = time.monotonic()
+        if not force and now - self._flushed < PROGRESS_EVERY_S:
+            return
+        with Session(self.engine) as s:
+            if self._pending:
+                crud.record_steps(session=s, job_id=self.job.id, steps=self._pending)
+            crud.update_progress(session=s, job_id=self.job.id, step=step, total=total, log="\n".join(self._log), **fields)
+        self._pending, self._flushed = [], now
