@@ -9,12 +9,11 @@ from __future__ import annotations
 import csv
 import html
 import tempfile
-import threading
 from pathlib import Path
 
 from sqlmodel import Session
 
-from boomerang.errors import BoomerangError
+from boomerang.errors import BoomerangError, excerpt
 from db import crud
 from db.models import JobStatus
 
@@ -25,6 +24,40 @@ def teacher_choices(services) -> list[str]:
     with Session(services.engine) as s:
         used = [t.source for t in crud.list_teachers(session=s)]
     return ["default", *[u for u in used if u != "default"]]
+
+
+MAX_TEXT = 4096
+"""Characters a form's text field may hold (a path, a layer list, a task list); longer is refused unread."""
+MAX_MESSAGE = 20_000
+"""Characters of one chat message."""
+
+
+def check_text(name: str, value, limit: int = MAX_TEXT) -> None:
+    if isinstance(value, str) and len(value) > limit:
+        raise BoomerangError(f"{name} is too long ({len(value):,} characters, at most {limit:,}): {excerpt(value, 40)}")
+
+
+def check_path(services, what: str, path: str) -> None:
+    """Refuse a server path outside the dashboard's allowed folders, before anything is looked up on disk."""
+    check_text(what, path)
+    if not services.path_allowed(path):
+        roots = ", ".join(str(r) for r in services.roots())
+        raise BoomerangError(f"{what} must be inside a folder this dashboard may read ({roots}); "
+                             "start it with --allow-path DIR to add one")
+
+
+def _teacher_path(teacher: str) -> bool:
+    """Whether a teacher string names a local path (not the default, not a hub id such as org/name)."""
+    import re
+
+    return teacher != "default" and not re.fullmatch(r"[\w.-]+/[\w.-]+", teacher) or teacher.startswith((".", "/", "~"))
+
+
+def _check_sources(services, teacher: str | None, data: str | None = None) -> None:
+    if teacher and _teacher_path(teacher):
+        check_path(services, "the teacher folder", teacher)
+    if data and data != "teacher" and not data.startswith("hub:"):
+        check_path(services, "the training data", data)
 
 
 def _plan_settings(keep_first, every, keep_last, keep) -> dict:
@@ -43,6 +76,8 @@ def preview_plan(services, teacher: str, keep_first, every, keep_last, keep) -> 
     from boomerang.training.recipe import DistillConfig
 
     try:
+        check_text("the layer list", keep)
+        _check_sources(services, (teacher or "default").strip())
         cfg = DistillConfig(teacher=teacher or "default", **_plan_settings(keep_first, every, keep_last, keep))
         t = services.models.teacher(cfg.teacher)
         plan = cfg.plan_for(t.n_layers)
@@ -104,6 +139,7 @@ def _form_settings(form: dict) -> dict:
     names = {f.name for f in dataclasses.fields(DistillConfig)}
     out = {}
     for name, value in form.items():
+        check_text(name, value)
         if name not in names or value is None or (isinstance(value, str) and not value.strip()):
             continue
         kind = hints[name]
@@ -130,6 +166,9 @@ def launch_job(services, form: dict) -> str:
     from workers.submit import submit
 
     try:
+        for name in ("teacher", "data"):
+            check_text(name, form.get(name))
+        _check_sources(services, str(form.get("teacher") or "default").strip(), str(form.get("data") or "").strip())
         settings = {**named_recipe(form.get("recipe") or "paper"), **_form_settings(form)}
         settings.setdefault("teacher", "default")
         job = submit(engine=services.engine, app=services.celery, kind="distill", settings=settings, queue=services.queue)
@@ -224,9 +263,12 @@ def evaluate_job(services, job_id, tasks: str, data_dir: str, limit) -> str:
         job = crud.get_job(session=s, job_id=int(job_id)) if job_id else None
     if job is None or not job.result.get("student_dir"):
         return "**Cannot evaluate:** pick a SUCCEEDED distillation job."
-    settings = {"student": job.result["student_dir"], "tasks": [t for t in (tasks or "").split(",") if t.strip()],
-                "data_dir": data_dir or None, "settings": {"limit": int(limit) if limit else None}}
     try:
+        check_text("tasks", tasks)
+        if data_dir:
+            check_path(services, "the evaluation data folder", data_dir)
+        settings = {"student": job.result["student_dir"], "tasks": [t.strip() for t in (tasks or "").split(",") if t.strip()],
+                    "data_dir": data_dir or None, "settings": {"limit": int(limit) if limit else None}}
         new = submit(engine=services.engine, app=services.celery, kind="eval", settings=settings, queue=services.queue)
     except (BoomerangError, ValueError) as exc:
         return f"**Not queued:** {exc}"
@@ -354,7 +396,7 @@ def _messages(history: list[dict], system: str, user: str) -> list[dict]:
 
 
 def chat_turn(services, student_id, n_layers, message: str, left: list, right: list, system: str,
-              temperature, top_p, max_new_tokens, stop: threading.Event):
+              temperature, top_p, max_new_tokens, stop: str = "api"):
     """Stream one turn to a size (left) and the teacher (right) at once; yields (left, right, left stats, right stats)."""
     from boomerang.generation import Sampling, stream_pair
 
@@ -362,11 +404,14 @@ def chat_turn(services, student_id, n_layers, message: str, left: list, right: l
     if folder is None or not message or not message.strip():
         yield left, right, "Pick a family and type a message.", ""
         return
+    check_text("the message", message, MAX_MESSAGE)
+    check_text("the system prompt", system, MAX_MESSAGE)
     teacher, fam = services.models.family(folder)
     size = fam.build(int(n_layers))
+    stop = services.stop_event(stop)  # the session's token: Stop sets the same event
     stop.clear()
     sides = [(size, _messages(left, system, message)), (fam.teacher, _messages(right, system, message))]
-    sampling = Sampling(int(max_new_tokens), float(temperature), float(top_p))
+    sampling = Sampling(int(max_new_tokens), float(temperature), float(top_p))  # checked before any work
     base_l = left + [{"role": "user", "content": message}]
     base_r = right + [{"role": "user", "content": message}]
     for a, b in stream_pair(sides, teacher.tokenizer, sampling, stop):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,13 +53,34 @@ class Services:
     queue: str = "default"
     """Celery queue that jobs launched here go to."""
     exports_dir: Path = field(default_factory=lambda: Path.home() / ".boomerang" / "exports")
+    allowed_roots: tuple = ()
+    """Folders besides the defaults (BOOMERANG_HOME, the working directory, the hub cache) whose files the
+    browser may name as a teacher, training data or evaluation data (`boomerang app --allow-path DIR`)."""
+    stops: dict = field(default_factory=dict)
+    """Each chat session's stop flag, by the session's token (a gr.State holds only the token)."""
+
+    def roots(self) -> list[Path]:
+        from boomerang.models import boomerang_home
+
+        hub = os.environ.get("HF_HUB_CACHE") or os.environ.get("HF_HOME") or "~/.cache/huggingface"
+        return [Path(p).expanduser().resolve() for p in (boomerang_home(), Path.cwd(), hub, *self.allowed_roots)]
+
+    def path_allowed(self, path: str) -> bool:
+        """Whether `path` lies under an allowed root once links are followed; the refusal is the same message
+        whether or not the path exists, so it says nothing about what is on the server."""
+        target = Path(path).expanduser().resolve()
+        return any(target == root or root in target.parents for root in self.roots())
+
+    def stop_event(self, token: str) -> threading.Event:
+        return self.stops.setdefault(str(token), threading.Event())
 
 
 def make_services(*, database_url: str | None = None, redis_url: str | None = None, eval_data_dir: str | None = None,
-                  eval_tasks: str = "", device: str = "cpu") -> Services:
+                  eval_tasks: str = "", device: str = "cpu", allowed_roots: tuple = ()) -> Services:
     from boomerang.models import boomerang_home
     from db.engine import make_engine
     from workers.app import make_celery
 
     return Services(engine=make_engine(database_url), celery=make_celery(redis_url), models=ModelCache(device),
-                    eval_data_dir=eval_data_dir, eval_tasks=eval_tasks, exports_dir=boomerang_home() / "exports")
+                    eval_data_dir=eval_data_dir, eval_tasks=eval_tasks, exports_dir=boomerang_home() / "exports",
+                    allowed_roots=tuple(allowed_roots))

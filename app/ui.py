@@ -2,15 +2,58 @@
 
 from __future__ import annotations
 
+import functools
+import logging
 import re
-import threading
-from functools import partial
+import uuid
 
 import gradio as gr
 
 from app import handlers as h
+from boomerang.errors import BoomerangError, excerpt
+
+log = logging.getLogger("boomerang.app")
 
 CSS = ".job-error{color:#d62728;font-weight:600} .stats{font-size:0.85em;color:#555}"
+
+
+def safe(fn):
+    """`fn` for an event: a user's error (BoomerangError, ValueError) becomes a short message in the page,
+    anything else a one-line 'went wrong' with the details in the server log; never a traceback in the browser."""
+    import inspect
+
+    def short(exc: Exception) -> gr.Error:
+        if isinstance(exc, (BoomerangError, ValueError)):
+            return gr.Error(excerpt(str(exc), 400).strip("'\""), print_exception=False)
+        log.exception("dashboard handler failed")
+        return gr.Error(f"Something went wrong ({type(exc).__name__}); the server log has the details.",
+                        print_exception=False)
+
+    if inspect.isgeneratorfunction(fn):
+        @functools.wraps(fn)
+        def stream(*args):
+            try:
+                yield from fn(*args)
+            except gr.Error:
+                raise
+            except Exception as exc:
+                raise short(exc) from None
+        return stream
+
+    @functools.wraps(fn)
+    def call(*args):
+        try:
+            return fn(*args)
+        except gr.Error:
+            raise
+        except Exception as exc:
+            raise short(exc) from None
+    return call
+
+
+def bind(handler, services):
+    """A handler of app.handlers with its services bound, made safe for the browser."""
+    return safe(functools.partial(handler, services))
 
 
 def build_app(services) -> gr.Blocks:
@@ -42,7 +85,7 @@ def _refresh_on_open(services, tab, dropdown, show) -> None:
         value = current if current in values else (values[0] if values else None)
         return gr.update(choices=choices, value=value), *fn(value, *rest)
 
-    tab.select(open_tab, [dropdown, *inputs[1:]], [dropdown, *outputs])
+    tab.select(safe(open_tab), [dropdown, *inputs[1:]], [dropdown, *outputs])
 
 
 LABELS = {"keep_first": "Keep first", "every": "Every", "keep_last": "Keep last", "keep": "Or keep exactly these teacher layers",
@@ -109,18 +152,18 @@ def _launch_tab(services) -> None:
     assert set(names) == set(fields), "ROWS and LAUNCH_FIELDS must name the same fields"
     components = [fields[n] for n in names]
     plan_inputs = [fields[n] for n in ("teacher", "keep_first", "every", "keep_last", "keep")]
-    preview_btn.click(partial(h.preview_plan, services), plan_inputs, [preview_md, preview_table], api_name="preview")
+    preview_btn.click(bind(h.preview_plan, services), plan_inputs, [preview_md, preview_table], api_name="preview")
 
     def pick_recipe(name):
         chosen = h.form_values(name)
         return h.recipe_summary(name), *[chosen[n] for n in names if n != "teacher"]
 
-    recipe.change(pick_recipe, recipe, [summary, *[fields[n] for n in names if n != "teacher"]])
+    recipe.change(safe(pick_recipe), recipe, [summary, *[fields[n] for n in names if n != "teacher"]])
 
     def launch(recipe_name, *form):
         return h.launch_job(services, {"recipe": recipe_name, **dict(zip(names, form))})
 
-    launch_btn.click(launch, [recipe, *components], launch_md, api_name="launch")
+    launch_btn.click(safe(launch), [recipe, *components], launch_md, api_name="launch")
 
 
 def _jobs_tab(services) -> None:
@@ -145,15 +188,15 @@ def _jobs_tab(services) -> None:
         status_html, curve_rows, log_text = h.job_detail(services, jid)
         return h.jobs_table(services), status_html, h.loss_figure(curve_rows), log_text
 
-    timer.tick(refresh, job_id, [table, status, curves, log], show_progress="hidden", api_name=False)
-    job_id.change(refresh, job_id, [table, status, curves, log])
+    timer.tick(safe(refresh), job_id, [table, status, curves, log], show_progress="hidden", api_name=False)
+    job_id.change(safe(refresh), job_id, [table, status, curves, log])
     def on_select(evt: gr.SelectData):
         return evt.row_value[0] if evt.row_value else None
 
     table.select(on_select, None, job_id)
-    cancel_btn.click(partial(h.cancel_job, services), job_id, action_md, api_name="cancel")
-    retry_btn.click(partial(h.retry_job, services), job_id, action_md)
-    eval_btn.click(partial(h.evaluate_job, services), [job_id, tasks, data_dir, limit], action_md)
+    cancel_btn.click(bind(h.cancel_job, services), job_id, action_md, api_name="cancel")
+    retry_btn.click(bind(h.retry_job, services), job_id, action_md)
+    eval_btn.click(bind(h.evaluate_job, services), [job_id, tasks, data_dir, limit], action_md)
 
 
 def _compare_tab(services):
@@ -189,19 +232,20 @@ def _compare_tab(services):
         return (task_update, metric_update, *h.compare(services, student_id, t, m, *rest))
 
     show = (show_family, [family, log_x, budget_kind, budget], [task, metric, *outputs])
-    family.input(*show)
+    family.input(safe(show[0]), *show[1:])
     for control in (task, metric, budget):
-        control.input(partial(h.compare, services), inputs, outputs)
+        control.input(bind(h.compare, services), inputs, outputs)
     for control in (log_x, budget_kind):
-        control.change(partial(h.compare, services), inputs, outputs)
+        control.change(bind(h.compare, services), inputs, outputs)
     return family, show
 
 
 def _chat_tab(services):
-    stop = gr.State(threading.Event)
+    stop = gr.State(lambda: uuid.uuid4().hex)  # a token: the session's stop event lives in services.stops
     with gr.Row():
         family = gr.Dropdown(h.family_choices(services), label="Family", elem_id="chat-family", allow_custom_value=True)
-        size = gr.Slider(1, 2, step=1, label="Size (layers)", elem_id="chat-size")
+        # wide bounds until a family is picked: the API checks a size against the family, not the slider
+        size = gr.Slider(1, 1000, value=1, step=1, label="Size (layers)", elem_id="chat-size")
         size_md = gr.Markdown(elem_id="size-label")
     with gr.Row():
         system = gr.Textbox("", label="System prompt", scale=3)
@@ -232,19 +276,20 @@ def _chat_tab(services):
         lo, hi, mid = bounds
         return gr.update(minimum=lo, maximum=hi, value=mid), h.size_label(services, student_id, mid)
 
-    family.input(pick_family, family, [size, size_md])
-    size.change(partial(h.size_label, services), [family, size], size_md)
+    family.input(safe(pick_family), family, [size, size_md])
+    size.change(bind(h.size_label, services), [family, size], size_md)
     turn_inputs = [family, size, message, left, right, system, temperature, top_p, max_new, stop]
     outputs = [left, right, left_stats, right_stats]
-    go = send.click(partial(h.chat_turn, services), turn_inputs, outputs).then(lambda m: ("", m), message, [message, last])
-    sub = message.submit(partial(h.chat_turn, services), turn_inputs, outputs).then(lambda m: ("", m), message, [message, last])
-    stop_btn.click(lambda ev: ev.set(), stop, None, cancels=[go, sub], queue=False)
+    go = send.click(bind(h.chat_turn, services), turn_inputs, outputs, api_name="chat").then(lambda m: ("", m), message, [message, last])
+    sub = message.submit(bind(h.chat_turn, services), turn_inputs, outputs).then(lambda m: ("", m), message, [message, last])
+    stop_btn.click(lambda token: services.stop_event(token).set(), stop, None, cancels=[go, sub], queue=False,
+                   api_name="stop")
 
     def drop_last(lhist, rhist, text):
         return lhist[:-2], rhist[:-2], text
 
     regen.click(drop_last, [left, right, last], [left, right, message]).then(
-        partial(h.chat_turn, services), turn_inputs, outputs)
+        bind(h.chat_turn, services), turn_inputs, outputs)
     clear.click(lambda: ([], [], "", ""), None, outputs)
-    export_btn.click(partial(h.export_chosen, services), [family, size], export_md)
+    export_btn.click(bind(h.export_chosen, services), [family, size], export_md)
     return family, (pick_family, [family], [size, size_md])

@@ -337,6 +337,11 @@ def cmd_generate(args) -> int:
     import torch
     from transformers import TextStreamer
 
+    from boomerang.generation import Sampling
+
+    sampling = Sampling(args.max_new_tokens, 0.0 if args.greedy else args.temperature, args.top_p)  # checked first
+    if not args.prompt.strip():
+        raise BoomerangError("the prompt is empty: give --prompt TEXT")
     teacher, family, _ = _load_family(args)
     n_layers = args.layers or family.plan.n_teacher
     model = family.build(n_layers)
@@ -347,13 +352,12 @@ def cmd_generate(args) -> int:
     else:
         ids = tok(args.prompt, return_tensors="pt").input_ids
     ids = ids.to(model.device)
-    sampling = {} if args.greedy else {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p}
     streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
     start = time.perf_counter()
     with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
-                             do_sample=not args.greedy, streamer=streamer, pad_token_id=tok.pad_token_id or tok.eos_token_id,
-                             **{k: v for k, v in sampling.items() if k != "do_sample"})
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=sampling.max_new_tokens,
+                             streamer=streamer, pad_token_id=tok.pad_token_id or tok.eos_token_id,
+                             **sampling.generate_kwargs())
     new = out.shape[1] - ids.shape[1]
     took = time.perf_counter() - start
     print(f"[{n_layers} layers: {new} tokens in {took:.2f} s, {new / took:.1f} tokens/s]", file=sys.stderr)
@@ -370,7 +374,7 @@ def distill_config_from_args(args, *, default_recipe: str = "auto"):
 
     from boomerang.models import resolve_device
     from boomerang.plan import parse_layer_list
-    from boomerang.training.recipe import DistillConfig, read_recipe, recipe_settings
+    from boomerang.training.recipe import DistillConfig, read_recipe, recipe_changes, recipe_settings
 
     names = {f.name for f in dataclasses.fields(DistillConfig)}
     given = {k: v for k, v in vars(args).items() if k in names}
@@ -379,7 +383,14 @@ def distill_config_from_args(args, *, default_recipe: str = "auto"):
     if getattr(args, "resume", False):
         if "out" not in given:
             raise BoomerangError("--resume needs --out: the run folder to continue")
-        return DistillConfig.from_dict({**read_recipe(given["out"]).to_dict(), **given})
+        cfg = DistillConfig.from_dict({**read_recipe(given["out"]).to_dict(), **given})
+        if getattr(args, "recipe", None):  # the launcher passes the run's own recipe: only a different one is refused
+            changed = recipe_changes(DistillConfig.from_dict({**recipe_settings(args.recipe), **given}).to_dict(),
+                                     cfg.to_dict())
+            if changed:
+                raise BoomerangError(f"--recipe {args.recipe} differs from the run's recipe in {changed}; a run resumes "
+                                     "with its own recipe: leave --recipe out")
+        return cfg
     recipe = getattr(args, "recipe", None) or default_recipe
     if recipe == "auto":
         recipe = "cpu" if resolve_device(given.get("device", "auto")).type == "cpu" else "paper"
@@ -395,6 +406,8 @@ def cmd_distill(args) -> int:
     from boomerang.training.parallel import launch_processes
 
     cfg = distill_config_from_args(args)
+    if os.environ.get("RANK", "0") == "0" and "WORLD_SIZE" not in os.environ:
+        cfg.check()  # the teacher's config, the plan, the context length, the data: before any weight is loaded
     if cfg.processes > 1 and "WORLD_SIZE" not in os.environ:
         return launch_processes(cfg, resume=args.resume, stop_file=args.stop_file)
     stop = {"asked": False}
@@ -438,6 +451,10 @@ def cmd_heldout(args) -> int:
     from boomerang import data as d
     from boomerang.evaluation.metrics import family_label_free
 
+    if args.tokens < 2:
+        raise BoomerangError(f"--tokens must be at least 2 (one prediction needs two tokens), got {args.tokens}")
+    if not 0 < args.heldout_fraction < 1:
+        raise BoomerangError(f"--heldout-fraction must be in (0, 1), got {args.heldout_fraction}")
     teacher, family, label = _load_family(args)
     held = d.heldout_blocks(args.data, teacher.tokenizer, args.tokens, seq_len=args.seq_len,
                             fraction=args.heldout_fraction)
@@ -477,6 +494,7 @@ def cmd_eval(args) -> int:
     from boomerang.evaluation.run import evaluate_student
 
     request = eval_request_from_args(args)
+    request.check()  # the student, the task files line by line, the held-out file: before any model is loaded
     bar = tqdm(unit="cell", desc="eval", dynamic_ncols=True)
 
     def on_cell(done, total, key, task, skipped):

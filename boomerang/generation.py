@@ -15,16 +15,30 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
+from boomerang.errors import BoomerangError
+from boomerang.settings import Settings
+
 
 @dataclass
-class Sampling:
-    """Decoding settings of a chat turn."""
+class Sampling(Settings):
+    """Decoding settings of a chat turn or a `generate` call."""
 
     max_new_tokens: int = 128
+    """Tokens generated at most (1 to 32,768)."""
     temperature: float = 0.7
     """0 means greedy."""
     top_p: float = 0.9
+    """Nucleus sampling: the smallest set of tokens whose probability reaches top_p, in (0, 1]."""
     seed: int = 0
+
+    def __post_init__(self):
+        self.check_types()
+        if not 1 <= self.max_new_tokens <= 32_768:
+            raise BoomerangError(f"max_new_tokens must be between 1 and 32,768, got {self.max_new_tokens}")
+        if not 0 <= self.temperature <= 100:
+            raise BoomerangError(f"temperature must be between 0 (greedy) and 100, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise BoomerangError(f"top_p must be in (0, 1], got {self.top_p}")
 
     def generate_kwargs(self) -> dict:
         if self.temperature <= 0:

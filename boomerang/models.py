@@ -140,28 +140,38 @@ def resolve_device(name: str) -> torch.device:
 
 def teacher_layer_count(source: str) -> int:
     """The teacher's layer count, read from its config (or GGUF header) without loading its weights."""
+    return teacher_limits(source)[0]
+
+
+def teacher_limits(source: str) -> tuple[int, int | None]:
+    """(layers, context length in tokens or None) of a teacher, from its config or GGUF header alone."""
     from transformers import AutoConfig
 
     from boomerang.arch import adapter_for
 
     kind = classify_source(source)
     if kind in ("default", "gguf"):
-        return _gguf_block_count(default_gguf_path() if kind == "default" else Path(source).expanduser())
+        return _gguf_limits(default_gguf_path() if kind == "default" else Path(source).expanduser())
     if kind == "hub":
         reason = hub_unreachable_reason()
         if reason and not in_hub_cache(source):
             raise BoomerangError(f"unknown teacher {source!r}: not a local folder, and the hub cannot be checked ({reason})")
-    config = AutoConfig.from_pretrained(Path(source).expanduser() if kind == "folder" else source)
+    try:
+        config = AutoConfig.from_pretrained(Path(source).expanduser() if kind == "folder" else source)
+    except (OSError, ValueError) as exc:
+        raise BoomerangError(f"cannot read the config of teacher {source}: {str(exc).splitlines()[0][:200]}") from None
     adapter_for(config)
-    return config.num_hidden_layers
+    context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    return config.num_hidden_layers, context
 
 
-def _gguf_block_count(path: Path) -> int:
+def _gguf_limits(path: Path) -> tuple[int, int | None]:
     from gguf import GGUFReader
 
     reader = GGUFReader(str(path))
     arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()
-    return int(reader.fields[f"{arch}.block_count"].parts[-1][0])
+    context = reader.fields.get(f"{arch}.context_length")
+    return int(reader.fields[f"{arch}.block_count"].parts[-1][0]), int(context.parts[-1][0]) if context else None
 
 
 def load_teacher(source: str = DEFAULT_TEACHER, *, dtype: str | torch.dtype | None = None,
@@ -192,8 +202,17 @@ def load_teacher(source: str = DEFAULT_TEACHER, *, dtype: str | torch.dtype | No
 def _load_folder(folder: Path, dtype: torch.dtype, trust_remote_code: bool, **kwargs):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
-    tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code, **kwargs)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
+        tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code, **kwargs)
+    except BoomerangError:
+        raise
+    except Exception as exc:  # transformers reports unreadable or unsafe weights with many types
+        if kwargs.get("local_files_only") is not None or not Path(str(folder)).is_dir():
+            raise  # a hub load: _load_hub words it
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        raise BoomerangError(f"cannot load the model in {folder} ({type(exc).__name__}: {first}); a teacher folder needs "
+                             "safetensors weights, a config.json and a tokenizer") from None
     return model, tok
 
 

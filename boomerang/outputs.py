@@ -52,7 +52,10 @@ def _umask() -> int:
 def replace_dir_atomically(out: str | Path, write: Callable[[Path], None], *, overwrite: bool = False) -> Path:
     """Run `write(tmp)` into a fresh temporary sibling of `out`, then move it into place."""
     path = check_output_dir(out, overwrite=overwrite)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    except OSError as exc:
+        raise BoomerangError(f"cannot write in {path.parent}: {exc.strerror}") from None
     tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; a model folder is as readable as any other
     try:
         write(tmp)

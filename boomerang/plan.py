@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from boomerang.errors import BoomerangError
+from boomerang.errors import BoomerangError, excerpt
 
 
 @dataclass(frozen=True)
@@ -137,19 +137,29 @@ def _validate(kept: tuple[int, ...], n_teacher: int) -> None:
         raise BoomerangError("the plan keeps no layers; keep at least layer 0")
     bad = [k for k in kept if not 0 <= k < n_teacher]
     if bad:
-        raise BoomerangError(f"layers {bad} do not exist: the teacher has layers 0..{n_teacher - 1}")
+        raise BoomerangError(f"layers {excerpt(bad)} do not exist: the teacher has layers 0..{n_teacher - 1}")
     if list(kept) != sorted(set(kept)):
-        raise BoomerangError(f"kept layers must be increasing with no repeats, got {list(kept)}")
+        raise BoomerangError(f"kept layers must be increasing with no repeats, got {excerpt(list(kept))}")
     if kept[0] != 0:
         raise BoomerangError(
-            f"the plan must keep layer 0 (it stands for the teacher's first layers), got {list(kept)}"
+            f"the plan must keep layer 0 (it stands for the teacher's first layers), got {excerpt(list(kept))}"
         )
     if len(kept) == n_teacher:
         raise BoomerangError(f"the plan keeps all {n_teacher} layers: there is nothing to distill; drop some")
 
 
+MAX_LAYER = 100_000
+"""No model has this many layers: a list naming more is refused before it is expanded."""
+
+
 def parse_layer_list(text: str) -> list[int]:
-    """Parse "0,2,4-10,29" into layer numbers; a `BoomerangError` naming the bad part otherwise."""
+    """Parse "0,2,4-10,29" into layer numbers; a `BoomerangError` naming the bad part otherwise.
+
+    Bounded before any work: a text of more than 10,000 characters or a layer number of MAX_LAYER or more
+    is refused (a range like 0-100000000 would otherwise be expanded in memory).
+    """
+    if len(text) > 10_000:
+        raise BoomerangError(f"layer list too long ({len(text):,} characters): {excerpt(text)}")
     out: list[int] = []
     for part in (p.strip() for p in text.split(",")):
         if not part:
@@ -159,9 +169,13 @@ def parse_layer_list(text: str) -> list[int]:
                 lo, hi = (int(x) for x in part.split("-", 1))
                 if hi < lo:
                     raise ValueError
-                out.extend(range(lo, hi + 1))
             else:
-                out.append(int(part))
+                lo = hi = int(part)
         except ValueError:
-            raise BoomerangError(f"cannot read {part!r} in layer list {text!r}: use numbers and ranges like 0,2,4-10") from None
+            raise BoomerangError(f"cannot read {excerpt(part, 40)} in layer list {excerpt(text)}: use numbers and "
+                                 "ranges like 0,2,4-10") from None
+        if lo < 0 or hi >= MAX_LAYER:
+            raise BoomerangError(f"layer {lo if lo < 0 else hi} in {excerpt(text)} is out of range: layers are numbered "
+                                 f"from 0, and no model has {MAX_LAYER:,}")
+        out.extend(range(lo, hi + 1))
     return out

@@ -13,7 +13,10 @@ from pathlib import Path
 
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import OperationalError
 from sqlmodel import create_engine
+
+from boomerang.errors import BoomerangError
 
 
 def database_url(url: str | None = None) -> str:
@@ -25,6 +28,10 @@ def database_url(url: str | None = None) -> str:
     for prefix in ("postgres://", "postgresql://"):
         if url.startswith(prefix):
             return "postgresql+psycopg://" + url[len(prefix):]
+    if not url.startswith(("sqlite:", "postgresql+psycopg://")):
+        scheme = url.split(":", 1)[0] if ":" in url else url[:20]
+        raise BoomerangError(f"DATABASE_URL scheme {scheme!r} is not supported: use postgresql://USER:PASS@HOST/DB, "
+                             "or leave it unset for the SQLite file in BOOMERANG_HOME")
     return url
 
 
@@ -37,7 +44,12 @@ def make_engine(url: str | None = None, *, migrate: bool = True) -> Engine:
     else:
         engine = create_engine(url, pool_pre_ping=True)
     if migrate:
-        upgrade(engine)
+        try:
+            upgrade(engine)
+        except OperationalError as exc:
+            where = engine.url.render_as_string(hide_password=True)
+            reason = str(exc.orig).strip().splitlines()[0][:200] if exc.orig else type(exc).__name__
+            raise BoomerangError(f"cannot reach the database at {where} ({reason}): start it, or fix DATABASE_URL") from None
     return engine
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import threading
+import time
 import uuid
 
 import pytest
@@ -40,7 +40,7 @@ def world(tmp_path_factory):
     engine = make_engine(f"sqlite:///{tmp / 'app.db'}")
     queue = f"app-{uuid.uuid4().hex[:6]}"
     services = Services(engine=engine, celery=make_celery(REDIS_URL), models=ModelCache(), eval_data_dir=str(data),
-                        eval_tasks="quiz,fill", exports_dir=tmp / "exports")
+                        eval_tasks="quiz,fill", exports_dir=tmp / "exports", allowed_roots=(tmp,))
     services.queue = queue
     msg = h.launch_job(services, form(tmp))
     job_id = int(msg.split("Job ")[1].split(" ")[0])
@@ -145,15 +145,13 @@ def test_chat_streams_both_sides_and_stop_ends_both(world):
     (_, sid), = h.family_choices(s)
     lo, hi, mid = h.size_slider(s, sid)
     assert (lo, hi) == (5, 8) and "layers" in h.size_label(s, sid, 6)
-    stop = threading.Event()
-    snapshots = list(h.chat_turn(s, sid, 6, "hello", [], [], "be brief", 0, 1.0, 12, stop))
+    snapshots = list(h.chat_turn(s, sid, 6, "hello", [], [], "be brief", 0, 1.0, 12, "session-a"))
     left, right, lstats, rstats = snapshots[-1]
     assert left[-1]["role"] == "assistant" and right[-1]["role"] == "assistant"
     assert "12 tokens" in lstats and "12 tokens" in rstats and "first token" in lstats
-    stop = threading.Event()
-    gen = h.chat_turn(s, sid, 6, "hello", [], [], "", 0, 1.0, 400, stop)
+    gen = h.chat_turn(s, sid, 6, "hello", [], [], "", 0, 1.0, 400, "session-b")
     next(gen)
-    stop.set()
+    s.stop_event("session-b").set()  # what the Stop button does for its session
     *_, (left, right, lstats, rstats) = gen
     assert int(lstats.split(": ")[1].split(" tokens")[0]) < 400 and int(rstats.split(": ")[1].split(" tokens")[0]) < 400
 
@@ -230,3 +228,58 @@ def test_launch_makes_no_request_outside_this_machine(world, monkeypatch):
                 outside.append(address)
     assert not outside, outside
     assert {str(n) for n in names} <= {"127.0.0.1", "localhost", "::1", "None"}, names
+
+
+def test_paths_outside_the_allowed_folders_are_refused_alike_whether_they_exist_or_not(world):
+    s, tmp = world["services"], world["tmp"]
+    with Session(s.engine) as ses:
+        before = len(crud.list_jobs(session=ses))
+    answers = [h.launch_job(s, form(tmp, data=path)) for path in ("/etc/hostname", "/etc", "/no/such/file", "/")]
+    answers += [h.launch_job(s, form(tmp, teacher=path)) for path in ("/usr", "/no/such/folder", "../../..")]
+    for msg in answers:
+        assert msg.startswith("**Not launched:**") and "must be inside a folder this dashboard may read" in msg, msg
+        assert "not found" not in msg and "is a file" not in msg and "config.json" not in msg
+    assert len({m.split(":**")[1].split(" must")[0] for m in answers[:4]}) == 1  # one wording for every data path
+    preview, _ = h.preview_plan(s, "/usr", 1, 2, 2, "")
+    assert "must be inside a folder" in preview
+    assert "must be inside a folder" in h.evaluate_job(s, world["job"], "quiz", "/etc", 5)
+    with Session(s.engine) as ses:
+        assert len(crud.list_jobs(session=ses)) == before
+    assert s.path_allowed(str(tmp / "teacher")) and not s.path_allowed(str(tmp / ".." / "elsewhere"))
+
+
+def test_free_text_is_bounded_before_it_is_parsed(world):
+    s, tmp = world["services"], world["tmp"]
+    for keep in ("0-3000000", "0-100000000", "1," * 3000):
+        start = time.perf_counter()
+        text, rows = h.preview_plan(s, str(tmp / "teacher"), 1, 2, 2, keep)
+        assert time.perf_counter() - start < 1.0 and rows == []
+        assert text.startswith("**Cannot use this plan:**") and len(text) < 400, text
+    msg = h.launch_job(s, form(tmp, data="x" * 200_000))
+    assert msg.startswith("**Not launched:**") and "too long (200,000 characters" in msg and len(msg) < 300
+
+
+def test_the_chat_can_be_driven_and_stopped_through_the_api(world):
+    """Whatever the page offers, the API offers: a chat turn streams through gradio_client."""
+    from gradio_client import Client
+
+    from app.ui import build_app
+
+    s = world["services"]
+    (_, sid), = h.family_choices(s)
+    demo = build_app(s)
+    demo.queue(max_size=4)
+    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True, show_error=False)
+    try:
+        client = Client(url, verbose=False)
+        left, right, left_stats, right_stats = client.predict(sid, 6, "hello", [], [], "", 0, 1.0, 8, api_name="/chat")
+        assert left[-1]["role"] == "assistant" and right[-1]["role"] == "assistant"
+        assert "6 layers" in left_stats and "teacher" in right_stats
+        with pytest.raises(Exception, match="less than minimum"):  # the page's own bounds hold for the API
+            client.predict(sid, 6, "hello", [], [], "", -1, 1.0, 8, api_name="/chat")
+        with pytest.raises(Exception, match=r"^no size with 23 layers in this family: sizes are 5\.\.8"):
+            client.predict(sid, 23, "hello", [], [], "", 0, 1.0, 8, api_name="/chat")  # our message, not a traceback
+        text, _ = client.predict(str(world["tmp"] / "teacher"), 1, 2, 2, "0-100000000", api_name="/preview")
+        assert "out of range" in text and len(text) < 400
+    finally:
+        demo.close()

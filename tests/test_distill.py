@@ -132,7 +132,7 @@ def test_run_folder_rules(teacher_dir):
     distill(config(teacher_dir, "once", steps=1))
     with pytest.raises(BoomerangError, match="already holds a run: pass --resume"):
         distill(config(teacher_dir, "once", steps=1))
-    with pytest.raises(BoomerangError, match="nothing to resume"):
+    with pytest.raises(BoomerangError, match="no run in .*never: it has no recipe.json"):
         distill(config(teacher_dir, "never"), resume=True)
     with pytest.raises(BoomerangError, match=r"recipe differs from the run's in \['lr'\]"):
         distill(config(teacher_dir, "once", steps=1, lr=5e-4), resume=True)

@@ -31,7 +31,8 @@ def stack(tmp_path, redis_ready, monkeypatch):  # noqa: F811
         monkeypatch.setenv(key, cluster.env[key])
     data = write_eval_files(tmp_path / "evaldata")
     services = Services(engine=cluster.engine, celery=cluster.app, models=ModelCache(), eval_data_dir=str(data),
-                        eval_tasks="quiz,fill", queue=cluster.queue, exports_dir=tmp_path / "exports")
+                        eval_tasks="quiz,fill", queue=cluster.queue, exports_dir=tmp_path / "exports",
+                        allowed_roots=(tmp_path,))
     demo = build_app(services)
     demo.queue(max_size=8)
     _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True, css=CSS)

@@ -38,9 +38,9 @@ def redis_ready():
 class Cluster:
     """A database, a Redis queue of our own, and worker processes started on demand."""
 
-    def __init__(self, tmp: Path):
+    def __init__(self, tmp: Path, database_url: str | None = None):
         self.tmp, self.queue = tmp, f"q-{uuid.uuid4().hex[:8]}"
-        self.env = {**os.environ, "DATABASE_URL": f"sqlite:///{tmp / 'jobs.db'}", "REDIS_URL": REDIS_URL,
+        self.env = {**os.environ, "DATABASE_URL": database_url or f"sqlite:///{tmp / 'jobs.db'}", "REDIS_URL": REDIS_URL,
                     "BOOMERANG_HOME": str(tmp / "home"), "BOOMERANG_HEARTBEAT_S": "0.5",
                     "BOOMERANG_STALE_AFTER_S": "3", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
                     "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
@@ -281,3 +281,67 @@ def test_a_job_on_two_processes_that_fail_fails_with_their_output_and_the_worker
     again = cluster.distill(steps=3)
     done, _ = cluster.wait(again.id, lambda j: j.status in (JobStatus.SUCCEEDED, JobStatus.FAILED), timeout=120)
     assert done.status == JobStatus.SUCCEEDED, done.error
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_database(request, tmp_path):
+    """A fresh database of each kind: a SQLite file, or a new database on the local PostgreSQL server."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'jobs.db'}"
+        return
+    import psycopg
+
+    admin_url = os.environ.get("BOOMERANG_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+    name = f"boomerang_fault_{uuid.uuid4().hex[:10]}"
+    admin = psycopg.connect(admin_url, autocommit=True)
+    admin.execute(f'CREATE DATABASE "{name}"')
+    yield admin_url.rsplit("/", 1)[0] + f"/{name}"
+    admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+    admin.close()
+
+
+def test_repeated_sigkills_lose_no_step_and_no_run(tmp_path, redis_ready, any_database, monkeypatch):
+    """Kill the worker's whole process group before the first checkpoint, right after a checkpoint and mid-run:
+    the job still succeeds, its step rows are exactly 1..N and equal metrics.jsonl, one student, no temporary files."""
+    from boomerang.training.checkpoint import checkpoint_step
+
+    c = Cluster(tmp_path, any_database)
+    for key in ("DATABASE_URL", "REDIS_URL", "BOOMERANG_HOME"):
+        monkeypatch.setenv(key, c.env[key])
+    steps, every = 2000, 800  # tiny steps run at ~100/s here; progress reaches the database every 2 s
+    try:
+        c.start_worker("w0")
+        job = c.distill(steps=steps, checkpoint_every=every)
+        run_dir = lambda: Path(c.job(job.id).run_dir)  # noqa: E731
+
+        def kill_and_replace(n):
+            c.kill(f"w{n}")
+            c.start_worker(f"w{n + 1}")
+
+        # 1. before the first checkpoint: the run has a recipe and no checkpoint
+        c.wait(job.id, lambda j: j.step >= 1, every=0.02)
+        assert not (run_dir() / "checkpoint.pt").exists()
+        kill_and_replace(0)
+        # 2. right after a checkpoint is written
+        c.wait(job.id, lambda j: (run_dir() / "checkpoint.pt").is_file(), timeout=180, every=0.01)
+        kill_and_replace(1)
+        assert checkpoint_step(run_dir() / "checkpoint.pt") >= every
+        # 3. in the middle of the second stretch
+        c.wait(job.id, lambda j: j.status == JobStatus.RUNNING and j.step >= every + 300 and j.attempts >= 3,
+               timeout=180, every=0.02)
+        kill_and_replace(2)
+        done, _ = c.wait(job.id, lambda j: j.status in (JobStatus.SUCCEEDED, JobStatus.FAILED), timeout=300)
+        assert done.status == JobStatus.SUCCEEDED, done.error
+        assert done.attempts == 4 and done.worker.startswith("w3")
+        assert c.steps(job.id) == list(range(1, steps + 1)), "a step's metrics were lost or duplicated"
+        metrics = [json.loads(line) for line in (run_dir() / "metrics.jsonl").read_text().splitlines()]
+        with Session(c.engine) as s:
+            rows = crud.steps_of(session=s, job_id=job.id)
+            students = crud.list_students(session=s)
+        assert [m["step"] for m in metrics] == [r.step for r in rows]
+        assert [m["loss"] for m in metrics] == pytest.approx([r.loss for r in rows], rel=1e-9)
+        assert len(students) == 1 and Path(students[0].folder) == run_dir() / "student"
+        leftovers = [p for p in Path(c.env["BOOMERANG_HOME"]).rglob("*") if p.name.startswith(".")]
+        assert not leftovers, leftovers
+    finally:
+        c.stop()

@@ -34,14 +34,14 @@ def run_dir_for(job, cfg: DistillConfig) -> Path:
 
 def distill(ctx: JobContext, cfg: DistillConfig) -> dict:
     from boomerang.models import load_teacher
-    from boomerang.training.checkpoint import CHECKPOINT
+    from boomerang.training.checkpoint import RECIPE
     from boomerang.training.loop import distill as run_distillation
     from boomerang.training.parallel import run_device
 
     job = ctx.job
     out = run_dir_for(job, cfg)
     cfg = dataclasses.replace(cfg, out=str(out))
-    resume = (out / CHECKPOINT).is_file()
+    resume = (out / RECIPE).is_file()  # started before: from its checkpoint, or from step 0 if it had none
     with Session(ctx.engine) as s:
         crud.update_progress(session=s, job_id=job.id, run_dir=str(out), total=cfg.steps)
     where = f"{cfg.processes} processes" if cfg.processes > 1 else f"one process on {run_device(cfg)}"
@@ -54,9 +54,8 @@ def distill(ctx: JobContext, cfg: DistillConfig) -> dict:
             with Session(ctx.engine) as s:  # steps past the checkpoint are logged again: drop the old ones
                 crud.forget_steps_after(session=s, job_id=job.id, step=r.step - 1)
         ctx.log(f"step {r.step}/{r.total} loss {r.loss:.4f} " + " ".join(f"{k} {v:.4f}" for k, v in r.terms.items()))
-        # a checkpoint follows this report: the rows it covers must be in the database before it exists
-        checkpoint = r.step == r.total or r.step % cfg.checkpoint_every == 0
-        ctx.progress(r.step, r.total, steps=[r.to_dict()], force=checkpoint, losses={"loss": r.loss, **r.terms},
+        # when a checkpoint follows this report, the rows it covers are in the database before it exists
+        ctx.progress(r.step, r.total, steps=[r.to_dict()], force=r.checkpoint, losses={"loss": r.loss, **r.terms},
                      tokens_per_s=r.tokens_per_s, eta_s=r.eta_s)
 
     if cfg.processes > 1:
@@ -89,8 +88,8 @@ def _distill_processes(ctx: JobContext, cfg: DistillConfig, resume: bool, on_ste
     stop.unlink(missing_ok=True)
     log_path = out.parent / f"{out.name}.log"
     seen = {"step": 0, "offset": 0}
-    if resume:  # lines past the checkpoint will be written again by the resumed run
-        seen["step"] = checkpoint_step(out / CHECKPOINT)
+    if resume:  # lines past the checkpoint (all of them, without one) will be written again by the resumed run
+        seen["step"] = checkpoint_step(out / CHECKPOINT) if (out / CHECKPOINT).is_file() else 0
         truncate_metrics(out / METRICS, seen["step"])
 
     def read_steps() -> None:

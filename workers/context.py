@@ -50,9 +50,10 @@ class JobContext:
     def __init__(self, engine, job, beat: Heartbeat):
         self.engine, self.job, self.beat = engine, job, beat
         self._checked, self._cancel = 0.0, False
-        self._pending, self._flushed, self._log = [], 0.0, []
+        self._pending, self._flushed, self._log, self._latest = [], 0.0, [], {}
 
     def should_stop(self) -> bool:
+        """The library's stop flag. A stop writes a checkpoint next: the step rows it covers are stored first."""
         if self.beat.lost:
             return True
         now = time.monotonic()
@@ -60,6 +61,8 @@ class JobContext:
             with Session(self.engine) as s:
                 self._cancel = bool(crud.get_job(session=s, job_id=self.job.id).cancel_requested)
             self._checked = now
+        if self._cancel and self._pending:
+            self.flush()
         return self._cancel
 
     def log(self, line: str) -> None:
@@ -68,11 +71,15 @@ class JobContext:
     def progress(self, step: int, total: int, *, steps: list[dict] | None = None, force: bool = False, **fields) -> None:
         """Buffer step metrics; write progress to the database at least every PROGRESS_EVERY_S."""
         self._pending += steps or []
-        now = time.monotonic()
-        if not force and now - self._flushed < PROGRESS_EVERY_S:
-            return
+        self._latest = {"step": step, "total": total, **fields}
+        if force or time.monotonic() - self._flushed >= PROGRESS_EVERY_S:
+            self.flush()
+
+    def flush(self) -> None:
+        """Store buffered step rows and the latest progress now."""
         with Session(self.engine) as s:
             if self._pending:
                 crud.record_steps(session=s, job_id=self.job.id, steps=self._pending)
-            crud.update_progress(session=s, job_id=self.job.id, step=step, total=total, log="\n".join(self._log), **fields)
-        self._pending, self._flushed = [], now
+            if self._latest:
+                crud.update_progress(session=s, job_id=self.job.id, log="\n".join(self._log), **self._latest)
+        self._pending, self._flushed = [], time.monotonic()

@@ -20,6 +20,7 @@ import traceback
 
 from sqlmodel import Session
 
+from boomerang.errors import BoomerangError
 from db import crud
 from db.engine import make_engine
 from db.models import JobStatus
@@ -56,7 +57,8 @@ def run_job(job_id: int, *, expected_kind: str | None = None, engine=None, worke
     except Exception as exc:  # a failing job must never take the worker down
         ctx.log(traceback.format_exc(limit=5))
         ctx.progress(job.step, job.total, force=True)
-        _finish(engine, job_id, JobStatus.FAILED, f"{type(exc).__name__}: {exc}")
+        message = str(exc) if isinstance(exc, BoomerangError) else f"{type(exc).__name__}: {exc}"
+        _finish(engine, job_id, JobStatus.FAILED, message[:4000])
         return JobStatus.FAILED.value
     finally:
         beat.done.set()

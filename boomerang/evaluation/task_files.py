@@ -78,8 +78,8 @@ def detect_format(path: Path) -> str | None:
     return None
 
 
-def discover(data_dir: str | Path) -> dict[str, LocalTask]:
-    """Every task in a data folder, by name."""
+def _groups(data_dir: str | Path) -> dict[str, list[Path]]:
+    """The .jsonl files of a data folder grouped by task name (parts joined)."""
     root = Path(data_dir).expanduser()
     if not root.is_dir():
         raise BoomerangError(f"evaluation data folder not found: {root}")
@@ -88,24 +88,52 @@ def discover(data_dir: str | Path) -> dict[str, LocalTask]:
         match = _PART.match(f.stem)
         name = re.sub(r"[^A-Za-z0-9_]", "_", match["name"] if match else f.stem)
         groups.setdefault(name, []).append(f)
+    return groups
+
+
+def discover(data_dir: str | Path) -> dict[str, LocalTask]:
+    """Every task in a data folder, by name (files in none of the formats are left out)."""
     tasks = {}
-    for name, files in groups.items():
+    for name, files in _groups(data_dir).items():
         fmt = detect_format(files[0])
         if fmt:
             tasks[name] = LocalTask(name, fmt, tuple(files))
     return tasks
 
 
+def check_files(name: str, files: list[Path]) -> str:
+    """The format of a task's files, every line checked: a broken line or a missing key is named by file and line."""
+    fmt = detect_format(files[0])
+    for path in files:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for number, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    item = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise BoomerangError(f"{path}, line {number}: not valid JSON ({exc.msg})") from None
+                keys = set(item) if isinstance(item, dict) else set()
+                if fmt is None:
+                    options = "; ".join(f"{k}: {', '.join(sorted(v))}" for k, v in FORMATS.items())
+                    raise BoomerangError(f"{path}, line {number}: task {name!r} is in none of the formats "
+                                         f"(keys {sorted(keys)}; expected {options})")
+                missing = sorted(FORMATS[fmt] - keys)
+                if missing:
+                    raise BoomerangError(f"{path}, line {number}: missing {', '.join(missing)} (a {fmt} task)")
+    return fmt
+
+
 def resolve(task_names: list[str], data_dir: str | Path | None) -> list[dict | str]:
     """Local task configs for names found in `data_dir`; other names are passed to lm-eval's registry."""
-    local = discover(data_dir) if data_dir else {}
+    groups = _groups(data_dir) if data_dir else {}
     out: list[dict | str] = []
     for name in task_names:
-        if name in local:
-            out.append(local[name].config())
+        if name in groups:
+            out.append(LocalTask(name, check_files(name, groups[name]), tuple(groups[name])).config())
         elif data_dir and not _registry_allowed():
             raise BoomerangError(
-                f"no task {name!r} in {data_dir} (found: {', '.join(sorted(local)) or 'none'}), and lm-eval's "
+                f"no task {name!r} in {data_dir} (found: {', '.join(sorted(discover(data_dir))) or 'none'}), and lm-eval's "
                 "registry tasks need the hub to download their data (HF_DATASETS_OFFLINE=1 here)"
             )
         else:

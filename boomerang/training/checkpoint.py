@@ -20,7 +20,7 @@ import torch
 
 from boomerang.errors import BoomerangError
 from boomerang.training.parallel import full_state, load_full_state, world
-from boomerang.training.recipe import RECIPE
+from boomerang.training.recipe import RECIPE, recipe_changes
 
 METRICS, CHECKPOINT, STUDENT, PLAN = "metrics.jsonl", "checkpoint.pt", "student", "plan.json"
 __all__ = ["RECIPE", "METRICS", "CHECKPOINT", "STUDENT", "PLAN", "save_checkpoint", "load_checkpoint",
@@ -63,8 +63,8 @@ def save_checkpoint(run, step: int) -> Path | None:
 def load_checkpoint(run) -> None:
     """Restore `run` (student, optimizer, scheduler, random states, step) from its folder's checkpoint."""
     state = _read(run.out / CHECKPOINT, map_location="cpu" if run.sharded else run.device)
-    if state["config"] != run.cfg.to_dict():
-        changed = sorted(k for k in state["config"] if state["config"][k] != run.cfg.to_dict().get(k))
+    changed = recipe_changes(state["config"], run.cfg.to_dict())
+    if changed:
         raise BoomerangError(f"the recipe differs from the run's in {changed}; resume with the run's own recipe "
                              f"({run.out / RECIPE})")
     load_full_state(run.student, run.optimizer, state["student"], state["optimizer"], run.sharded)

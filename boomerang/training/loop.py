@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -29,10 +30,12 @@ from boomerang.training import parallel
 from boomerang.training.checkpoint import (CHECKPOINT, METRICS, PLAN, RECIPE, STUDENT, load_checkpoint,
                                            save_checkpoint)
 from boomerang.training.losses import cosine_alignment, kl_to_teacher, next_token_cross_entropy, relative_mse
-from boomerang.training.recipe import DistillConfig
+from boomerang.training.recipe import DistillConfig, read_recipe, recipe_changes
 
 IMPORTANCE_BLOCKS = 8
 """Training blocks the importance plan is measured on (the first batch of the run's own order)."""
+CHECKPOINT_MAX_AGE_S = 300.0
+"""A checkpoint is also written when the last one (or the start) is this old: a crash costs minutes, not hours."""
 
 
 @dataclass
@@ -52,6 +55,8 @@ class StepReport:
     tokens_per_s: float
     elapsed_s: float
     eta_s: float
+    checkpoint: bool = False
+    """A checkpoint holding this step is written right after this report."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -104,7 +109,22 @@ def setup(cfg: DistillConfig, *, resume: bool = False, teacher: Teacher | None =
     parallel.init_distributed(device)
     rank, world = parallel.world()
     sharded = cfg.fsdp and world > 1
-    out = _prepare_out(cfg, resume) if rank == 0 else Path(cfg.out).expanduser().resolve()
+    out = Path(cfg.out).expanduser().resolve()
+    created = not out.exists()
+    try:
+        run = _setup(cfg, out, resume, teacher, device, sharded)
+    except BaseException:
+        if created and rank == 0:  # a run that never started leaves no folder behind
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    parallel.barrier()
+    return run
+
+
+def _setup(cfg: DistillConfig, out: Path, resume: bool, teacher: Teacher | None, device: torch.device,
+           sharded: bool) -> Run:
+    rank, world = parallel.world()
+    from_checkpoint = _prepare_out(cfg, out, resume) if rank == 0 else resume and (out / CHECKPOINT).is_file()
     parallel.barrier()
     if sharded:  # each process reads the teacher on the host and keeps only its shards on the device
         teacher = load_teacher(cfg.teacher, dtype=cfg.dtype, device="cpu")
@@ -113,7 +133,7 @@ def setup(cfg: DistillConfig, *, resume: bool = False, teacher: Teacher | None =
     elif teacher.device != device:
         teacher.to(device)
     data = load_data(cfg, teacher)
-    if resume and (out / PLAN).is_file():  # the plan the run started with, however it was chosen
+    if from_checkpoint and (out / PLAN).is_file():  # the plan the run started with, however it was chosen
         plan = LayerPlan(teacher.n_layers, tuple(json.loads((out / PLAN).read_text())["kept"]))
     else:
         plan = cfg.resolve_plan(teacher.model, data.batch(0, IMPORTANCE_BLOCKS, cfg.seed).to(teacher.device))
@@ -134,28 +154,39 @@ def setup(cfg: DistillConfig, *, resume: bool = False, teacher: Teacher | None =
 
         run.family = Family(teacher.model, student, plan, order="last")
     _attach_capture(run)
-    if resume:
+    if from_checkpoint:
         load_checkpoint(run)
     elif rank == 0:
         (out / RECIPE).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
         (out / PLAN).write_text(json.dumps(plan.to_dict()) + "\n")
         (out / METRICS).write_text("")
-    parallel.barrier()
     return run
 
 
-def _prepare_out(cfg: DistillConfig, resume: bool) -> Path:
-    out = Path(cfg.out).expanduser().resolve()
+def _prepare_out(cfg: DistillConfig, out: Path, resume: bool) -> bool:
+    """Make the run folder ready; True when the run continues from its checkpoint.
+
+    A run that stopped before its first checkpoint (a crash, a kill) starts again from step 0 on resume.
+    """
     if resume:
-        if not (out / CHECKPOINT).is_file():
-            raise BoomerangError(f"nothing to resume in {out}: it has no {CHECKPOINT}; start a run without --resume")
-        return out
+        if (out / CHECKPOINT).is_file():
+            return True
+        if not (out / RECIPE).is_file():
+            raise BoomerangError(f"no run in {out}: it has no {RECIPE}; start a run without --resume")
+        changed = recipe_changes(read_recipe(out).to_dict(), cfg.to_dict())
+        if changed:
+            raise BoomerangError(f"the recipe differs from the run's in {changed}; resume with the run's own recipe "
+                                 f"({out / RECIPE})")
+        return False  # started, never checkpointed: from step 0, in the same folder
     if (out / CHECKPOINT).is_file() or (out / RECIPE).is_file():
         raise BoomerangError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise BoomerangError(f"{out} exists and is not an empty folder; choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    return out
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BoomerangError(f"cannot create the run folder {out}: {exc.strerror}") from None
+    return False
 
 
 def load_data(cfg: DistillConfig, teacher: Teacher):
@@ -400,13 +431,24 @@ def optimizer_step(run: Run, step: int) -> tuple[float, dict[str, float], float]
     norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else float("inf"))
     if hasattr(norm, "full_tensor"):
         norm = norm.full_tensor()
-    run.optimizer.step()
-    run.scheduler.step()
     names = list(parts[0].terms)  # the same terms, in the same order, on every rank
     local = [sum(float(p.total.detach()) for p in parts) / len(parts),
              *(sum(p.terms[name] for p in parts) / len(parts) for name in names)]
     loss, *values = parallel.all_mean(local, run.device)
+    if not (math.isfinite(loss) and math.isfinite(float(norm))):  # the same numbers on every rank: all stop
+        raise NonFiniteLoss(step + 1, loss, float(norm), cfg.lr)
+    run.optimizer.step()
+    run.scheduler.step()
     return loss, dict(zip(names, values)), float(norm)
+
+
+class NonFiniteLoss(BoomerangError):
+    """The loss or the gradient norm stopped being a finite number; no weight was changed by that step."""
+
+    def __init__(self, step: int, loss: float, norm: float, lr: float):
+        super().__init__(f"the loss became {loss} (gradient norm {norm}) at step {step}: training stopped before that "
+                         f"step changed any weight, and no student was written; the last checkpoint stays as it was. "
+                         f"Lower the learning rate (lr {lr:g}) or check the data, then resume")
 
 
 # ----------------------------------------------------------------------------- run and finish
@@ -429,22 +471,28 @@ def run_loop(run: Run, *, on_step=None, should_stop=None) -> DistillResult:
     rank, world = parallel.world()
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * world
     start, last = time.perf_counter(), None
+    saved_at = start
     step = run.start_step
     while step < cfg.steps:
         loss, terms, norm = optimizer_step(run, step)
         step += 1
-        elapsed = time.perf_counter() - start
+        now = time.perf_counter()
+        elapsed = now - start
         rate = (step - run.start_step) * tokens_per_step / elapsed
+        # ranks' clocks differ: a checkpoint any rank finds due is written by all
+        due = parallel.any_rank(step % cfg.checkpoint_every == 0 or step == cfg.steps
+                                or now - saved_at > CHECKPOINT_MAX_AGE_S, run.device)
         last = StepReport(step, cfg.steps, loss, terms, run.scheduler.get_last_lr()[0], norm, step * tokens_per_step,
-                          rate, elapsed, (cfg.steps - step) * tokens_per_step / rate)
+                          rate, elapsed, (cfg.steps - step) * tokens_per_step / rate, checkpoint=due)
         if rank == 0:
             with open(run.out / METRICS, "a") as f:
                 f.write(json.dumps(last.to_dict()) + "\n")
             if on_step:
                 on_step(last)
         stop = parallel.any_rank(bool(should_stop and should_stop()), run.device)
-        if stop or step % cfg.checkpoint_every == 0 or step == cfg.steps:
+        if stop or due:
             save_checkpoint(run, step)  # every rank: a sharded student is gathered first
+            saved_at = time.perf_counter()
         if stop and step < cfg.steps:
             parallel.barrier()
             return DistillResult(run.out, step, True, None, last)

@@ -23,6 +23,12 @@ RECIPE = "recipe.json"
 """The file in a run folder that holds the run's full settings."""
 
 
+LIMITS = {"steps": (0, 10_000_000), "batch_size": (1, 65_536), "seq_len": (1, 1_048_576), "grad_accum": (1, 65_536),
+          "checkpoint_every": (1, 10_000_000), "teacher_docs": (1, 1_000_000), "processes": (1, 4_096),
+          "max_tokens": (1, 10**13)}
+"""Bounds of the whole-number settings (inclusive): past them a setting is a typo, refused before any work."""
+
+
 @dataclass
 class DistillConfig(Settings):
     """Every setting of a distillation run; a recipe file has exactly these keys."""
@@ -118,12 +124,12 @@ class DistillConfig(Settings):
         from boomerang.models import normalize_source
 
         self.teacher = normalize_source(self.teacher)  # one spelling per teacher, in every row and file
-        positive = ("batch_size", "seq_len", "grad_accum", "checkpoint_every", "teacher_docs", "processes")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise BoomerangError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.steps < 0:
-            raise BoomerangError(f"steps must be 0 or more, got {self.steps}")
+        for name, (low, high) in LIMITS.items():
+            value = getattr(self, name)
+            if value is not None and value < low:
+                raise BoomerangError(f"{name} must be {'at least 1' if low == 1 else f'{low} or more'}, got {value}")
+            if value is not None and value > high:
+                raise BoomerangError(f"{name} must be at most {high:,}, got {value:,}")
         if self.lr <= 0:
             raise BoomerangError(f"lr must be positive, got {self.lr}")
         for name in (*self.loss_weights(), "weight_decay", "clip", "min_lr_ratio"):
@@ -179,13 +185,21 @@ class DistillConfig(Settings):
                                max_run=self.every)
 
     def check(self) -> None:
-        """Checks against the world, before any work: the teacher's config, the plan on it, the data's lines.
+        """Checks against the world, before any work: the teacher's config, the plan on it, the sequence length
+        against its context, processes against this machine, the data's lines.
 
         Cheap (no weights are loaded): what a queued job is checked with before it is accepted.
         """
-        from boomerang.models import teacher_layer_count
+        import os
 
-        self.plan_for(teacher_layer_count(self.teacher))
+        from boomerang.models import teacher_limits
+
+        n_layers, context = teacher_limits(self.teacher)
+        self.plan_for(n_layers)
+        if context and self.seq_len > context:
+            raise BoomerangError(f"seq_len {self.seq_len:,} is longer than the teacher's context ({context:,} tokens)")
+        if self.device == "cpu" and self.processes > (os.cpu_count() or 1):
+            raise BoomerangError(f"processes={self.processes} on the CPU, but this machine has {os.cpu_count()} cores")
         if self.data != "teacher" and not self.data.startswith("hub:"):
             from boomerang.data import read_documents
 
@@ -232,6 +246,12 @@ def read_recipe_file(path: str | Path) -> dict:
     if not isinstance(data, dict):
         raise BoomerangError(f"recipe {path}: a recipe is a JSON object of settings, got {type(data).__name__}")
     return data
+
+
+def recipe_changes(old: dict, new: dict) -> list[str]:
+    """The settings in which two recipes of one run differ. Where the run folder is (`out`) is not a
+    setting of the run: a folder moved or copied elsewhere resumes."""
+    return sorted(k for k in set(old) | set(new) if k != "out" and old.get(k) != new.get(k))
 
 
 def read_recipe(out: str | Path) -> DistillConfig:
