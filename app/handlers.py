@@ -434,3 +434,29 @@ def export_chosen(services, student_id, n_layers) -> str:
     except BoomerangError as exc:
         return f"**Not exported:** {exc}"
     return f"Exported the {int(n_layers)}-layer size to `{path}` (loads with plain transformers)."
+
+
+def serving_snippet(services, student_id, n_layers) -> str:
+    """How to call this size from code: the running server's URL and a snippet, or the command that starts one."""
+    from boomerang.servers import running_servers
+
+    folder = _student_folder(services, student_id)
+    if folder is None or not n_layers:
+        return ""
+    folder = str(Path(folder).expanduser().resolve())
+    server = next((s for s in running_servers() if s.get("student") == folder), None)
+    if server is None:
+        return (f"Call every size of this family from your own code through the OpenAI API: "
+                f"`boomerang serve --student {folder}` (docs/serving.md).")
+    model = server["sizes"].get(str(int(n_layers)))
+    if model is None:
+        return f"The server at `{server['url']}` has no {int(n_layers)}-layer size."
+    key = "$BOOMERANG_API_KEY" if server.get("auth") else "none"
+    header = ' -H "Authorization: Bearer $BOOMERANG_API_KEY"' if server.get("auth") else ""
+    body = f'{{"model": "{model}", "messages": [{{"role": "user", "content": "Hello"}}]}}'
+    return (f"**Served** at `{server['url']}` as `{model}` (and every other size of the family):\n\n"
+            f"```bash\ncurl {server['url']}/chat/completions -H 'Content-Type: application/json'{header} -d '{body}'\n```\n\n"
+            f"```python\nfrom openai import OpenAI\n\nclient = OpenAI(base_url=\"{server['url']}\", api_key=\"{key}\")\n"
+            f"reply = client.chat.completions.create(model=\"{model}\", messages=[{{\"role\": \"user\", \"content\": \"Hello\"}}])\n"
+            f"print(reply.choices[0].message.content)\n```")
+

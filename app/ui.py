@@ -267,6 +267,7 @@ def _chat_tab(services):
         clear = gr.Button("Clear")
         export_btn = gr.Button("Export this size")
     export_md = gr.Markdown(elem_id="export-result")
+    serve_md = gr.Markdown(elem_id="serve-snippet")
     last = gr.State("")
 
     def pick_family(student_id):
@@ -278,6 +279,7 @@ def _chat_tab(services):
 
     family.input(safe(pick_family), family, [size, size_md])
     size.change(bind(h.size_label, services), [family, size], size_md)
+    size.change(bind(h.serving_snippet, services), [family, size], serve_md)
     turn_inputs = [family, size, message, left, right, system, temperature, top_p, max_new, stop]
     outputs = [left, right, left_stats, right_stats]
     go = send.click(bind(h.chat_turn, services), turn_inputs, outputs, api_name="chat").then(lambda m: ("", m), message, [message, last])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -138,3 +139,109 @@ def stream_pair(sides: list[tuple], tokenizer, sampling: Sampling, stop: threadi
         time.sleep(every)
         yield replies
     yield replies
+
+
+# ----------------------------------------------------------------------------- several requests in one batch
+
+
+@dataclass
+class Row:
+    """One sequence of a batch: its prompt, its own token limit, and where its tokens go.
+
+    `on_token(token_id)` receives each new token (never the end-of-sequence token) and returns False
+    to stop the row; `cancelled()` is asked before every step (a client that went away).
+    """
+
+    prompt: list[int]
+    max_new_tokens: int
+    on_token: Callable[[int], bool]
+    cancelled: Callable[[], bool] = lambda: False
+    generated: int = 0
+    """Tokens this row generated, the end-of-sequence token included."""
+    finished: bool = False
+    reason: str = "length"
+    """Why the row ended: "stop" (end of sequence, or its consumer stopped it), "length", "cancelled"."""
+
+
+class _RowStreamer(BaseStreamer):
+    """Hands each step's tokens (B,) to their rows; tokens after a row has finished are padding."""
+
+    def __init__(self, rows: list[Row], eos: set[int]):
+        self.rows, self.eos, self.prompt_seen = rows, eos, False
+
+    def put(self, value):
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        for row, token in zip(self.rows, value.reshape(-1).tolist()):
+            if row.finished:
+                continue
+            row.generated += 1
+            if token in self.eos:
+                row.finished, row.reason = True, "stop"
+            elif not row.on_token(token):
+                row.finished, row.reason = True, "stop"
+            elif row.generated >= row.max_new_tokens:
+                row.finished, row.reason = True, "length"
+
+    def end(self):
+        for row in self.rows:
+            row.finished = True
+
+
+class _RowsDone(StoppingCriteria):
+    def __init__(self, rows: list[Row]):
+        self.rows = rows
+
+    def __call__(self, input_ids, scores, **kwargs):
+        for row in self.rows:
+            if not row.finished and row.cancelled():
+                row.finished, row.reason = True, "cancelled"
+        return torch.tensor([row.finished for row in self.rows], device=input_ids.device)
+
+
+def eos_ids(model, tokenizer) -> set[int]:
+    ids = model.generation_config.eos_token_id if model.generation_config is not None else None
+    ids = ids if isinstance(ids, list) else [ids]
+    return {i for i in [*ids, tokenizer.eos_token_id] if i is not None}
+
+
+@torch.no_grad()
+def generate_rows(model, tokenizer, rows: list[Row], sampling: Sampling) -> None:
+    """Generate for every row in one batch: prompts left-padded, one forward per step for all of them.
+
+    Rows stop on their own (end of sequence, their token limit, their consumer, a cancel); the batch ends
+    when every row has. With sampling, `sampling.seed` seeds the batch.
+    """
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    width = max(len(r.prompt) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)  # (B, T), left-padded
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for b, row in enumerate(rows):
+        ids[b, width - len(row.prompt):] = torch.tensor(row.prompt)
+        mask[b, width - len(row.prompt):] = 1
+    device = next(model.parameters()).device
+    torch.manual_seed(sampling.seed)
+    model.generate(ids.to(device), attention_mask=mask.to(device), max_new_tokens=max(r.max_new_tokens for r in rows),
+                   streamer=_RowStreamer(rows, eos_ids(model, tokenizer)),
+                   stopping_criteria=StoppingCriteriaList([_RowsDone(rows)]), pad_token_id=pad,
+                   **sampling.generate_kwargs())
+
+
+@torch.no_grad()
+def prefill_ms(model, *, tokens: int = 128, repeats: int = 3) -> float:
+    """Median time of one forward over a `tokens`-long prompt, in milliseconds (the latency a budget means)."""
+    import statistics
+
+    device = next(model.parameters()).device
+    ids = torch.randint(10, model.config.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(0)).to(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    model(ids)  # warm-up
+    times = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        model(ids)
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3

@@ -283,3 +283,22 @@ def test_the_chat_can_be_driven_and_stopped_through_the_api(world):
         assert "out of range" in text and len(text) < 400
     finally:
         demo.close()
+
+
+def test_the_chat_tab_shows_how_to_call_the_size_from_code(world):
+    from boomerang.servers import register_server
+
+    s = world["services"]
+    (_, sid), = h.family_choices(s)
+    with Session(s.engine) as ses:
+        folder = crud.list_students(session=ses)[0].folder
+    assert "boomerang serve --student" in h.serving_snippet(s, sid, 6)
+    path = register_server({"url": "http://127.0.0.1:8123/v1", "family": "fam", "student": str(folder),
+                            "sizes": {"5": "fam-5L", "6": "fam-6L"}, "auth": True})
+    try:
+        snippet = h.serving_snippet(s, sid, 6)
+        assert "http://127.0.0.1:8123/v1" in snippet and '"model": "fam-6L"' in snippet
+        assert "Authorization: Bearer $BOOMERANG_API_KEY" in snippet and "from openai import OpenAI" in snippet
+        assert "has no 7-layer size" in h.serving_snippet(s, sid, 7)
+    finally:
+        path.unlink()

@@ -1,0 +1,148 @@
+"""Serving a whole family from one process: memory, API overhead, and what concurrent streams buy.
+
+Measured side by side in one run, on the default teacher's family (a freshly cut student unless
+--student is given):
+
+1. weights held to serve every size: one copy of teacher + student (shared modules) vs each size loaded
+   as its own exported model (the sum of every size's weights; exact, counted from the tensors);
+2. one greedy stream through the HTTP API vs `model.generate` in this process, same size, same tokens;
+3. total tokens/s with 1, 4 and 8 concurrent streams of one size, and 8 streams over 4 sizes.
+
+    python bench/bench_serve.py [--student DIR] [--tokens 48] [--size 23]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+from boomerang.generation import prompt_ids
+from boomerang.student import open_family
+
+PROMPT = "Write a long story about a lighthouse keeper and the sea, with many details."
+
+
+def weights_bytes(modules) -> int:
+    seen = {}
+    for m in modules:
+        for p in m.parameters():
+            seen[id(p)] = p.numel() * p.element_size()
+    return sum(seen.values())
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(student: str, port: int) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-m", "boomerang.cli", "serve", "--student", student, "--port", str(port),
+                             "--max-queue", "64", "--max-batch", "8"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    raise SystemExit("the server did not start")
+
+
+def stream(base: str, model: str, tokens: int, out: list, prompt: str = PROMPT) -> None:
+    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": tokens, "temperature": 0,
+            "stream": True, "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", base + "/v1/chat/completions", json=body, timeout=600) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {") and '"usage": {' in line:
+                import json
+
+                out.append(json.loads(line[6:])["usage"]["completion_tokens"])
+
+
+def concurrent(base: str, models: list[str], tokens: int) -> tuple[float, int]:
+    counts: list[int] = []
+    threads = [threading.Thread(target=stream, args=(base, m, tokens, counts, f"{PROMPT} ({i})"))
+               for i, m in enumerate(models)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    took = time.perf_counter() - start
+    return sum(counts) / took, sum(counts)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--student", default=None)
+    parser.add_argument("--tokens", type=int, default=48)
+    parser.add_argument("--size", type=int, default=23)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        student = args.student or str(Path(tmp) / "fam")
+        if not args.student:
+            subprocess.run([sys.executable, "-m", "boomerang.cli", "cut", "--teacher", "default", "--out", student],
+                           check=True, capture_output=True)
+        opened = open_family(student)
+        fam, tok = opened.family, opened.teacher.tokenizer
+        shared = weights_bytes([fam.teacher, fam.student])
+        separate = sum(weights_bytes([fam.build(n)]) for n in fam.layer_counts)
+        print(f"torch threads {torch.get_num_threads()}; family {len(fam.layer_counts)} sizes "
+              f"{fam.layer_counts[0]}..{fam.layer_counts[-1]} layers; nothing else running is assumed")
+        print(f"1. weights to serve every size: shared {shared / 2**20:,.0f} MB vs one model per size "
+              f"{separate / 2**20:,.0f} MB: {separate / shared:.1f}x less (goal 7x)")
+
+        model = fam.build(args.size)
+        ids = prompt_ids(tok, [{"role": "user", "content": PROMPT}])
+        with torch.no_grad():
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False)  # warm-up
+            start = time.perf_counter()
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.tokens,
+                                 min_new_tokens=args.tokens, do_sample=False)
+            in_process = time.perf_counter() - start
+        made = out.shape[1] - ids.shape[1]
+        del opened, fam, model
+
+        port = free_port()
+        proc = start_server(student, port)
+        base = f"http://127.0.0.1:{port}"
+        try:
+            name = httpx.get(base + "/v1/models").json()["data"][0]["id"].rsplit("-", 1)[0]
+            stream(base, f"{name}-{args.size}L", 4, [])  # warm-up
+            counts: list[int] = []
+            start = time.perf_counter()
+            stream(base, f"{name}-{args.size}L", args.tokens, counts)
+            api = time.perf_counter() - start
+            print(f"2. one stream of {counts[0]} tokens ({args.size} layers): API {api:.2f} s vs in-process generate "
+                  f"{in_process:.2f} s ({made} tokens): {api / in_process:.2f}x the time (goal at most 1.1x)")
+            rates = {}
+            for n in (1, 4, 8):
+                rates[n], total = concurrent(base, [f"{name}-{args.size}L"] * n, args.tokens)
+                print(f"3. {n} concurrent streams of {args.size} layers: {rates[n]:6.1f} tokens/s in all "
+                      f"({total} tokens), {rates[n] / rates[1]:.2f}x one stream")
+            mixed = [f"{name}-{n}L" for n in (16, 20, 26, 30)] * 2
+            rate, total = concurrent(base, mixed, args.tokens)
+            print(f"   8 concurrent streams over 4 sizes (16, 20, 26, 30 layers): {rate:6.1f} tokens/s ({total} tokens), "
+                  f"{rate / rates[1]:.2f}x one stream")
+            print(f"goal: 8 same-size streams at least 3x one stream: {rates[8] / rates[1]:.2f}x")
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()

@@ -1,0 +1,218 @@
+"""`boomerang serve` as a real server process on the real default teacher, driven by the official
+`openai` client (and raw HTTP where the error's exact shape matters)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from boomerang.cli import main
+
+pytestmark = pytest.mark.real
+KEY = "test-key-123"
+PROMPTS = ["What is the capital of France?", "Name three colours.", "Write one sentence about the sea.",
+           "What is 2 + 2?"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("serve")
+    home = tmp / "home"
+    home.mkdir()
+    cache = Path(os.environ.get("BOOMERANG_HOME", "~/.boomerang")).expanduser() / "teachers"
+    if cache.is_dir():  # the conversion is tested elsewhere
+        (home / "teachers").symlink_to(cache)
+    env = {**os.environ, "BOOMERANG_HOME": str(home), "OMP_NUM_THREADS": "2"}
+    assert subprocess.run([sys.executable, "-m", "boomerang.cli", "cut", "--teacher", "default", "--out",
+                           str(tmp / "fam")], env=env, capture_output=True).returncode == 0
+    (tmp / "key").write_text(KEY + "\n")
+    port = free_port()
+    log = open(tmp / "serve.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "boomerang.cli", "serve", "--student", str(tmp / "fam"), "--port",
+                             str(port), "--api-key-file", str(tmp / "key"), "--max-queue", "4"], env=env, stdout=log,
+                            stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 240
+    while True:
+        assert proc.poll() is None, (tmp / "serve.log").read_text()[-3000:]
+        assert time.time() < deadline, "the server did not become ready"
+        try:
+            if httpx.get(base + "/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    yield {"base": base, "tmp": tmp, "home": home, "env": env, "proc": proc}
+    proc.terminate()
+    proc.wait(timeout=30)
+    assert not list((home / "servers").glob("*.json")), "a stopped server is still listed"
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=server["base"] + "/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+def chat(client, model, prompt, **kw):
+    return client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}], temperature=0,
+                                          **{"max_tokens": 20, **kw})
+
+
+def test_every_size_is_listed_with_layers_and_parameters(client, server):
+    models = {m.id: m.model_extra for m in client.models.list().data}
+    sizes = {mid: extra for mid, extra in models.items() if mid.endswith("L")}
+    assert sorted(extra["layers"] for extra in sizes.values()) == list(range(16, 31))
+    assert models["fam-teacher"]["alias_of"] == "fam-30L" and models["fam-student"]["alias_of"] == "fam-16L"
+    assert "fam-auto" in models and sizes["fam-30L"]["parameters"] == 134_515_008
+    from boomerang.servers import running_servers
+
+    os.environ["BOOMERANG_HOME"], saved = str(server["home"]), os.environ.get("BOOMERANG_HOME")
+    try:
+        (listed,) = running_servers()
+    finally:
+        os.environ.pop("BOOMERANG_HOME") if saved is None else os.environ.__setitem__("BOOMERANG_HOME", saved)
+    assert listed["url"] == server["base"] + "/v1" and listed["family"] == "fam"
+
+
+def test_a_greedy_completion_is_what_boomerang_generate_says(client, server, capsys, monkeypatch):
+    monkeypatch.setenv("BOOMERANG_HOME", str(server["home"]))
+    assert main(["generate", "--student", str(server["tmp"] / "fam"), "--layers", "23", "--prompt", PROMPTS[0],
+                 "--greedy", "--max-new-tokens", "20"]) == 0
+    captured = capsys.readouterr()
+    expected, new_tokens = captured.out.strip(), int(captured.err.split("layers: ")[1].split(" tokens")[0])
+    reply = chat(client, "fam-23L", PROMPTS[0])
+    assert reply.model == "fam-23L" and reply.choices[0].message.content.strip() == expected
+    assert reply.usage.completion_tokens == new_tokens
+    from boomerang.generation import prompt_ids
+    from boomerang.models import load_teacher
+
+    tok = load_teacher("default").tokenizer
+    assert reply.usage.prompt_tokens == prompt_ids(tok, [{"role": "user", "content": PROMPTS[0]}]).shape[1]
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+
+
+def test_streaming_gives_the_same_text_and_usage(client):
+    whole = chat(client, "fam-20L", PROMPTS[1])
+    parts, usage, finish = [], None, None
+    for event in chat(client, "fam-20L", PROMPTS[1], stream=True, stream_options={"include_usage": True}):
+        if event.usage:
+            usage = event.usage
+        for choice in event.choices:
+            parts.append(choice.delta.content or "")
+            finish = choice.finish_reason or finish
+    assert "".join(parts) == whole.choices[0].message.content
+    assert usage.completion_tokens == whole.usage.completion_tokens and finish == whole.choices[0].finish_reason
+    text = client.completions.create(model="fam-student", prompt="The capital of France is", max_tokens=8,
+                                     temperature=0)
+    assert text.model == "fam-16L" and text.usage.completion_tokens == 8 and text.choices[0].finish_reason == "length"
+
+
+def test_errors_have_the_openai_shape_and_status(server):
+    base, auth = server["base"], {"Authorization": f"Bearer {KEY}"}
+    body = {"model": "fam-23L", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    cases = [
+        (400, {**body, "temperature": -1}, auth, "temperature"),
+        (400, {**body, "max_tokens": 0}, auth, "max_tokens"),
+        (400, {**body, "messages": []}, auth, "messages"),
+        (400, {**body, "stop": [1]}, auth, "stop"),
+        (400, {**body, "model": "fam-auto"}, auth, "max_latency_ms"),
+        (404, {**body, "model": "fam-99L"}, auth, "model"),
+        (401, body, {}, None),
+        (401, body, {"Authorization": "Bearer wrong"}, None),
+    ]
+    for status, payload, headers, param in cases:
+        r = httpx.post(base + "/v1/chat/completions", json=payload, headers=headers, timeout=30)
+        assert r.status_code == status, (payload, r.text)
+        error = r.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"} and error["message"], error
+        assert error["param"] == param, error
+    assert httpx.get(base + "/v1/models", timeout=10).status_code == 401
+    assert httpx.get(base + "/health", timeout=10).status_code == 200  # health needs no key
+
+
+def test_a_full_queue_answers_429(server):
+    base, auth = server["base"], {"Authorization": f"Bearer {KEY}"}
+    body = {"model": "fam-30L", "messages": [{"role": "user", "content": "Tell me a long story."}], "max_tokens": 48}
+    codes, errors = [], []
+
+    def send():
+        r = httpx.post(base + "/v1/chat/completions", json=body, headers=auth, timeout=300)
+        codes.append(r.status_code)
+        if r.status_code == 429:
+            errors.append(r.json()["error"])
+
+    threads = [threading.Thread(target=send) for _ in range(7)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert codes.count(200) >= 4 and codes.count(429) >= 1, codes  # --max-queue 4
+    assert errors[0]["code"] == "queue_full" and "at most 4" in errors[0]["message"]
+
+
+def test_a_client_that_disconnects_stops_its_generation(server):
+    base, auth = server["base"], {"Authorization": f"Bearer {KEY}"}
+    body = {"model": "fam-30L", "messages": [{"role": "user", "content": "Count from one to a thousand."}],
+            "max_tokens": 400, "stream": True, "temperature": 0}
+    with httpx.stream("POST", base + "/v1/chat/completions", json=body, headers=auth, timeout=60) as r:
+        lines = r.iter_lines()
+        seen = [next(lines) for _ in range(8)]
+    assert any(line.startswith("data: {") for line in seen)
+    time.sleep(1.0)  # at most one more token after the disconnect, then nothing
+
+    def tokens():
+        return httpx.get(base + "/health", timeout=10).json()["tokens_generated"]
+
+    before = tokens()
+    time.sleep(1.5)
+    assert tokens() == before, "the server went on generating for a client that left"
+    assert httpx.get(base + "/health", timeout=10).json()["running"] == 0
+
+
+def test_auto_serves_the_largest_size_within_the_budget(client):
+    sizes = {m.id: m.model_extra for m in client.models.list().data if m.id.endswith("L")}
+    budget = sizes["fam-23L"]["parameters"] + 1
+    reply = chat(client, "fam-auto", "hi", max_tokens=2, extra_body={"max_params": budget})
+    assert reply.model == "fam-23L"
+    assert chat(client, "fam-auto", "hi", max_tokens=2, extra_body={"max_latency_ms": 1e9}).model == "fam-30L"
+    assert all(e["prefill_ms"] > 0 for e in sizes.values())  # measured at start-up for every size
+    from openai import BadRequestError
+
+    with pytest.raises(BadRequestError, match="no size fits the budget"):
+        chat(client, "fam-auto", "hi", max_tokens=2, extra_body={"max_params": 1000})
+
+
+def test_concurrent_streams_each_return_what_they_return_alone(client):
+    alone = [chat(client, "fam-26L", p).choices[0].message.content for p in PROMPTS]
+    together = [None] * len(PROMPTS)
+
+    def run(i):
+        parts = []
+        for event in chat(client, "fam-26L", PROMPTS[i], stream=True):
+            parts += [c.delta.content or "" for c in event.choices]
+        together[i] = "".join(parts)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(PROMPTS))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert together == alone
+    assert json.dumps(together)  # plain strings
