@@ -80,15 +80,20 @@ def _read_txt(path: Path, _field: str) -> list[str]:
         raise BoomerangError(f"{path}, line {line}: not UTF-8 text (byte {exc.start}); convert the file to UTF-8") from None
 
 
-def _read_jsonl(path: Path, field: str) -> list[str]:
-    docs = []
-    for number, line in enumerate(_read_txt(path, field)[0].splitlines(), start=1):
+def jsonl_rows(path: Path) -> Iterator[tuple[int, object]]:
+    """Each non-empty line of a UTF-8 .jsonl file as (line number, value); a bad line is named by file and line."""
+    for number, line in enumerate(_read_txt(path, "")[0].splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            yield number, json.loads(line)
         except json.JSONDecodeError as exc:
             raise BoomerangError(f"{path}, line {number}: not valid JSON ({exc.msg})") from None
+
+
+def _read_jsonl(path: Path, field: str) -> list[str]:
+    docs = []
+    for number, row in jsonl_rows(path):
         if not isinstance(row, dict) or not isinstance(row.get(field), str):
             raise BoomerangError(f"{path}, line {number}: no text field {field!r} (choose the field with --text-field)")
         docs.append(row[field])

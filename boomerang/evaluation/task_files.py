@@ -19,6 +19,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from boomerang.data import jsonl_rows
 from boomerang.errors import BoomerangError
 
 FORMATS = {
@@ -105,22 +106,15 @@ def check_files(name: str, files: list[Path]) -> str:
     """The format of a task's files, every line checked: a broken line or a missing key is named by file and line."""
     fmt = detect_format(files[0])
     for path in files:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            for number, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    item = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise BoomerangError(f"{path}, line {number}: not valid JSON ({exc.msg})") from None
-                keys = set(item) if isinstance(item, dict) else set()
-                if fmt is None:
-                    options = "; ".join(f"{k}: {', '.join(sorted(v))}" for k, v in FORMATS.items())
-                    raise BoomerangError(f"{path}, line {number}: task {name!r} is in none of the formats "
-                                         f"(keys {sorted(keys)}; expected {options})")
-                missing = sorted(FORMATS[fmt] - keys)
-                if missing:
-                    raise BoomerangError(f"{path}, line {number}: missing {', '.join(missing)} (a {fmt} task)")
+        for number, item in jsonl_rows(path):
+            keys = set(item) if isinstance(item, dict) else set()
+            if fmt is None:
+                options = "; ".join(f"{k}: {', '.join(sorted(v))}" for k, v in FORMATS.items())
+                raise BoomerangError(f"{path}, line {number}: task {name!r} is in none of the formats "
+                                     f"(keys {sorted(keys)}; expected {options})")
+            missing = sorted(FORMATS[fmt] - keys)
+            if missing:
+                raise BoomerangError(f"{path}, line {number}: missing {', '.join(missing)} (a {fmt} task)")
     return fmt
 
 
