@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import html
+import math
 import tempfile
 from pathlib import Path
 
@@ -69,6 +70,10 @@ def _plan_settings(keep_first, every, keep_last, keep) -> dict:
     return out
 
 
+def patched_text(n: int) -> str:
+    return f"{n} block{'' if n == 1 else 's'} patched"
+
+
 def preview_plan(services, teacher: str, keep_first, every, keep_last, keep) -> tuple[str, list[list]]:
     """What the student keeps and every size the family will have; an error message otherwise."""
     from boomerang.family import Family
@@ -89,7 +94,7 @@ def preview_plan(services, teacher: str, keep_first, every, keep_last, keep) -> 
             f"The student keeps teacher layers `{list(plan.kept)}`: **{plan.n_student} layers, "
             f"{sizes[0].params:,} parameters**. The family has {len(sizes)} sizes.")
     rows = [[s.n_layers, f"{s.params / 1e6:.1f}M", f"{s.params_no_embed / 1e6:.1f}M",
-             "teacher" if s.is_teacher else "student" if s.is_student else f"{len(s.patched)} blocks patched"]
+             "teacher" if s.is_teacher else "student" if s.is_student else patched_text(len(s.patched))]
             for s in sizes]
     return text, rows
 
@@ -191,7 +196,8 @@ def _eta(seconds) -> str:
 def jobs_table(services) -> list[list]:
     with Session(services.engine) as s:
         jobs = crud.list_jobs(session=s, limit=200)
-    return [[j.id, j.kind.value, j.status.value, f"{j.step}/{j.total}", round(j.tokens_per_s or 0), _eta(j.eta_s),
+    return [[j.id, j.kind.value, j.status.value, f"{j.step}/{j.total}" if j.total else "-", round(j.tokens_per_s or 0),
+             _eta(j.eta_s),
              round(j.losses["loss"], 4) if j.losses.get("loss") is not None else "", j.worker or ""] for j in jobs]
 
 
@@ -312,6 +318,8 @@ def best_within_budget(rows: list[dict], task: str, metric: str, budget_kind: st
 
     if not budget:
         return None
+    if not math.isfinite(float(budget)) or float(budget) < 0:
+        raise BoomerangError(f"the budget must be a finite number of 0 or more, got {budget}")
     pts = points(rows, task, metric)
     if budget_kind == "parameters":
         fits = [p for p in pts if p["params"] <= float(budget)]
@@ -333,7 +341,12 @@ def compare(services, student_id, task, metric, log_x, budget_kind, budget):
     if not rows or not task or not metric:
         return None, [], None, "No results yet: evaluate a family from the Jobs tab."
     pts = chart.points(rows, task, metric)
-    best = best_within_budget(rows, task, metric, budget_kind, budget)
+    try:
+        best = best_within_budget(rows, task, metric, budget_kind, budget)
+    except BoomerangError as exc:
+        best, budget, refused = None, None, f"**Budget refused:** {exc}"
+    else:
+        refused = ""
     fig = chart.figure(pts, task, metric, log_x=bool(log_x), highlight=best["key"] if best else None)
     table = [[r["key"], r["series"], r["n_layers"], r["params"], r["task"], r["metric"], round(r["value"], 5),
               "" if r["stderr"] is None else round(r["stderr"], 5)] for r in rows]
@@ -342,7 +355,7 @@ def compare(services, student_id, task, metric, log_x, budget_kind, budget):
         writer = csv.writer(f)
         writer.writerow(["model", "series", "layers", "params", "task", "metric", "value", "stderr"])
         writer.writerows(table)
-    message = ""
+    message = refused
     if budget:
         message = (f"**Best within the budget:** {best['key']} ({best['n_layers']} layers, {best['params']:,} "
                    f"parameters): {metric} {best['value']:.4f}" if best else "**Nothing fits this budget.**")
@@ -352,14 +365,14 @@ def compare(services, student_id, task, metric, log_x, budget_kind, budget):
 # ----------------------------------------------------------------------------- chat
 
 
-def size_slider(services, student_id):
-    """(min, max, value, label) of the size slider for a family."""
+def size_choices(services, student_id) -> tuple[list[int], int] | None:
+    """(the sizes the family has, the one picked first: the middle one) for a family; None without one."""
     folder = _student_folder(services, student_id)
     if folder is None:
         return None
     _, fam = services.models.family(folder)
     counts = fam.layer_counts
-    return counts[0], counts[-1], counts[len(counts) // 2]
+    return counts, counts[len(counts) // 2]
 
 
 def size_label(services, student_id, n_layers) -> str:
@@ -371,7 +384,7 @@ def size_label(services, student_id, n_layers) -> str:
         info = fam.info(int(n_layers))
     except BoomerangError as exc:
         return str(exc)
-    kind = "the teacher" if info.is_teacher else "the student" if info.is_student else f"{len(info.patched)} blocks patched"
+    kind = "the teacher" if info.is_teacher else "the student" if info.is_student else patched_text(len(info.patched))
     return f"**{info.n_layers} layers** · {info.params / 1e6:.1f}M parameters · {kind}"
 
 
@@ -425,12 +438,13 @@ def export_chosen(services, student_id, n_layers) -> str:
     folder = _student_folder(services, student_id)
     if folder is None:
         return "**Pick a family first.**"
-    teacher, fam = services.models.family(folder)
+    opened = services.models.opened(folder)
     out = Path(services.exports_dir) / f"student-{student_id}-{int(n_layers)}L"
     try:
         Path(services.exports_dir).mkdir(parents=True, exist_ok=True)
-        path = export_size(fam, int(n_layers), out, tokenizer=teacher.tokenizer, teacher_source=teacher.source,
-                           student_source=folder, overwrite=out.exists())
+        path = export_size(opened.family, int(n_layers), out, tokenizer=opened.teacher.tokenizer,
+                           teacher_source=opened.teacher.source, student_source=folder, overwrite=out.exists(),
+                           distilled=opened.manifest.distilled is not None)
     except BoomerangError as exc:
         return f"**Not exported:** {exc}"
     return f"Exported the {int(n_layers)}-layer size to `{path}` (loads with plain transformers)."

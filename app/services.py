@@ -26,8 +26,8 @@ class ModelCache:
                 self._teachers[source] = load_teacher(source, device=self.device)
             return self._teachers[source]
 
-    def family(self, student_folder: str, order: str = "last"):
-        """(teacher, family) for a student folder."""
+    def opened(self, student_folder: str, order: str = "last"):
+        """The student folder opened as a family (boomerang.student.StudentFamily), once per folder and order."""
         from boomerang.student import open_family
 
         key = (str(Path(student_folder).expanduser().resolve()), order)
@@ -35,7 +35,11 @@ class ModelCache:
             opened = open_family(student_folder, order=order, load=self.teacher)
             with self._lock:
                 self._families.setdefault(key, opened)
-        opened = self._families[key]
+        return self._families[key]
+
+    def family(self, student_folder: str, order: str = "last"):
+        """(teacher, family) for a student folder."""
+        opened = self.opened(student_folder, order)
         return opened.teacher, opened.family
 
 

@@ -244,12 +244,13 @@ def _chat_tab(services):
     stop = gr.State(lambda: uuid.uuid4().hex)  # a token: the session's stop event lives in services.stops
     with gr.Row():
         family = gr.Dropdown(h.family_choices(services), label="Family", elem_id="chat-family", allow_custom_value=True)
-        # wide bounds until a family is picked: the API checks a size against the family, not the slider
-        size = gr.Slider(1, 1000, value=1, step=1, label="Size (layers)", elem_id="chat-size")
+        # only the sizes the family has; a number typed through the API is checked against the family
+        size = gr.Dropdown([], value=None, allow_custom_value=True, label="Size (layers)", elem_id="chat-size")
         size_md = gr.Markdown(elem_id="size-label")
     with gr.Row():
         system = gr.Textbox("", label="System prompt", scale=3)
-        temperature = gr.Slider(0, 1.5, value=0.7, step=0.05, label="Temperature (0 = greedy)", elem_id="temperature")
+        # greedy by default: side by side, the same prompt should get each model's most likely answer
+        temperature = gr.Slider(0, 1.5, value=0.0, step=0.05, label="Temperature (0 = greedy)", elem_id="temperature")
         top_p = gr.Slider(0.1, 1.0, value=0.9, step=0.05, label="Top-p")
         max_new = gr.Slider(8, 512, value=128, step=8, label="Max new tokens", elem_id="max-new")
     with gr.Row():
@@ -271,21 +272,36 @@ def _chat_tab(services):
     last = gr.State("")
 
     def pick_family(student_id):
-        bounds = h.size_slider(services, student_id)
-        if bounds is None:
+        sizes = h.size_choices(services, student_id)
+        if sizes is None:
             return gr.update(), ""
-        lo, hi, mid = bounds
-        return gr.update(minimum=lo, maximum=hi, value=mid), h.size_label(services, student_id, mid)
+        counts, middle = sizes
+        return gr.update(choices=counts, value=middle), h.size_label(services, student_id, middle)
 
     family.input(safe(pick_family), family, [size, size_md])
     size.change(bind(h.size_label, services), [family, size], size_md)
     size.change(bind(h.serving_snippet, services), [family, size], serve_md)
     turn_inputs = [family, size, message, left, right, system, temperature, top_p, max_new, stop]
     outputs = [left, right, left_stats, right_stats]
-    go = send.click(bind(h.chat_turn, services), turn_inputs, outputs, api_name="chat").then(lambda m: ("", m), message, [message, last])
-    sub = message.submit(bind(h.chat_turn, services), turn_inputs, outputs).then(lambda m: ("", m), message, [message, last])
-    stop_btn.click(lambda token: services.stop_event(token).set(), stop, None, cancels=[go, sub], queue=False,
-                   api_name="stop")
+    # Send and the message box are off while both replies stream: nothing typed meanwhile is lost
+    def locked():
+        return gr.update(interactive=False), gr.update(interactive=False)
+
+    def unlocked(text):
+        return gr.update(value="", interactive=True), text, gr.update(interactive=True)
+
+    go = send.click(locked, None, [send, message], queue=False, api_name=False).then(
+        bind(h.chat_turn, services), turn_inputs, outputs, api_name="chat")
+    sub = message.submit(locked, None, [send, message], queue=False, api_name=False).then(
+        bind(h.chat_turn, services), turn_inputs, outputs, api_name=False)
+    for event in (go, sub):
+        event.then(unlocked, message, [message, last, send], api_name=False)
+
+    def stop_both(token):
+        services.stop_event(token).set()
+        return gr.update(interactive=True), gr.update(interactive=True)
+
+    stop_btn.click(stop_both, stop, [send, message], cancels=[go, sub], queue=False, api_name="stop")
 
     def drop_last(lhist, rhist, text):
         return lhist[:-2], rhist[:-2], text

@@ -64,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
     try:
         return args.func(args) or 0
+    except BrokenPipeError:  # `boomerang jobs | head -3`: the reader left; so do we, quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except BoomerangError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -130,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="one prompt through any size, streamed")
     _add_teacher(p), _add_plan(p), _add_order(p)
-    p.add_argument("--student", default=None)
+    p.add_argument("--student", default=None, help="a student folder (default: a freshly cut student, undistilled)")
     p.add_argument("--layers", type=int, default=None, help="size to use (default: the teacher)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=64)

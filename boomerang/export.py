@@ -65,14 +65,17 @@ def run_export(req: ExportRequest, *, teacher=None, device: str = "cpu", dtype: 
     opened = open_family(req.student, teacher=teacher or req.teacher, order=req.order, device=device, dtype=dtype,
                          calibration=calibration)
     return export_size(opened.family, req.layers, req.out, tokenizer=opened.teacher.tokenizer,
-                       teacher_source=opened.teacher.source, student_source=str(opened.folder), overwrite=req.overwrite)
+                       teacher_source=opened.teacher.source, student_source=str(opened.folder), overwrite=req.overwrite,
+                       distilled=opened.manifest.distilled is not None)
 
 
 def export_size(family: Family, n_layers: int, out: str | Path, *, tokenizer=None, teacher_source: str = "?",
-                student_source: str = "?", overwrite: bool = False) -> Path:
-    """Export the size with `n_layers` layers to `out`; returns the folder written."""
+                student_source: str = "?", overwrite: bool = False, distilled: bool = True) -> Path:
+    """Export the size with `n_layers` layers to `out`; returns the folder written.
+
+    `distilled`: whether the student was trained (its manifest says); the model card says which."""
     info = family.info(n_layers)  # raises on a size the family does not have, before anything is written
-    card = model_card(info, teacher_source, student_source, family)
+    card = model_card(info, teacher_source, student_source, family, distilled=distilled)
     meta = {"teacher": teacher_source, "student": student_source, **info.to_dict()}
     return export_model(family.build(n_layers), out, tokenizer=tokenizer, card=card, meta=meta, overwrite=overwrite)
 
@@ -93,9 +96,15 @@ def export_model(model, out: str | Path, *, tokenizer=None, card: str | None = N
     return replace_dir_atomically(out, write, overwrite=overwrite)
 
 
-def model_card(info: SizeInfo, teacher_source: str, student_source: str, family: Family) -> str:
-    kind = "the teacher itself" if info.is_teacher else (
-        "the distilled student" if info.is_student else "an interpolated size (no training after distillation)")
+def model_card(info: SizeInfo, teacher_source: str, student_source: str, family: Family, *,
+               distilled: bool = True) -> str:
+    if distilled:
+        kind = "the teacher itself" if info.is_teacher else (
+            "the distilled student" if info.is_student else "an interpolated size (no training after distillation)")
+    else:
+        kind = "the teacher itself" if info.is_teacher else (
+            "the undistilled student: the teacher's kept layers, not trained" if info.is_student else
+            "a size of an undistilled family: the teacher with layers dropped by the plan, not trained")
     runs = " ".join(info.layers)
     return f"""---
 library_name: transformers

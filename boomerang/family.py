@@ -170,9 +170,12 @@ class Family:
     def patched_for(self, n_layers: int) -> tuple[int, ...]:
         counts = self.layer_counts
         if n_layers not in counts:
+            below = [c for c in counts if c < n_layers][-1:]
+            above = [c for c in counts if c > n_layers][:1]
+            nearest = " or ".join(map(str, below + above))
             raise BoomerangError(
                 f"no size with {n_layers} layers in this family: sizes are {counts[0]}..{counts[-1]} "
-                f"layers ({', '.join(map(str, counts))})"
+                f"layers ({', '.join(map(str, counts))}); nearest: {nearest}"
             )
         return tuple(self.order[: counts.index(n_layers)])
 

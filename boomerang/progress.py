@@ -4,9 +4,9 @@ from __future__ import annotations
 
 
 def format_eta(seconds, missing: str = "-") -> str:
-    """Seconds as M:SS or H:MM:SS, for progress displays."""
+    """A duration that cannot be read as a clock time: 45s, 18m34s, 2h05m."""
     if seconds is None:
         return missing
     m, s = divmod(int(seconds), 60)
     h, m = divmod(m, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"

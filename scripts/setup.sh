@@ -28,11 +28,11 @@ pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@"; }
 if ! .venv/bin/python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$TORCH_VERSION')" 2>/dev/null; then
   echo "==> installing torch $TORCH_VERSION"
   if command -v nvidia-smi >/dev/null 2>&1; then
-    pip install "torch==$TORCH_VERSION"
+    pip install "torch==$TORCH_VERSION" numpy   # numpy with torch: importing torch without it warns
   else
     # The CPU wheel: from this machine's wheel store where it has one, else PyTorch's CPU index.
-    pip install "torch==$TORCH_VERSION" 2>/dev/null \
-      || pip install "torch==$TORCH_VERSION" --index-url https://download.pytorch.org/whl/cpu
+    pip install "torch==$TORCH_VERSION" numpy 2>/dev/null \
+      || pip install "torch==$TORCH_VERSION" numpy --index-url https://download.pytorch.org/whl/cpu --extra-index-url https://pypi.org/simple
   fi
 fi
 echo "==> installing boomerang-studio and its dependencies"

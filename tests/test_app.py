@@ -143,8 +143,9 @@ def test_compare_chart_table_csv_and_budget(world):
 def test_chat_streams_both_sides_and_stop_ends_both(world):
     s = world["services"]
     (_, sid), = h.family_choices(s)
-    lo, hi, mid = h.size_slider(s, sid)
-    assert (lo, hi) == (5, 8) and "layers" in h.size_label(s, sid, 6)
+    counts, middle = h.size_choices(s, sid)
+    assert counts == [5, 6, 7, 8] and middle == 7 and "layers" in h.size_label(s, sid, 6)
+    assert "1 block patched" in h.size_label(s, sid, 6)
     snapshots = list(h.chat_turn(s, sid, 6, "hello", [], [], "be brief", 0, 1.0, 12, "session-a"))
     left, right, lstats, rstats = snapshots[-1]
     assert left[-1]["role"] == "assistant" and right[-1]["role"] == "assistant"
@@ -302,3 +303,47 @@ def test_the_chat_tab_shows_how_to_call_the_size_from_code(world):
         assert "has no 7-layer size" in h.serving_snippet(s, sid, 7)
     finally:
         path.unlink()
+
+
+def test_bad_input_through_the_api_is_answered_fast_and_short_and_changes_nothing(world):
+    """The dashboard's twin of the CLI's bad-input table, through gradio_client as any script would call it."""
+    from gradio_client import Client
+
+    from app.ui import build_app
+
+    s, tmp = world["services"], world["tmp"]
+    with Session(s.engine) as ses:
+        before = len(crud.list_jobs(session=ses))
+    demo = build_app(s)
+    demo.queue(max_size=8)
+    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True, show_error=False)
+    names = list(h.LAUNCH_FIELDS)
+    cases = [  # (changes to the form, words of the answer)
+        ({"steps": 10**15}, "steps must be at most 10,000,000"),
+        ({"warmup": 1.5}, "warmup is a fraction"),
+        ({"data": "/etc/passwd"}, "must be inside a folder this dashboard may read"),
+        ({"teacher": "/usr/lib"}, "must be inside a folder this dashboard may read"),
+        ({"keep": "0-100000000"}, "out of range"),
+        ({"data": "x" * 100_000}, "too long (100,000 characters"),
+        ({"processes": 0}, "processes must be at least 1"),
+    ]
+    try:
+        client = Client(url, verbose=False)
+        for changes, words in cases:
+            values = form(tmp, **changes)
+            start = time.perf_counter()
+            answer = client.predict(values["recipe"], *[values[n] for n in names], api_name="/launch")
+            assert time.perf_counter() - start < 1.0, (changes, "slow")
+            assert answer.startswith("**Not launched:**") and words in answer and len(answer) < 500, (changes, answer)
+        for keep in ("0-3000000", "0-100000000"):
+            start = time.perf_counter()
+            text, _ = client.predict(str(tmp / "teacher"), 1, 2, 2, keep, api_name="/preview")
+            assert time.perf_counter() - start < 1.0 and "out of range" in text and len(text) < 400
+    finally:
+        demo.close()
+    for bad in (float("nan"), float("inf")):  # JSON cannot carry these; a handler can still be given them
+        assert "lr must be a finite number" in h.launch_job(s, form(tmp, lr=bad))
+    with Session(s.engine) as ses:
+        assert len(crud.list_jobs(session=ses)) == before
+    fig, table, _, message = h.compare(s, h.family_choices(s)[0][1], "quiz", "acc", False, "parameters", float("inf"))
+    assert message.startswith("**Budget refused:**") and table

@@ -97,16 +97,26 @@ def test_launch_watch_evaluate_compare_chat_stop(stack):
 
         # Chat: both sides stream at once; Stop ends both
         page.get_by_role("tab", name="Chat").click()
-        expect(page.locator("#size-label")).to_contain_text("layers")
+        expect(page.locator("#size-label")).to_contain_text("7 layers")  # the middle of the sizes 5, 6, 7, 8
+        page.locator("#chat-size input").click()
+        options = page.get_by_role("option")
+        expect(options).to_have_count(4)  # only the sizes the family has
+        assert [o.split()[-1] for o in options.all_inner_texts()] == ["5", "6", "7", "8"]  # "✓ 7": the picked one
+        page.keyboard.press("Escape")
+        expect(page.locator("#temperature input[type=number]")).to_have_value("0")  # greedy by default
+        page.locator("#max-new input[type=number]").fill("512")  # long enough to be stopped half-way
+        page.locator("#max-new input[type=number]").press("Enter")
         page.locator("#chat-input textarea").fill("Tell me a long story.")
         page.locator("#send-btn").click()
         expect(page.locator("#size-stats")).to_contain_text("…")  # still streaming
         expect(page.locator("#teacher-stats")).to_contain_text("…")
+        expect(page.locator("#send-btn")).to_be_disabled()  # nothing typed now can be lost
         page.screenshot(path=str(SHOTS / "chat.png"), full_page=True)
         page.locator("#stop-btn").click()
         expect(page.locator("#size-stats")).not_to_contain_text("…", timeout=30_000)
+        expect(page.locator("#send-btn")).to_be_enabled()
         stats = page.locator("#size-stats").inner_text()
         tokens = int(re.search(r"(\d+) tokens", stats).group(1))
-        assert 0 < tokens < 128, stats
+        assert 0 < tokens < 512, stats
         assert page.locator("#chat-size-bot").inner_text().strip() and page.locator("#chat-teacher-bot").inner_text().strip()
         browser.close()

@@ -45,6 +45,7 @@ def place(tmp_path_factory):
         if f.suffix != ".safetensors":
             (pickled / f.name).write_bytes(f.read_bytes())
     torch.save({"model.embed_tokens.weight": Payload(tmp / "pwned-by-weights")}, pickled / "pytorch_model.bin")
+    (tmp / "short.txt").write_text("Too short for a block.")
     (tmp / "list.json").write_text("[1, 2]")
     (tmp / "ten.json").write_text(json.dumps({"steps": "ten"}))
     (tmp / "null.json").write_text(json.dumps({"steps": None}))
@@ -77,6 +78,9 @@ CASES = [
      "null.json: steps must be an integer, got null"),
     ("recipe a list", lambda p: ["distill", *T(p), *D(p), "--recipe", str(p / "list.json"), "--out", str(p / "r")], {},
      "a recipe is a JSON object of settings, got list"),
+    ("a run that fails after making its folder", lambda p: ["distill", *T(p), "--data", str(p / "short.txt"),
+                                                             "--seq-len", "100", "--device", "cpu", "--out", str(p / "r")],
+     {}, "not one training block of 100"),
     ("resume a missing folder", lambda p: ["distill", "--resume", "--out", str(p / "nowhere")], {},
      "no run in"),
     ("run folder not writable", lambda p: ["distill", *T(p), *D(p), "--steps", "1", "--out", "/proc/boomerang-run"], {},

@@ -196,3 +196,21 @@ def test_requests_refuse_bad_settings_with_the_setting_named(kind, settings, mes
 
     with pytest.raises(BoomerangError, match=message):
         build_request(kind, settings)
+
+
+def test_a_relative_teacher_path_is_one_teacher_everywhere(home, monkeypatch):
+    """Typed as ./teacher in one place and found as /abs/teacher in another, it is still one teacher row."""
+    from workers.runner import run_job
+
+    monkeypatch.chdir(home)
+    engine = make_engine(f"sqlite:///{home / 'jobs.db'}")
+    from workers.submit import validate
+
+    clean = validate("distill", dict(teacher="./teacher", data="corpus.txt", steps=1, batch_size=2, seq_len=16))
+    assert clean["teacher"] == str(home / "teacher")
+    with Session(engine) as s:
+        job_id = crud.create_job(session=s, job_in=JobCreate(kind=JobKind.DISTILL, settings=clean),
+                                 teacher_id=crud.get_or_create_teacher(session=s, source=clean["teacher"]).id).id
+    assert run_job(job_id, engine=engine, worker="test") == "SUCCEEDED"
+    with Session(engine) as s:
+        assert [t.source for t in crud.list_teachers(session=s)] == [str(home / "teacher")]

@@ -91,7 +91,7 @@ def render_jobs(jobs) -> str:
     for j in jobs:
         frac = j.step / j.total if j.total else 0
         bar = "#" * int(frac * 16)
-        progress = f"[{bar:<16}] {j.step}/{j.total}"
+        progress = f"[{bar:<16}] {j.step}/{j.total}" if j.total else "-"
         info = j.error or (f"loss {j.losses['loss']:.4f}" if j.losses.get("loss") is not None else "")
         lines.append(f"{j.id:>4}  {j.kind.value:<7} {j.status.value:<9} {progress:<26} "
                      f"{(j.tokens_per_s or 0):>7.0f} {format_eta(j.eta_s):>8}  {(j.worker or '-')[:22]:<22} {info[:60]}")
