@@ -193,11 +193,18 @@ def _eta(seconds) -> str:
     return format_eta(seconds, missing="")
 
 
+def _progress_text(job) -> str:
+    """What a job's progress counts: training steps and their rate, or evaluation cells."""
+    if job.kind.value == "distill":
+        return f"step {job.step}/{job.total} · {round(job.tokens_per_s or 0)} tokens/s"
+    return f"cell {job.step}/{job.total}" if job.total else "waiting"
+
+
 def jobs_table(services) -> list[list]:
     with Session(services.engine) as s:
         jobs = crud.list_jobs(session=s, limit=200)
-    return [[j.id, j.kind.value, j.status.value, f"{j.step}/{j.total}" if j.total else "-", round(j.tokens_per_s or 0),
-             _eta(j.eta_s),
+    return [[j.id, j.kind.value, j.status.value, f"{j.step}/{j.total}" if j.total else "-",
+             round(j.tokens_per_s or 0) if j.kind.value == "distill" else "", _eta(j.eta_s),
              round(j.losses["loss"], 4) if j.losses.get("loss") is not None else "", j.worker or ""] for j in jobs]
 
 
@@ -218,7 +225,7 @@ def job_detail(services, job_id) -> tuple[str, list[dict], str]:
     elif job.result.get("student_dir"):
         extra = f"<div>student: <code>{html.escape(job.result['student_dir'])}</code></div>"
     status = (f"<div id='job-status' data-job='{job.id}' data-status='{job.status.value}'><b>Job {job.id}</b> ({job.kind.value}): "
-              f"<b>{job.status.value}</b> · step {job.step}/{job.total} · {round(job.tokens_per_s or 0)} tokens/s · "
+              f"<b>{job.status.value}</b> · {_progress_text(job)} · "
               f"ETA {_eta(job.eta_s) or '-'}</div>"
               f"<div style='background:#eee;border-radius:4px;height:14px;margin:6px 0'>"
               f"<div style='width:{frac * 100:.1f}%;background:{color};height:14px;border-radius:4px'></div></div>{extra}")
@@ -274,7 +281,8 @@ def evaluate_job(services, job_id, tasks: str, data_dir: str, limit) -> str:
         if data_dir:
             check_path(services, "the evaluation data folder", data_dir)
         settings = {"student": job.result["student_dir"], "tasks": [t.strip() for t in (tasks or "").split(",") if t.strip()],
-                    "data_dir": data_dir or None, "settings": {"limit": int(limit) if limit else None}}
+                    "data_dir": data_dir or None, "settings": {"limit": int(limit) if limit else None},
+                    "cost": True}  # memory and latency per size: what "fit my budget" needs
         new = submit(engine=services.engine, app=services.celery, kind="eval", settings=settings, queue=services.queue)
     except (BoomerangError, ValueError) as exc:
         return f"**Not queued:** {exc}"
@@ -326,6 +334,11 @@ def best_within_budget(rows: list[dict], task: str, metric: str, budget_kind: st
     else:
         cost_metric = "weights_mb" if budget_kind == "memory (MB)" else "prefill_ms"
         cost = {r["key"]: r["value"] for r in rows if r["task"] == "cost" and r["metric"] == cost_metric}
+        if cost_metric == "weights_mb":  # not measured: computed, float32 weights as the dashboard loads them
+            cost = {p["key"]: cost.get(p["key"], p["params"] * 4 / 2**20) for p in pts}
+        elif not any(p["key"] in cost for p in pts):
+            raise BoomerangError("latency was not measured for this family: evaluate it again (the Evaluate button "
+                                 "measures cost), or run boomerang eval --cost")
         fits = [p for p in pts if p["key"] in cost and cost[p["key"]] <= float(budget)]
     if not fits:
         return None

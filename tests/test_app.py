@@ -126,18 +126,21 @@ def test_compare_chart_table_csv_and_budget(world):
     s = world["services"]
     (label, sid), = h.family_choices(s)
     tasks, metrics = h.task_metric_choices(s, sid)
-    assert tasks == ["average", "fill", "quiz"] and "acc" in metrics
+    assert tasks == ["average", "cost", "fill", "quiz"] and "acc" in metrics  # Evaluate measures cost too
     fig, table, csv_path, msg = h.compare(s, sid, "quiz", "acc", True, "parameters", None)
     names = {t.name for t in fig.data}
     assert {"student", "interpolated", "teacher", "Pareto frontier"} <= names
     assert sum(len(t.x) for t in fig.data if t.name in ("student", "interpolated", "teacher")) == 4
-    assert fig.layout.xaxis.type == "log" and len(table) == 4 * 3  # 4 sizes x (quiz acc, acc_norm, fill acc)
+    assert fig.layout.xaxis.type == "log"
+    assert len([r for r in table if r[4] != "cost"]) == 4 * 3  # 4 sizes x (quiz acc, acc_norm, fill acc)
+    assert {r[5] for r in table if r[4] == "cost"} == {"weights_mb", "prefill_ms", "decode_tokens_per_s"}
     assert open(csv_path).read().startswith("model,series,layers,params,task,metric,value,stderr")
     rows = h.result_rows(s, sid)
     smallest = min(r["params"] for r in rows)
     fig, _, _, msg = h.compare(s, sid, "quiz", "acc", False, "parameters", smallest)
     assert "Best within the budget:** student-5" in msg and any(t.name == "fits the budget" for t in fig.data)
     assert "Nothing fits" in h.compare(s, sid, "quiz", "acc", False, "parameters", 10)[3]
+    assert "Best within the budget:**" in h.compare(s, sid, "quiz", "acc", False, "latency (ms)", 1e6)[3]
 
 
 def test_chat_streams_both_sides_and_stop_ends_both(world):
@@ -347,3 +350,17 @@ def test_bad_input_through_the_api_is_answered_fast_and_short_and_changes_nothin
         assert len(crud.list_jobs(session=ses)) == before
     fig, table, _, message = h.compare(s, h.family_choices(s)[0][1], "quiz", "acc", False, "parameters", float("inf"))
     assert message.startswith("**Budget refused:**") and table
+
+
+def test_fit_my_budget_computes_memory_and_says_when_latency_was_not_measured():
+    from boomerang.errors import BoomerangError
+
+    rows = [{"key": f"interpolated-{n}", "series": "interpolated", "n_layers": n, "params": n * 1_000_000,
+             "params_no_embed": 0, "task": "quiz", "metric": "acc", "value": n / 100, "stderr": None, "blocks": ""}
+            for n in (5, 6, 7)]
+    best = h.best_within_budget(rows, "quiz", "acc", "memory (MB)", 6 * 4 / 1.048576 + 0.01)  # 6M float32 weights
+    assert best["n_layers"] == 6
+    with pytest.raises(BoomerangError, match="latency was not measured for this family"):
+        h.best_within_budget(rows, "quiz", "acc", "latency (ms)", 100)
+    measured = rows + [{**rows[0], "task": "cost", "metric": "prefill_ms", "value": 3.0}]
+    assert h.best_within_budget(measured, "quiz", "acc", "latency (ms)", 5)["n_layers"] == 5

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import threading
+import time
 from pathlib import Path
 
 from sqlmodel import Session, select
@@ -152,9 +153,13 @@ def _register_student(ctx: JobContext, teacher, folder: Path) -> None:
 def evaluate(ctx: JobContext, req: EvalRequest) -> dict:
     from boomerang.evaluation.run import evaluate_student
 
+    start, computed = time.monotonic(), {"n": 0}
+
     def on_cell(done, total, key, task, skipped):
         ctx.log(f"{done}/{total} {key} {task}{' (cached)' if skipped else ''}")
-        ctx.progress(done, total, force=done == total)
+        computed["n"] += 0 if skipped else 1
+        per_cell = (time.monotonic() - start) / computed["n"] if computed["n"] else None
+        ctx.progress(done, total, force=done == total, eta_s=per_cell * (total - done) if per_cell else None)
 
     report = evaluate_student(req, on_cell=on_cell, should_stop=ctx.should_stop)
     if ctx.should_stop():
