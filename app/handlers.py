@@ -194,7 +194,9 @@ def _eta(seconds) -> str:
 
 
 def _progress_text(job) -> str:
-    """What a job's progress counts: training steps and their rate, or evaluation cells."""
+    """What a job's progress counts: a phase before training, training steps and their rate, evaluation cells."""
+    if job.phase and job.phase != "training" and job.status == JobStatus.RUNNING:
+        return html.escape(job.phase)
     if job.kind.value == "distill":
         return f"step {job.step}/{job.total} · {round(job.tokens_per_s or 0)} tokens/s"
     return f"cell {job.step}/{job.total}" if job.total else "waiting"

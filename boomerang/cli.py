@@ -434,8 +434,15 @@ def cmd_distill(args) -> int:
     def should_stop() -> bool:
         return stop["asked"] or bool(stop_file and stop_file.exists())
 
+    shown = {"at": 0.0}
+
+    def on_phase(p):  # before the first step: what is happening, n/N, rate, ETA (every 2 s and at each end)
+        if p.done in (0, p.total) or time.monotonic() - shown["at"] > 2:
+            bar.write(p.text())
+            shown["at"] = time.monotonic()
+
     try:
-        result = distill(cfg, on_step=on_step, should_stop=should_stop, resume=args.resume)
+        result = distill(cfg, on_step=on_step, should_stop=should_stop, resume=args.resume, on_phase=on_phase)
     finally:
         bar.close()
         signal.signal(signal.SIGINT, previous)

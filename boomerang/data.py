@@ -145,15 +145,18 @@ def stream_hub_documents(name: str, *, text_field: str, max_chars: int) -> list[
 
 
 def teacher_documents(teacher, *, n_docs: int, max_new_tokens: int = 192, batch_size: int = 8,
-                      seed: int = 0, cache_dir: Path | None = None) -> list[str]:
-    """Text written by the teacher from built-in seed prompts; cached by teacher and settings."""
+                      seed: int = 0, cache_dir: Path | None = None, on_batch=None) -> list[str]:
+    """Text written by the teacher from built-in seed prompts; cached by teacher and settings.
+
+    `on_batch(n)` is called after each batch of n documents is written (not when the cache answers)."""
     prompts = [p for p in resources.files("boomerang.resources").joinpath("seed_prompts.txt").read_text().splitlines()
                if p.strip()]
     key = hashlib.sha256(json.dumps([teacher.fingerprint, n_docs, max_new_tokens, seed, prompts]).encode()).hexdigest()
     path = cache_dir / f"teacher-{key[:16]}.jsonl" if cache_dir else None
     if path and path.is_file():
         return _read_jsonl(path, "text")
-    docs = _generate(teacher, [prompts[i % len(prompts)] for i in range(n_docs)], max_new_tokens, batch_size, seed)
+    docs = _generate(teacher, [prompts[i % len(prompts)] for i in range(n_docs)], max_new_tokens, batch_size, seed,
+                     on_batch)
     if path:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
@@ -163,7 +166,7 @@ def teacher_documents(teacher, *, n_docs: int, max_new_tokens: int = 192, batch_
 
 
 @torch.no_grad()
-def _generate(teacher, prompts: list[str], max_new_tokens: int, batch_size: int, seed: int) -> list[str]:
+def _generate(teacher, prompts: list[str], max_new_tokens: int, batch_size: int, seed: int, on_batch=None) -> list[str]:
     tok, model = teacher.tokenizer, teacher.model
     tok.padding_side = "left"
     if tok.pad_token is None:
@@ -179,6 +182,8 @@ def _generate(teacher, prompts: list[str], max_new_tokens: int, batch_size: int,
         out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=True, temperature=0.8, top_p=0.95,
                              pad_token_id=tok.pad_token_id)
         docs.extend(tok.batch_decode(out[:, enc.input_ids.shape[1]:], skip_special_tokens=True))
+        if on_batch:
+            on_batch(len(chunk))
     return docs
 
 

@@ -43,14 +43,18 @@ def block_influence(teacher, ids: torch.Tensor) -> list[float]:
 
 
 @torch.no_grad()
-def drop_one_costs(teacher, ids: torch.Tensor) -> list[float]:
+def drop_one_costs(teacher, ids: torch.Tensor, on_layer=None) -> list[float]:
     """Per teacher layer, KL(teacher || teacher without that one layer) on `ids` (B, T), mean per token.
 
     The direct measure of what a plan asks a student layer to make up for when it drops the layer.
     """
     reference = teacher(ids, use_cache=False).logits
-    return [mean_kl(reference, dropped_teacher(teacher, [i])(ids, use_cache=False).logits)
-            for i in range(teacher.config.num_hidden_layers)]
+    costs = []
+    for i in range(teacher.config.num_hidden_layers):
+        costs.append(mean_kl(reference, dropped_teacher(teacher, [i])(ids, use_cache=False).logits))
+        if on_layer:
+            on_layer()
+    return costs
 
 
 def drop_order(influence: list[float]) -> list[int]:

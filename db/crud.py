@@ -63,7 +63,7 @@ def update_progress(*, session: Session, job_id: int, **fields) -> None:
 
 def finish_job(*, session: Session, job_id: int, status: JobStatus, error: str | None = None,
                result: dict | None = None) -> None:
-    values = {"status": status, "finished_at": utcnow(), "error": error}
+    values = {"status": status, "finished_at": utcnow(), "error": error, "phase": None}
     if result is not None:
         values["result"] = result
     session.exec(update(Job).where(Job.id == job_id).values(**values))

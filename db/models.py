@@ -68,6 +68,7 @@ class Job(JobBase, table=True):
     tokens_per_s: float | None = None
     eta_s: float | None = None
     log: str = Field(default="", description="last log lines")
+    phase: str | None = Field(default=None, description="what the job is doing when it is not counting steps")
     error: str | None = None
     attempts: int = 0
     worker: str | None = None
@@ -90,6 +91,7 @@ class JobPublic(JobBase):
     tokens_per_s: float | None
     eta_s: float | None
     log: str
+    phase: str | None
     error: str | None
     attempts: int
     worker: str | None

@@ -40,11 +40,11 @@ def new_job(session, **settings):
 
 
 def test_migrations_bring_an_empty_database_to_head(engine):
-    assert current_revision(engine) == "0002"
+    assert current_revision(engine) == "0003"
     tables = set(inspect(engine).get_table_names())
     assert {"teachers", "jobs", "students", "sizes", "eval_results", "step_metrics", "alembic_version"} <= tables
     make_engine(engine.url.render_as_string(hide_password=False))  # upgrading again is a no-op
-    assert current_revision(engine) == "0002"
+    assert current_revision(engine) == "0003"
 
 
 def test_loss_terms_migration_keeps_old_step_rows_and_queued_jobs(engine):
@@ -65,7 +65,7 @@ def test_loss_terms_migration_keeps_old_step_rows_and_queued_jobs(engine):
         conn.execute(text("INSERT INTO step_metrics (job_id, step, loss, ce, kl, cosine, mse, lr, grad_norm, tokens, "
                           "tokens_per_s) VALUES (1, 1, 2.5, 1.5, 0.5, 0.25, 0, 1e-4, 1.0, 32, 10.0)"))
     engine = make_engine(url)
-    assert current_revision(engine) == "0002"
+    assert current_revision(engine) == "0003"
     with Session(engine) as s:
         (row,) = crud.steps_of(session=s, job_id=1)
         assert row.loss == 2.5 and row.terms == {"ce": 1.5, "kl": 0.5, "cosine": 0.25}  # a term that was off is gone

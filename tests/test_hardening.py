@@ -134,8 +134,8 @@ def test_bad_input_is_one_clear_line_exit_2_and_leaves_nothing(place, tmp_path, 
     before = snapshot(place)
     code = main(argv(place))
     err = capsys.readouterr().err
-    lines = [line for line in err.strip().splitlines()
-             if not line.startswith(("warning:", "distill:"))]  # warnings and the progress bar aside
+    lines = [line.strip() for line in err.replace("\r", "\n").splitlines()
+             if line.strip() and not line.strip().startswith(("warning:", "distill:"))]  # warnings, progress bar aside
     assert code == 2, err
     assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], err
     assert "Traceback" not in err and len(lines[0]) < 600

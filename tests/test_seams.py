@@ -93,8 +93,9 @@ def queued(engine, tmp: Path, **settings) -> int:
     """A distillation job row as submit writes it (validated by the registry), without a queue."""
     from workers.submit import validate
 
-    clean = validate("distill", dict(teacher=str(tmp / "teacher"), data=str(tmp / "corpus.txt"), steps=3,
-                                     batch_size=2, seq_len=16, lr=1e-3, checkpoint_every=2, **settings))
+    base = dict(teacher=str(tmp / "teacher"), data=str(tmp / "corpus.txt"), steps=3, batch_size=2, seq_len=16, lr=1e-3,
+                checkpoint_every=2)
+    clean = validate("distill", {**base, **settings})
     with Session(engine) as s:
         return crud.create_job(session=s, job_in=JobCreate(kind=JobKind.DISTILL, settings=clean)).id
 
@@ -214,3 +215,29 @@ def test_a_relative_teacher_path_is_one_teacher_everywhere(home, monkeypatch):
     assert run_job(job_id, engine=engine, worker="test") == "SUCCEEDED"
     with Session(engine) as s:
         assert [t.source for t in crud.list_teachers(session=s)] == [str(home / "teacher")]
+
+
+def test_a_jobs_phases_before_its_first_step_reach_the_database(home, monkeypatch):
+    """Loading the teacher, writing its corpus, measuring layer importance: each shows n/N and an ETA first."""
+    from workers.runner import run_job
+
+    seen = []
+    real = crud.update_progress
+
+    def spy(*, session, job_id, **fields):
+        if "phase" in fields:
+            seen.append(fields["phase"])
+        return real(session=session, job_id=job_id, **fields)
+
+    monkeypatch.setattr(crud, "update_progress", spy)
+    engine = make_engine(f"sqlite:///{home / 'jobs.db'}")
+    job_id = queued(engine, home, data="teacher", teacher_docs=4, plan="importance")
+    assert run_job(job_id, engine=engine, worker="test") == "SUCCEEDED"
+    names = [p.split(":")[0] for p in seen]
+    order = list(dict.fromkeys(names))
+    assert order[:4] == ["loading the teacher", "writing the teacher's corpus", "measuring layer importance",
+                         "training"], order
+    assert "writing the teacher's corpus: 4/4 documents" in " ".join(seen)
+    assert any(p.startswith("measuring layer importance: 8/8 layers") and "ETA" in p for p in seen)
+    with Session(engine) as s:
+        assert crud.get_job(session=s, job_id=job_id).phase is None  # a finished job is in no phase

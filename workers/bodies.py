@@ -56,8 +56,13 @@ def distill(ctx: JobContext, cfg: DistillConfig) -> dict:
                 crud.forget_steps_after(session=s, job_id=job.id, step=r.step - 1)
         ctx.log(f"step {r.step}/{r.total} loss {r.loss:.4f} " + " ".join(f"{k} {v:.4f}" for k, v in r.terms.items()))
         # when a checkpoint follows this report, the rows it covers are in the database before it exists
-        ctx.progress(r.step, r.total, steps=[r.to_dict()], force=r.checkpoint, losses={"loss": r.loss, **r.terms},
-                     tokens_per_s=r.tokens_per_s, eta_s=r.eta_s)
+        ctx.progress(r.step, r.total, steps=[r.to_dict()], force=r.checkpoint or r.step == first["step"],
+                     losses={"loss": r.loss, **r.terms}, tokens_per_s=r.tokens_per_s, eta_s=r.eta_s,
+                     phase="training")
+
+    def on_phase(p) -> None:  # before the first step: loading, writing the corpus, choosing the plan
+        ctx.log(p.text())
+        ctx.progress(p.done, p.total, force=p.done in (0, p.total), phase=p.text(), eta_s=p.eta_s, tokens_per_s=None)
 
     if cfg.processes > 1:
         steps_done, stopped, student_dir = _distill_processes(ctx, cfg, resume, on_step)
@@ -65,9 +70,10 @@ def distill(ctx: JobContext, cfg: DistillConfig) -> dict:
     else:
         # one decision: the teacher is loaded where the run runs, and the family built after follows it
         teacher = load_teacher(cfg.teacher, dtype=cfg.dtype, device=str(run_device(cfg)))
-        result = run_distillation(cfg, on_step=on_step, should_stop=ctx.should_stop, resume=resume, teacher=teacher)
+        result = run_distillation(cfg, on_step=on_step, should_stop=ctx.should_stop, resume=resume, teacher=teacher,
+                                  on_phase=on_phase)
         steps_done, stopped, student_dir = result.steps_done, result.stopped, result.student_dir
-    ctx.progress(steps_done, cfg.steps, force=True)
+    ctx.progress(steps_done, cfg.steps, force=True, phase="registering the family")
     if stopped:
         raise Cancelled
     _register_student(ctx, teacher, student_dir)

@@ -92,7 +92,8 @@ def render_jobs(jobs) -> str:
         frac = j.step / j.total if j.total else 0
         bar = "#" * int(frac * 16)
         progress = f"[{bar:<16}] {j.step}/{j.total}" if j.total else "-"
-        info = j.error or (f"loss {j.losses['loss']:.4f}" if j.losses.get("loss") is not None else "")
+        busy = j.phase if j.phase and j.phase != "training" else None  # e.g. writing the corpus: 12/32 documents
+        info = j.error or busy or (f"loss {j.losses['loss']:.4f}" if j.losses.get("loss") is not None else "")
         lines.append(f"{j.id:>4}  {j.kind.value:<7} {j.status.value:<9} {progress:<26} "
                      f"{(j.tokens_per_s or 0):>7.0f} {format_eta(j.eta_s):>8}  {(j.worker or '-')[:22]:<22} {info[:60]}")
     return "\n".join(lines)

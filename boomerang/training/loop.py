@@ -26,6 +26,7 @@ from boomerang.arch import adapter_for
 from boomerang.errors import BoomerangError
 from boomerang.models import Teacher, boomerang_home, load_teacher
 from boomerang.plan import LayerPlan
+from boomerang.progress import Phase, Phases
 from boomerang.training import parallel
 from boomerang.training.checkpoint import (CHECKPOINT, METRICS, PLAN, RECIPE, STUDENT, load_checkpoint,
                                            save_checkpoint)
@@ -102,8 +103,11 @@ class Run:
 # ----------------------------------------------------------------------------- setup
 
 
-def setup(cfg: DistillConfig, *, resume: bool = False, teacher: Teacher | None = None) -> Run:
-    """Everything a run needs, on the run's one device. A `teacher` given is moved there (it is frozen)."""
+def setup(cfg: DistillConfig, *, resume: bool = False, teacher: Teacher | None = None, on_phase=None) -> Run:
+    """Everything a run needs, on the run's one device. A `teacher` given is moved there (it is frozen).
+
+    `on_phase(Phase)` hears the phases before training: loading the teacher, writing its corpus, measuring
+    layer importance."""
     parallel.check_world(cfg)
     device = parallel.run_device(cfg)
     parallel.init_distributed(device)
@@ -112,7 +116,7 @@ def setup(cfg: DistillConfig, *, resume: bool = False, teacher: Teacher | None =
     out = Path(cfg.out).expanduser().resolve()
     created = not out.exists()
     try:
-        run = _setup(cfg, out, resume, teacher, device, sharded)
+        run = _setup(cfg, out, resume, teacher, device, sharded, Phases(on_phase))
     except BaseException:
         if created and rank == 0:  # a run that never started leaves no folder behind
             shutil.rmtree(out, ignore_errors=True)
@@ -122,21 +126,23 @@ def setup(cfg: DistillConfig, *, resume: bool = False, teacher: Teacher | None =
 
 
 def _setup(cfg: DistillConfig, out: Path, resume: bool, teacher: Teacher | None, device: torch.device,
-           sharded: bool) -> Run:
+           sharded: bool, phases: Phases) -> Run:
     rank, world = parallel.world()
     from_checkpoint = _prepare_out(cfg, out, resume) if rank == 0 else resume and (out / CHECKPOINT).is_file()
     parallel.barrier()
-    if sharded:  # each process reads the teacher on the host and keeps only its shards on the device
-        teacher = load_teacher(cfg.teacher, dtype=cfg.dtype, device="cpu")
-    elif teacher is None:
-        teacher = load_teacher(cfg.teacher, dtype=cfg.dtype, device=str(device))
-    elif teacher.device != device:
-        teacher.to(device)
-    data = load_data(cfg, teacher)
+    with phases.run("loading the teacher", 1, "models") as step:
+        if sharded:  # each process reads the teacher on the host and keeps only its shards on the device
+            teacher = load_teacher(cfg.teacher, dtype=cfg.dtype, device="cpu")
+        elif teacher is None:
+            teacher = load_teacher(cfg.teacher, dtype=cfg.dtype, device=str(device))
+        elif teacher.device != device:
+            teacher.to(device)
+        step()
+    data = load_data(cfg, teacher, phases)
     if from_checkpoint and (out / PLAN).is_file():  # the plan the run started with, however it was chosen
         plan = LayerPlan(teacher.n_layers, tuple(json.loads((out / PLAN).read_text())["kept"]))
     else:
-        plan = cfg.resolve_plan(teacher.model, data.batch(0, IMPORTANCE_BLOCKS, cfg.seed).to(teacher.device))
+        plan = cfg.resolve_plan(teacher.model, data.batch(0, IMPORTANCE_BLOCKS, cfg.seed).to(teacher.device), phases)
     from boomerang.student import cut_student
 
     student = cut_student(teacher.model, plan).train().requires_grad_(True)
@@ -189,12 +195,13 @@ def _prepare_out(cfg: DistillConfig, out: Path, resume: bool) -> bool:
     return False
 
 
-def load_data(cfg: DistillConfig, teacher: Teacher):
+def load_data(cfg: DistillConfig, teacher: Teacher, phases: Phases | None = None):
     from boomerang import data as d
 
     if cfg.data == "teacher":
-        docs = d.teacher_documents(teacher, n_docs=cfg.teacher_docs, seed=cfg.seed,
-                                   cache_dir=boomerang_home() / "corpora")
+        with (phases or Phases()).run("writing the teacher's corpus", cfg.teacher_docs, "documents") as step:
+            docs = d.teacher_documents(teacher, n_docs=cfg.teacher_docs, seed=cfg.seed,
+                                       cache_dir=boomerang_home() / "corpora", on_batch=step)
         desc = f"teacher-written ({cfg.teacher_docs} documents)"
     elif cfg.data.startswith("hub:"):
         max_chars = (cfg.max_tokens or 2_000_000) * 6
@@ -456,9 +463,11 @@ class NonFiniteLoss(BoomerangError):
 
 def distill(cfg: DistillConfig, *, on_step: Callable[[StepReport], None] | None = None,
             should_stop: Callable[[], bool] | None = None, resume: bool = False,
-            teacher: Teacher | None = None) -> DistillResult:
-    """Distill a student as `cfg` says; resumable, observable, stoppable within one step."""
-    run = setup(cfg, resume=resume, teacher=teacher)
+            teacher: Teacher | None = None, on_phase: Callable[[Phase], None] | None = None) -> DistillResult:
+    """Distill a student as `cfg` says; resumable, observable, stoppable within one step.
+
+    `on_step` hears every training step, `on_phase` the phases before it (see `setup`)."""
+    run = setup(cfg, resume=resume, teacher=teacher, on_phase=on_phase)
     try:
         return run_loop(run, on_step=on_step, should_stop=should_stop)
     finally:

@@ -172,15 +172,18 @@ class DistillConfig(Settings):
             return LayerPlan(n_teacher, tuple(self.keep))
         return LayerPlan.from_rule(n_teacher, PaperRule(self.keep_first, self.every, self.keep_last))
 
-    def resolve_plan(self, teacher_model: torch.nn.Module, ids: torch.Tensor) -> LayerPlan:
-        """The run's plan; with plan=importance, measured on the teacher with `ids` (B, T)."""
+    def resolve_plan(self, teacher_model: torch.nn.Module, ids: torch.Tensor, phases=None) -> LayerPlan:
+        """The run's plan; with plan=importance, measured on the teacher with `ids` (B, T) (a phase of `phases`)."""
         rule_plan = self.plan_for(teacher_model.config.num_hidden_layers)
         if self.keep or self.plan == "rule":
             return rule_plan
         from boomerang.importance import drop_one_costs
         from boomerang.plan import importance_plan
+        from boomerang.progress import Phases
 
-        costs = drop_one_costs(teacher_model, ids)
+        n = teacher_model.config.num_hidden_layers
+        with (phases or Phases()).run("measuring layer importance", n, "layers") as step:
+            costs = drop_one_costs(teacher_model, ids, on_layer=step)
         return importance_plan(costs, rule_plan.n_student, keep_first=self.keep_first, keep_last=self.keep_last,
                                max_run=self.every)
 
