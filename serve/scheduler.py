@@ -41,7 +41,7 @@ class Job:
         s = self.sampling
         if s.temperature <= 0:
             return (self.n_layers, "greedy")
-        return (self.n_layers, s.temperature, s.top_p, s.seed if s.seed else id(self))
+        return (self.n_layers, s.temperature, s.top_p, id(self) if s.seed else "unseeded")
 
 
 class Scheduler:
