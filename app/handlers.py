@@ -380,31 +380,59 @@ def compare(services, student_id, task, metric, log_x, budget_kind, budget):
 # ----------------------------------------------------------------------------- chat
 
 
-def size_choices(services, student_id) -> tuple[list[int], int] | None:
-    """(the sizes the family has, the one picked first: the middle one) for a family; None without one."""
-    folder = _student_folder(services, student_id)
+CUT = "cut:"
+"""A chat family value "cut:SOURCE": the teacher's undistilled family, chattable before any distillation."""
+
+
+def chat_family_choices(services) -> list[tuple[str, str]]:
+    """The distilled families, then each known teacher's undistilled family (labelled so)."""
+    cut = [(f"{t}: undistilled sizes (the teacher's layers dropped, no training)", f"{CUT}{t}")
+           for t in teacher_choices(services)]
+    return family_choices(services) + cut
+
+
+def _family(services, family_id):
+    """(teacher, family, distilled) for a chat family value; None when none is picked."""
+    if not family_id:
+        return None
+    if str(family_id).startswith(CUT):
+        source = str(family_id)[len(CUT):]
+        _check_sources(services, source)
+        teacher, fam = services.models.cut_family(source)
+        return teacher, fam, False
+    folder = _student_folder(services, family_id)
     if folder is None:
         return None
-    _, fam = services.models.family(folder)
-    counts = fam.layer_counts
+    teacher, fam = services.models.family(folder)
+    return teacher, fam, True
+
+
+def size_choices(services, student_id) -> tuple[list[int], int] | None:
+    """(the sizes the family has, the one picked first: the middle one) for a family; None without one."""
+    picked = _family(services, student_id)
+    if picked is None:
+        return None
+    counts = picked[1].layer_counts
     return counts, counts[len(counts) // 2]
 
 
 def size_label(services, student_id, n_layers) -> str:
-    folder = _student_folder(services, student_id)
-    if folder is None or not n_layers:
+    picked = _family(services, student_id)
+    if picked is None or not n_layers:
         return ""
-    _, fam = services.models.family(folder)
+    _, fam, distilled = picked
     try:
         info = fam.info(int(n_layers))
     except BoomerangError as exc:
         return str(exc)
     kind = "the teacher" if info.is_teacher else "the student" if info.is_student else patched_text(len(info.patched))
+    if not distilled and not info.is_teacher:
+        kind += " · undistilled: the teacher with layers dropped, not trained"
     return f"**{info.n_layers} layers** · {info.params / 1e6:.1f}M parameters · {kind}"
 
 
 def _student_folder(services, student_id) -> str | None:
-    if not student_id:
+    if not student_id or not str(student_id).isdigit():  # none picked, or an undistilled family ("cut:...")
         return None
     with Session(services.engine) as s:
         from db.models import Student
@@ -428,13 +456,13 @@ def chat_turn(services, student_id, n_layers, message: str, left: list, right: l
     """Stream one turn to a size (left) and the teacher (right) at once; yields (left, right, left stats, right stats)."""
     from boomerang.generation import Sampling, stream_pair
 
-    folder = _student_folder(services, student_id)
-    if folder is None or not message or not message.strip():
+    picked = _family(services, student_id)
+    if picked is None or not message or not message.strip():
         yield left, right, "Pick a family and type a message.", ""
         return
     check_text("the message", message, MAX_MESSAGE)
     check_text("the system prompt", system, MAX_MESSAGE)
-    teacher, fam = services.models.family(folder)
+    teacher, fam, _ = picked
     size = fam.build(int(n_layers))
     stop = services.stop_event(stop)  # the session's token: Stop sets the same event
     stop.clear()
@@ -452,7 +480,8 @@ def export_chosen(services, student_id, n_layers) -> str:
 
     folder = _student_folder(services, student_id)
     if folder is None:
-        return "**Pick a family first.**"
+        return ("**Pick a distilled family first.**" if not str(student_id or "").startswith(CUT) else
+                "**Nothing to export:** the sizes of an undistilled family are the teacher with layers dropped.")
     opened = services.models.opened(folder)
     out = Path(services.exports_dir) / f"student-{student_id}-{int(n_layers)}L"
     try:

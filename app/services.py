@@ -37,6 +37,22 @@ class ModelCache:
                 self._families.setdefault(key, opened)
         return self._families[key]
 
+    def cut_family(self, source: str):
+        """(teacher, family) of a teacher's undistilled family (the paper's plan, a student sharing the teacher's
+        layers): chattable before any distillation has finished."""
+        from boomerang.family import Family
+        from boomerang.student import cut_student
+        from boomerang.training.recipe import DistillConfig
+
+        teacher = self.teacher(source)
+        key = ("cut", teacher.source)
+        if key not in self._families:
+            plan = DistillConfig(teacher=teacher.source).plan_for(teacher.n_layers)
+            family = Family(teacher.model, cut_student(teacher.model, plan, share=True), plan)
+            with self._lock:
+                self._families.setdefault(key, (teacher, family))
+        return self._families[key]
+
     def family(self, student_folder: str, order: str = "last"):
         """(teacher, family) for a student folder."""
         opened = self.opened(student_folder, order)

@@ -69,20 +69,24 @@ def build_app(services) -> gr.Blocks:
             with gr.Tab("Chat", id="chat") as chat_tab:
                 family_chat, show_chat = _chat_tab(services)
 
-        for tab, dropdown, show in ((compare_tab, family_c, show_compare), (chat_tab, family_chat, show_chat)):
-            _refresh_on_open(services, tab, dropdown, show)
+        for tab, dropdown, show, choices in ((compare_tab, family_c, show_compare, h.family_choices),
+                                             (chat_tab, family_chat, show_chat, h.chat_family_choices)):
+            _refresh_on_open(services, tab, dropdown, show, choices)
     return demo
 
 
-def _refresh_on_open(services, tab, dropdown, show) -> None:
+def _refresh_on_open(services, tab, dropdown, show, family_choices) -> None:
     """Opening a tab reloads the families (newest first), keeps the user's pick or takes the newest,
     and shows it, in one event: a chained event could still see the dropdown's old value."""
     fn, inputs, outputs = show
 
     def open_tab(current, *rest):
-        choices = h.family_choices(services)
+        choices = family_choices(services)
         values = [v for _, v in choices]
-        value = current if current in values else (values[0] if values else None)
+        distilled = [v for v in values if not str(v).startswith(h.CUT)]
+        # keep a distilled family the user picked; otherwise the newest one, else a teacher's undistilled sizes
+        keep = current in values and not str(current).startswith(h.CUT)
+        value = current if keep else (distilled or values or [None])[0]
         return gr.update(choices=choices, value=value), *fn(value, *rest)
 
     tab.select(safe(open_tab), [dropdown, *inputs[1:]], [dropdown, *outputs])
@@ -243,7 +247,8 @@ def _compare_tab(services):
 def _chat_tab(services):
     stop = gr.State(lambda: uuid.uuid4().hex)  # a token: the session's stop event lives in services.stops
     with gr.Row():
-        family = gr.Dropdown(h.family_choices(services), label="Family", elem_id="chat-family", allow_custom_value=True)
+        family = gr.Dropdown(h.chat_family_choices(services), value=None, label="Family", elem_id="chat-family",
+                             allow_custom_value=True, info="a distilled family, or a teacher's undistilled sizes")
         # only the sizes the family has; a number typed through the API is checked against the family
         size = gr.Dropdown([], value=None, allow_custom_value=True, label="Size (layers)", elem_id="chat-size")
         size_md = gr.Markdown(elem_id="size-label")

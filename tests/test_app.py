@@ -364,3 +364,18 @@ def test_fit_my_budget_computes_memory_and_says_when_latency_was_not_measured():
         h.best_within_budget(rows, "quiz", "acc", "latency (ms)", 100)
     measured = rows + [{**rows[0], "task": "cost", "metric": "prefill_ms", "value": 3.0}]
     assert h.best_within_budget(measured, "quiz", "acc", "latency (ms)", 5)["n_layers"] == 5
+
+
+def test_a_teacher_is_chattable_before_any_family_is_distilled(world):
+    s, tmp = world["services"], world["tmp"]
+    teacher = str(tmp / "teacher")
+    value = dict((v, k) for k, v in h.chat_family_choices(s))
+    assert f"cut:{teacher}" in value and "undistilled" in value[f"cut:{teacher}"]
+    counts, middle = h.size_choices(s, f"cut:{teacher}")
+    assert counts == [5, 6, 7, 8]
+    assert "undistilled" in h.size_label(s, f"cut:{teacher}", 6) and "undistilled" not in h.size_label(s, f"cut:{teacher}", 8)
+    *_, (left, right, lstats, rstats) = h.chat_turn(s, f"cut:{teacher}", 6, "hello", [], [], "", 0, 1.0, 6, "cut")
+    assert left[-1]["role"] == "assistant" and "6 layers" in lstats and "teacher" in rstats
+    assert "Nothing to export" in h.export_chosen(s, f"cut:{teacher}", 6)
+    with pytest.raises(Exception, match="must be inside a folder this dashboard may read"):
+        h.size_choices(s, "cut:/usr/lib")

@@ -97,7 +97,7 @@ def test_launch_watch_evaluate_compare_chat_stop(stack):
 
         # Chat: both sides stream at once; Stop ends both
         page.get_by_role("tab", name="Chat").click()
-        expect(page.locator("#size-label")).to_contain_text("7 layers")  # the middle of the sizes 5, 6, 7, 8
+        expect(page.locator("#size-label")).to_contain_text("7 layers", timeout=30_000)  # the middle of 5, 6, 7, 8
         page.locator("#chat-size input").click()
         options = page.get_by_role("option")
         expect(options).to_have_count(4)  # only the sizes the family has
