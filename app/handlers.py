@@ -74,8 +74,11 @@ def patched_text(n: int) -> str:
     return f"{n} block{'' if n == 1 else 's'} patched"
 
 
-def preview_plan(services, teacher: str, keep_first, every, keep_last, keep) -> tuple[str, list[list]]:
-    """What the student keeps and every size the family will have; an error message otherwise."""
+def preview_plan(services, teacher: str, keep_first, every, keep_last, keep, plan: str = "rule") -> tuple[str, list[list]]:
+    """What the student keeps and every size the family will have; an error message otherwise.
+
+    With plan=importance the kept layers are measured when the job starts (on its first training blocks):
+    the preview says so and shows the rule's plan as the size it will have, not as the layers it will keep."""
     from boomerang.family import Family
     from boomerang.student import cut_student
     from boomerang.training.recipe import DistillConfig
@@ -83,7 +86,8 @@ def preview_plan(services, teacher: str, keep_first, every, keep_last, keep) -> 
     try:
         check_text("the layer list", keep)
         _check_sources(services, (teacher or "default").strip())
-        cfg = DistillConfig(teacher=teacher or "default", **_plan_settings(keep_first, every, keep_last, keep))
+        cfg = DistillConfig(teacher=teacher or "default", plan=plan or "rule",
+                            **_plan_settings(keep_first, every, keep_last, keep))
         t = services.models.teacher(cfg.teacher)
         plan = cfg.plan_for(t.n_layers)
         fam = Family(t.model, cut_student(t.model, plan, share=True), plan)
@@ -93,6 +97,12 @@ def preview_plan(services, teacher: str, keep_first, every, keep_last, keep) -> 
     text = (f"Teacher **{t.source}**: {plan.n_teacher} layers, {sizes[-1].params:,} parameters. "
             f"The student keeps teacher layers `{list(plan.kept)}`: **{plan.n_student} layers, "
             f"{sizes[0].params:,} parameters**. The family has {len(sizes)} sizes.")
+    if cfg.plan == "importance" and not cfg.keep:
+        text = (f"Teacher **{t.source}**: {plan.n_teacher} layers, {sizes[-1].params:,} parameters. **Importance "
+                f"plan:** the job keeps {plan.n_student} layers (about {sizes[0].params:,} parameters), chosen when it "
+                f"starts as the layers whose loss costs the teacher most on its first training blocks; which ones, "
+                f"and so which sizes the family has, is known then (the rule's plan below shows the size, not the "
+                f"layers).")
     rows = [[s.n_layers, f"{s.params / 1e6:.1f}M", f"{s.params_no_embed / 1e6:.1f}M",
              "teacher" if s.is_teacher else "student" if s.is_student else patched_text(len(s.patched))]
             for s in sizes]

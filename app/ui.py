@@ -156,7 +156,8 @@ def _launch_tab(services) -> None:
     assert set(names) == set(fields), "ROWS and LAUNCH_FIELDS must name the same fields"
     components = [fields[n] for n in names]
     plan_inputs = [fields[n] for n in ("teacher", "keep_first", "every", "keep_last", "keep")]
-    preview_btn.click(bind(h.preview_plan, services), plan_inputs, [preview_md, preview_table], api_name="preview")
+    preview_btn.click(bind(h.preview_plan, services), [*plan_inputs, fields["plan"]], [preview_md, preview_table],
+                      api_name="preview")
 
     def pick_recipe(name):
         chosen = h.form_values(name)

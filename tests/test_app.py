@@ -65,6 +65,10 @@ def test_preview_shows_the_plan_and_every_size(world):
     assert "`[0, 2, 4, 6, 7]`" in text and "5 layers" in text and [r[0] for r in rows] == [5, 6, 7, 8]
     text, rows = h.preview_plan(s, str(tmp / "teacher"), 1, 2, 2, "2,4")
     assert text.startswith("**Cannot use this plan:**") and "must keep layer 0" in text and rows == []
+    text, rows = h.preview_plan(s, str(tmp / "teacher"), 1, 2, 2, "", "importance")  # what the cpu recipe uses
+    assert "**Importance plan:** the job keeps 5 layers" in text and "known then" in text and len(rows) == 4
+    text, rows = h.preview_plan(s, str(tmp / "teacher"), 1, 2, 2, "2,4")
+    assert text.startswith("**Cannot use this plan:**") and "must keep layer 0" in text and rows == []
 
 
 def test_the_recipe_choice_fills_the_form_and_goes_with_the_job(world):
@@ -181,7 +185,7 @@ def test_gradio_client_against_the_launched_app(world):
     _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=None, quiet=True)
     try:
         client = Client(url, verbose=False)
-        text, table = client.predict(str(world["tmp"] / "teacher"), 1, 2, 2, "", api_name="/preview")
+        text, table = client.predict(str(world["tmp"] / "teacher"), 1, 2, 2, "", "rule", api_name="/preview")
         assert "5 layers" in text and [r[0] for r in table["data"]] == [5, 6, 7, 8]
         msg = client.predict(999, api_name="/cancel")
         assert "Cannot cancel" in msg
@@ -283,7 +287,7 @@ def test_the_chat_can_be_driven_and_stopped_through_the_api(world):
             client.predict(sid, 6, "hello", [], [], "", -1, 1.0, 8, api_name="/chat")
         with pytest.raises(Exception, match=r"^no size with 23 layers in this family: sizes are 5\.\.8"):
             client.predict(sid, 23, "hello", [], [], "", 0, 1.0, 8, api_name="/chat")  # our message, not a traceback
-        text, _ = client.predict(str(world["tmp"] / "teacher"), 1, 2, 2, "0-100000000", api_name="/preview")
+        text, _ = client.predict(str(world["tmp"] / "teacher"), 1, 2, 2, "0-100000000", "rule", api_name="/preview")
         assert "out of range" in text and len(text) < 400
     finally:
         demo.close()
@@ -340,7 +344,7 @@ def test_bad_input_through_the_api_is_answered_fast_and_short_and_changes_nothin
             assert answer.startswith("**Not launched:**") and words in answer and len(answer) < 500, (changes, answer)
         for keep in ("0-3000000", "0-100000000"):
             start = time.perf_counter()
-            text, _ = client.predict(str(tmp / "teacher"), 1, 2, 2, keep, api_name="/preview")
+            text, _ = client.predict(str(tmp / "teacher"), 1, 2, 2, keep, "rule", api_name="/preview")
             assert time.perf_counter() - start < 1.0 and "out of range" in text and len(text) < 400
     finally:
         demo.close()
