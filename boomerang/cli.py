@@ -250,7 +250,7 @@ def _load_teacher(args, default_source: str = "default"):
 def _load_family(args):
     """(teacher, family, student label) from --teacher/--student and plan/order flags."""
     from boomerang.family import Family
-    from boomerang.student import cut_student, greedy_order, open_family
+    from boomerang.student import Manifest, cut_student, family_order, open_family
 
     if args.student:
         opened = open_family(args.student, teacher=args.teacher, order=args.order, calibration=args.calibration,
@@ -259,13 +259,9 @@ def _load_family(args):
     teacher = _load_teacher(args)
     plan = _plan_from_args(args, teacher.n_layers)
     student = cut_student(teacher.model, plan, share=True)
-    order = args.order
-    if order == "greedy":
-        order = greedy_order(teacher, student, plan, args.calibration)
-    elif order[:1].isdigit():
-        from boomerang.plan import parse_layer_list
-
-        order = parse_layer_list(order)
+    # the fresh student's manifest, unsaved: its orders resolve the way a student folder's do
+    order = family_order(Manifest(teacher.source, teacher.fingerprint, plan), args.order, teacher, student,
+                         args.calibration)
     return teacher, Family(teacher.model, student, plan, order=order), "(freshly cut, undistilled)"
 
 

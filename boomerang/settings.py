@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import types
 import typing
 
 from boomerang.errors import BoomerangError
@@ -62,19 +63,13 @@ def _settings_class(kind):
 
 def check_type(name: str, value, kind) -> None:
     """Raise a BoomerangError naming `name` and `value` unless `value` is of type `kind` (a type hint)."""
-    options = typing.get_args(kind) if typing.get_origin(kind) in (typing.Union, _union_type()) else (kind,)
+    options = typing.get_args(kind) if typing.get_origin(kind) in (typing.Union, types.UnionType) else (kind,)
     if any(_fits(value, option) for option in options):
         return
     if isinstance(value, float) and not math.isfinite(value) and any(o is float for o in options):
         raise BoomerangError(f"{name} must be a finite number, got {value}")
     wanted = " or ".join(_describe(o) for o in options)
     raise BoomerangError(f"{name} must be {wanted}, got {json.dumps(value, default=str)[:60]}")
-
-
-def _union_type():
-    import types
-
-    return types.UnionType
 
 
 def _fits(value, kind) -> bool:
