@@ -307,7 +307,9 @@ def _chat_tab(services):
         services.stop_event(token).set()
         return gr.update(interactive=True), gr.update(interactive=True)
 
-    stop_btn.click(stop_both, stop, [send, message], cancels=[go, sub], queue=False, api_name="stop")
+    # no `cancels=`: cancelling the turn could land before its last yield and leave "…" on the stats; the
+    # stop event ends both generation threads within a token, and the turn then yields its final stats
+    stop_btn.click(stop_both, stop, [send, message], queue=False, api_name="stop")
 
     def drop_last(lhist, rhist, text):
         return lhist[:-2], rhist[:-2], text
