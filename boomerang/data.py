@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 import torch
+from transformers.generation.streamers import BaseStreamer
 
 from boomerang.errors import BoomerangError
 
@@ -144,11 +146,18 @@ def stream_hub_documents(name: str, *, text_field: str, max_chars: int) -> list[
 # ----------------------------------------------------------------------------- teacher-written text
 
 
-def teacher_documents(teacher, *, n_docs: int, max_new_tokens: int = 192, batch_size: int = 8,
-                      seed: int = 0, cache_dir: Path | None = None, on_batch=None) -> list[str]:
+TEACHER_DOC_TOKENS = 192
+"""New tokens per teacher-written document."""
+
+
+def teacher_documents(teacher, *, n_docs: int, max_new_tokens: int = TEACHER_DOC_TOKENS, batch_size: int = 32,
+                      seed: int = 0, cache_dir: Path | None = None, on_tokens=None) -> list[str]:
     """Text written by the teacher from built-in seed prompts; cached by teacher and settings.
 
-    `on_batch(n)` is called after each batch of n documents is written (not when the cache answers)."""
+    Work is counted in decode slots, `n_docs * max_new_tokens` in all (a row that ends early still
+    occupies its slot until its batch ends): `on_tokens(n)` is called with each n slots done, at most
+    every 2 s and at the end of each batch (not when the cache answers). The batch of 32 writes about
+    twice the tokens/s of 8 on a 2-core CPU (`bench/bench_corpus.py`)."""
     prompts = [p for p in resources.files("boomerang.resources").joinpath("seed_prompts.txt").read_text().splitlines()
                if p.strip()]
     key = hashlib.sha256(json.dumps([teacher.fingerprint, n_docs, max_new_tokens, seed, prompts]).encode()).hexdigest()
@@ -156,7 +165,7 @@ def teacher_documents(teacher, *, n_docs: int, max_new_tokens: int = 192, batch_
     if path and path.is_file():
         return _read_jsonl(path, "text")
     docs = _generate(teacher, [prompts[i % len(prompts)] for i in range(n_docs)], max_new_tokens, batch_size, seed,
-                     on_batch)
+                     on_tokens)
     if path:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
@@ -165,8 +174,33 @@ def teacher_documents(teacher, *, n_docs: int, max_new_tokens: int = 192, batch_
     return docs
 
 
+class _SlotCounter(BaseStreamer):
+    """Counts decode slots (rows x steps) and hands them to `on_tokens` at most every `every` seconds."""
+
+    def __init__(self, rows: int, on_tokens, every: float = 2.0):
+        self.rows, self.on_tokens, self.every = rows, on_tokens, every
+        self.steps, self.pending, self.last, self.prompt_seen = 0, 0, time.monotonic(), False
+
+    def put(self, value):
+        if not self.prompt_seen:  # generate() hands the prompt over first
+            self.prompt_seen = True
+            return
+        self.steps += 1
+        self.pending += self.rows
+        if time.monotonic() - self.last >= self.every:
+            self.flush()
+
+    def flush(self):
+        if self.pending and self.on_tokens:
+            self.on_tokens(self.pending)
+        self.pending, self.last = 0, time.monotonic()
+
+    def end(self):
+        pass
+
+
 @torch.no_grad()
-def _generate(teacher, prompts: list[str], max_new_tokens: int, batch_size: int, seed: int, on_batch=None) -> list[str]:
+def _generate(teacher, prompts: list[str], max_new_tokens: int, batch_size: int, seed: int, on_tokens=None) -> list[str]:
     tok, model = teacher.tokenizer, teacher.model
     tok.padding_side = "left"
     if tok.pad_token is None:
@@ -179,11 +213,12 @@ def _generate(teacher, prompts: list[str], max_new_tokens: int, batch_size: int,
             chunk = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
                      for p in chunk]
         enc = tok(chunk, return_tensors="pt", padding=True, add_special_tokens=not tok.chat_template).to(model.device)
+        counter = _SlotCounter(len(chunk), on_tokens)
         out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=True, temperature=0.8, top_p=0.95,
-                             pad_token_id=tok.pad_token_id)
+                             pad_token_id=tok.pad_token_id, streamer=counter)
         docs.extend(tok.batch_decode(out[:, enc.input_ids.shape[1]:], skip_special_tokens=True))
-        if on_batch:
-            on_batch(len(chunk))
+        counter.pending += (max_new_tokens - counter.steps) * len(chunk)  # the slots of rows that ended early
+        counter.flush()
     return docs
 
 

@@ -76,8 +76,11 @@ def test_packing_split_and_batch_order():
 def test_teacher_written_corpus_is_cached(tmp_path):
     model = tiny_model("llama")
     teacher = Teacher(model, tiny_tokenizer(), "tiny", "f" * 32)
-    docs = teacher_documents(teacher, n_docs=3, max_new_tokens=8, batch_size=2, cache_dir=tmp_path)
+    counted = []
+    docs = teacher_documents(teacher, n_docs=3, max_new_tokens=8, batch_size=2, cache_dir=tmp_path,
+                             on_tokens=counted.append)
     assert len(docs) == 3
+    assert sum(counted) == 3 * 8  # every decode slot counted once, rows that ended early included
     cached = list(tmp_path.glob("teacher-*.jsonl"))
     assert len(cached) == 1
     again = teacher_documents(Teacher(None, None, "tiny", "f" * 32), n_docs=3, max_new_tokens=8, cache_dir=tmp_path)

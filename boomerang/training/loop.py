@@ -199,9 +199,10 @@ def load_data(cfg: DistillConfig, teacher: Teacher, phases: Phases | None = None
     from boomerang import data as d
 
     if cfg.data == "teacher":
-        with (phases or Phases()).run("writing the teacher's corpus", cfg.teacher_docs, "documents") as step:
+        slots = cfg.teacher_docs * d.TEACHER_DOC_TOKENS  # an upper bound: a batch ends when all its rows do
+        with (phases or Phases()).run("writing the teacher's corpus", slots, "tokens") as step:
             docs = d.teacher_documents(teacher, n_docs=cfg.teacher_docs, seed=cfg.seed,
-                                       cache_dir=boomerang_home() / "corpora", on_batch=step)
+                                       cache_dir=boomerang_home() / "corpora", on_tokens=step)
         desc = f"teacher-written ({cfg.teacher_docs} documents)"
     elif cfg.data.startswith("hub:"):
         max_chars = (cfg.max_tokens or 2_000_000) * 6
