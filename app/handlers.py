@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import html
+import json
 import math
 import tempfile
 from pathlib import Path
@@ -111,7 +112,7 @@ def preview_plan(services, teacher: str, keep_first, every, keep_last, keep, pla
 
 LAUNCH_FIELDS = ("teacher", "keep_first", "every", "keep_last", "keep", "plan", "data", "steps", "batch_size", "seq_len",
                  "lr", "warmup", "ce_weight", "kl_weight", "cosine_weight", "mse_weight", "local_weight", "mix_prob",
-                 "freeze_embeddings", "freeze_head", "freeze_single_blocks", "processes", "fsdp")
+                 "freeze_embeddings", "freeze_head", "freeze_single_blocks", "processes", "fsdp", "evaluate")
 """The DistillConfig fields the launch form shows (the form is built from their types, defaults and docs)."""
 
 
@@ -122,6 +123,7 @@ def form_values(recipe: str) -> dict:
     cfg = DistillConfig.from_dict(named_recipe(recipe))
     values = {name: getattr(cfg, name) for name in LAUNCH_FIELDS}
     values["keep"] = ",".join(map(str, cfg.keep)) if cfg.keep else ""
+    values["evaluate"] = True  # from the dashboard, a family is evaluated once saved unless unticked
     return values
 
 
@@ -241,21 +243,54 @@ def job_detail(services, job_id) -> tuple[str, list[dict], str]:
               f"ETA {_eta(job.eta_s) or '-'}</div>"
               f"<div style='background:#eee;border-radius:4px;height:14px;margin:6px 0'>"
               f"<div style='width:{frac * 100:.1f}%;background:{color};height:14px;border-radius:4px'></div></div>{extra}")
-    curves = [{"step": m.step, "loss": value, "term": term} for m in steps
+    mixed = _mixed_steps(job, [m.step for m in steps])
+    curves = [{"step": m.step, "loss": value, "term": term, "mixed": m.step in mixed} for m in steps
               for term, value in (("total", m.loss), *m.terms.items())]
     return status, curves, job.log
 
 
+def _mixed_steps(job, steps: list[int]) -> set[int]:
+    """The steps of a distillation job that trained a mixed size (none when its recipe mixes none)."""
+    from boomerang.plan import LayerPlan
+    from boomerang.training.checkpoint import PLAN
+    from boomerang.training.loop import is_mixed_step
+    from boomerang.training.recipe import DistillConfig
+
+    if job.kind.value != "distill" or not job.settings.get("mix_prob") or not job.run_dir:
+        return set()
+    try:
+        cfg = DistillConfig.from_dict(job.settings)
+        saved = json.loads((Path(job.run_dir) / PLAN).read_text())
+        plan = LayerPlan(int(saved["n_teacher"]), tuple(saved["kept"]))
+    except (OSError, ValueError, KeyError, BoomerangError):  # no plan yet (or a moved run): one series
+        return set()
+    return {step for step in steps if is_mixed_step(cfg, plan, step)}
+
+
+LOSS_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2")
+
+
 def loss_figure(curves: list[dict]):
-    """Plotly figure of the loss terms over steps (None when there is nothing to draw yet)."""
+    """Plotly figure of the loss terms over steps (None when there is nothing to draw yet).
+
+    A recipe that trains a random mixed size on some steps (mix_prob) has two kinds of step whose losses
+    differ in scale: each term is drawn as two series, student steps (solid) and mixed-size steps
+    (dotted), so the progress of each is visible instead of a jagged line between them."""
     if not curves:
         return None
     import plotly.graph_objects as go
 
     fig = go.Figure()
-    for term in dict.fromkeys(c["term"] for c in curves):  # total first, then every term the recipe has
-        pts = [c for c in curves if c["term"] == term]
-        fig.add_trace(go.Scatter(x=[c["step"] for c in pts], y=[c["loss"] for c in pts], name=term, mode="lines"))
+    any_mixed = any(c.get("mixed") for c in curves)
+    for i, term in enumerate(dict.fromkeys(c["term"] for c in curves)):  # total first, then the recipe's terms
+        color = LOSS_COLORS[i % len(LOSS_COLORS)]
+        for mixed in ((False, True) if any_mixed else (False,)):
+            pts = [c for c in curves if c["term"] == term and bool(c.get("mixed")) == mixed]
+            if not pts:
+                continue
+            name = f"{term} (mixed sizes)" if mixed else f"{term} (student)" if any_mixed else term
+            fig.add_trace(go.Scatter(x=[c["step"] for c in pts], y=[c["loss"] for c in pts], name=name, mode="lines",
+                                     legendgroup=term, line={"color": color, "dash": "dot" if mixed else "solid"}))
     fig.update_layout(height=280, margin={"l": 40, "r": 10, "t": 30, "b": 30}, template="plotly_white",
                       xaxis_title="step", yaxis_title="loss", title="Loss terms")
     return fig
@@ -292,10 +327,16 @@ def evaluate_job(services, job_id, tasks: str, data_dir: str, limit) -> str:
         check_text("tasks", tasks)
         if data_dir:
             check_path(services, "the evaluation data folder", data_dir)
-        settings = {"student": job.result["student_dir"], "tasks": [t.strip() for t in (tasks or "").split(",") if t.strip()],
-                    "data_dir": data_dir or None, "settings": {"limit": int(limit) if limit else None},
-                    "cost": True}  # memory and latency per size: what "fit my budget" needs
-        new = submit(engine=services.engine, app=services.celery, kind="eval", settings=settings, queue=services.queue)
+        from boomerang.evaluation.metrics import EvalSettings
+        from boomerang.evaluation.run import EvalRequest
+
+        named = [t.strip() for t in (tasks or "").split(",") if t.strip()]
+        # the standard evaluation (shipped tasks, the run's held-out text, cost, both baselines) with what the form names
+        request = EvalRequest.standard(job.result["student_dir"], data_dir=data_dir or None,
+                                       settings=EvalSettings(limit=int(limit) if limit else None),
+                                       **({"tasks": named} if named else {}))
+        new = submit(engine=services.engine, app=services.celery, kind="eval", settings=request.to_dict(),
+                     queue=services.queue)
     except (BoomerangError, ValueError) as exc:
         return f"**Not queued:** {exc}"
     return f"**Evaluation job {new.id} queued.** Its results appear on the Compare tab."
@@ -384,6 +425,8 @@ def compare(services, student_id, task, metric, log_x, budget_kind, budget):
     if budget:
         message = (f"**Best within the budget:** {best['key']} ({best['n_layers']} layers, {best['params']:,} "
                    f"parameters): {metric} {best['value']:.4f}" if best else "**Nothing fits this budget.**")
+    noise = chart.noise_note(pts)
+    message = "\n\n".join(m for m in (message, noise) if m)
     return fig, table, str(path), message
 
 

@@ -11,9 +11,12 @@ import gradio as gr
 
 from app import handlers as h
 from boomerang.errors import BoomerangError, excerpt
+from boomerang.evaluation.task_files import shipped_tasks
 
 log = logging.getLogger("boomerang.app")
 
+EVAL_LIMIT = 100
+"""Items per task the Evaluate form starts with: every shipped task's first 100 (one standard error about 0.05)."""
 CSS = ".job-error{color:#d62728;font-weight:600} .stats{font-size:0.85em;color:#555}"
 
 
@@ -61,7 +64,7 @@ def build_app(services) -> gr.Blocks:
         gr.Markdown("# Boomerang Studio\nOne teacher, a whole family of sizes: distill, watch, compare, chat.")
         with gr.Tabs():
             with gr.Tab("Launch", id="launch"):
-                _launch_tab(services)
+                preview = _launch_tab(services)
             with gr.Tab("Jobs", id="jobs"):
                 _jobs_tab(services)
             with gr.Tab("Compare", id="compare") as compare_tab:
@@ -72,6 +75,7 @@ def build_app(services) -> gr.Blocks:
         for tab, dropdown, show, choices in ((compare_tab, family_c, show_compare, h.family_choices),
                                              (chat_tab, family_chat, show_chat, h.chat_family_choices)):
             _refresh_on_open(services, tab, dropdown, show, choices)
+        demo.load(*preview, api_name=False)  # the family preview is filled without a click
     return demo
 
 
@@ -98,10 +102,10 @@ LABELS = {"keep_first": "Keep first", "every": "Every", "keep_last": "Keep last"
           "kl_weight": "KL weight", "cosine_weight": "Cosine weight", "mse_weight": "Norm (MSE) weight",
           "local_weight": "Blockwise weight", "mix_prob": "Mixed sizes", "freeze_embeddings": "Freeze embeddings",
           "freeze_head": "Freeze head", "freeze_single_blocks": "Freeze single-layer blocks", "processes": "Processes",
-          "fsdp": "FSDP"}
+          "fsdp": "FSDP", "evaluate": "Evaluate when done"}
 ROWS = (("keep_first", "every", "keep_last"), ("keep", "plan"), ("data",), ("steps", "batch_size", "seq_len"),
         ("lr", "warmup", "mix_prob"), ("ce_weight", "kl_weight", "cosine_weight", "mse_weight", "local_weight"),
-        ("freeze_embeddings", "freeze_head", "freeze_single_blocks"), ("processes", "fsdp"))
+        ("freeze_embeddings", "freeze_head", "freeze_single_blocks"), ("processes", "fsdp", "evaluate"))
 """The launch form's layout: rows of DistillConfig fields (every name in handlers.LAUNCH_FIELDS but the teacher)."""
 
 
@@ -120,7 +124,8 @@ def _field(name: str, value, kind, doc: str):
     return gr.Textbox(value, **common)
 
 
-def _launch_tab(services) -> None:
+def _launch_tab(services):
+    """The launch form; returns the preview event (fn, inputs, outputs) the page runs when it loads."""
     import typing
 
     from boomerang.settings import field_docs
@@ -159,16 +164,21 @@ def _launch_tab(services) -> None:
     preview_btn.click(bind(h.preview_plan, services), [*plan_inputs, fields["plan"]], [preview_md, preview_table],
                       api_name="preview")
 
+    recipe_fields = [n for n in names if n not in ("teacher", "evaluate")]  # evaluate: the user's, not a recipe's
+
     def pick_recipe(name):
         chosen = h.form_values(name)
-        return h.recipe_summary(name), *[chosen[n] for n in names if n != "teacher"]
+        return h.recipe_summary(name), *[chosen[n] for n in recipe_fields]
 
-    recipe.change(safe(pick_recipe), recipe, [summary, *[fields[n] for n in names if n != "teacher"]])
+    # the preview follows the recipe at once: the cpu recipe's importance plan is not the paper's rule plan
+    recipe.change(safe(pick_recipe), recipe, [summary, *[fields[n] for n in recipe_fields]]).then(
+        bind(h.preview_plan, services), [*plan_inputs, fields["plan"]], [preview_md, preview_table], api_name=False)
 
     def launch(recipe_name, *form):
         return h.launch_job(services, {"recipe": recipe_name, **dict(zip(names, form))})
 
     launch_btn.click(safe(launch), [recipe, *components], launch_md, api_name="launch")
+    return bind(h.preview_plan, services), [*plan_inputs, fields["plan"]], [preview_md, preview_table]
 
 
 def _jobs_tab(services) -> None:
@@ -182,9 +192,12 @@ def _jobs_tab(services) -> None:
     log = gr.Textbox(label="Last log lines", lines=6, max_lines=12, elem_id="job-log")
     with gr.Accordion("Evaluate this family", open=False):
         with gr.Row():
-            tasks = gr.Textbox(services.eval_tasks, label="Tasks", info="comma-separated local file stems or lm-eval names")
-            data_dir = gr.Textbox(services.eval_data_dir or "", label="Evaluation data folder")
-            limit = gr.Number(50, precision=0, label="Items per task")
+            tasks = gr.Textbox(services.eval_tasks or ", ".join(shipped_tasks()), label="Tasks", elem_id="eval-tasks",
+                               info="shipped with the project (offline), file stems in the data folder, or lm-eval names")
+            data_dir = gr.Textbox(services.eval_data_dir or "", label="Evaluation data folder (optional)")
+            limit = gr.Number(EVAL_LIMIT, precision=0, label="Items per task")
+        gr.Markdown("Also measured: KL to the teacher on the run's held-out text, memory and latency, and the "
+                    "undistilled and layer-dropping baselines at every size.")
         eval_btn = gr.Button("Evaluate", elem_id="eval-btn")
     action_md = gr.Markdown(elem_id="job-action")
     timer = gr.Timer(2.0)

@@ -213,7 +213,10 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _add_eval_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tasks", default="", help="comma-separated lm-eval task names (local file stems or registry names)")
+    p.add_argument("--tasks", default="", help="comma-separated task names: local file stems, shipped tasks "
+                   "(arc_easy_mini, piqa_mini, hellaswag_mini) or lm-eval registry names. Name none of --tasks, "
+                   "--baselines, --heldout-data, --cost for the standard evaluation: the shipped tasks, the run's "
+                   "own held-out text, cost and both baselines")
     p.add_argument("--data-dir", default=None, help="folder of local evaluation .jsonl files")
     p.add_argument("--sizes", default="all", help="all | comma-separated layer counts")
     p.add_argument("--baselines", default="", help="comma-separated: undistilled, drop-bi")
@@ -450,6 +453,15 @@ def cmd_distill(args) -> int:
         return 0
     print(f"student written to {result.student_dir} ({result.steps_done} steps)")
     print(f"its family: boomerang family --student {result.student_dir}")
+    if cfg.evaluate:
+        from boomerang.evaluation.metrics import EvalSettings
+        from boomerang.evaluation.run import STANDARD_LIMIT, EvalRequest
+        from boomerang.models import resolve_device
+
+        print("evaluating the family (the standard evaluation; --no-evaluate skips it)")
+        request = EvalRequest.standard(str(result.student_dir), settings=EvalSettings(limit=STANDARD_LIMIT),
+                                       device=str(resolve_device(cfg.device)))
+        _run_eval(request)
     return 0
 
 
@@ -484,23 +496,29 @@ def eval_request_from_args(args):
     from boomerang.evaluation.metrics import EvalSettings
     from boomerang.evaluation.run import EvalRequest
 
-    return EvalRequest(
-        student=str(Path(args.student).expanduser()), teacher=args.teacher, order=args.order,
-        tasks=[t for t in args.tasks.split(",") if t], data_dir=args.data_dir, sizes=args.sizes,
-        baselines=[b for b in args.baselines.split(",") if b], references=args.reference,
-        heldout_data=args.heldout_data, heldout_tokens=args.heldout_tokens, cost=args.cost,
-        settings=EvalSettings(args.num_fewshot, args.limit, args.batch_size, args.seed),
-        out=args.out, chart_metric=args.chart_metric, device=args.device, dtype=args.dtype,
-    )
+    student = str(Path(args.student).expanduser())
+    common = dict(teacher=args.teacher, order=args.order, data_dir=args.data_dir, sizes=args.sizes,
+                  references=args.reference, heldout_tokens=args.heldout_tokens,
+                  settings=EvalSettings(args.num_fewshot, args.limit, args.batch_size, args.seed),
+                  out=args.out, chart_metric=args.chart_metric, device=args.device, dtype=args.dtype)
+    asked = dict(tasks=[t for t in args.tasks.split(",") if t], baselines=[b for b in args.baselines.split(",") if b],
+                 heldout_data=args.heldout_data, cost=args.cost)
+    if not any(asked.values()):  # nothing named: the standard evaluation (shipped tasks, held-out, cost, baselines)
+        return EvalRequest.standard(student, **common)
+    return EvalRequest(student=student, **asked, **common)
 
 
 def cmd_eval(args) -> int:
+    request = eval_request_from_args(args)
+    request.check()  # the student, the task files line by line, the held-out file: before any model is loaded
+    return _run_eval(request)
+
+
+def _run_eval(request) -> int:
     from tqdm import tqdm
 
     from boomerang.evaluation.run import evaluate_student
 
-    request = eval_request_from_args(args)
-    request.check()  # the student, the task files line by line, the held-out file: before any model is loaded
     bar = tqdm(unit="cell", desc="eval", dynamic_ncols=True)
 
     def on_cell(done, total, key, task, skipped):

@@ -238,8 +238,36 @@ def pack(docs: list[str], tokenizer, seq_len: int, *, max_tokens: int | None = N
     return torch.tensor(ids[:max_tokens] if max_tokens else ids, dtype=torch.long)
 
 
+HELDOUT_FILE = "heldout-tokens.pt"
+"""In a student folder: token blocks of its distillation's held-out split (never trained on)."""
+HELDOUT_MAX_BLOCKS = 256
+
+
+def save_heldout(heldout: torch.Tensor, folder: str | Path) -> Path | None:
+    """Keep (up to 256 of) a run's held-out blocks in the student folder, as int32; None if there are none."""
+    if heldout.numel() == 0:
+        return None
+    path = Path(folder) / HELDOUT_FILE
+    tmp = path.with_suffix(".tmp")
+    torch.save(heldout[:HELDOUT_MAX_BLOCKS].to(torch.int32).clone(), tmp)
+    tmp.replace(path)
+    return path
+
+
 def heldout_blocks(source: str, tokenizer, tokens: int, *, seq_len: int = 128, fraction: float = 0.1) -> torch.Tensor:
-    """The first `tokens` held-out tokens of a text file or folder (its last `fraction`), as (N, seq_len) blocks."""
+    """The first `tokens` held-out tokens of a text file or folder (its last `fraction`), as (N, seq_len) blocks;
+    or of a `heldout-tokens.pt` a distillation left in its student folder (all of it held out)."""
+    if str(source).endswith(".pt"):
+        try:
+            held = torch.load(Path(source).expanduser(), weights_only=True)
+        except Exception as exc:  # a broken or foreign file: say which
+            raise BoomerangError(f"cannot read held-out tokens from {source}: {type(exc).__name__}: {exc}") from None
+        if not isinstance(held, torch.Tensor) or held.dim() != 2 or held.is_floating_point() or held.numel() == 0:
+            raise BoomerangError(f"{source} holds no (blocks, tokens) integer tensor of held-out tokens")
+        if int(held.max()) >= len(tokenizer):
+            raise BoomerangError(f"{source} has token ids beyond this teacher's vocabulary: not its held-out text")
+        per = held.shape[1]
+        return held[: max(1, tokens // per)].long()
     stream = pack(read_documents(source), tokenizer, seq_len)
     held = split_blocks(stream, seq_len, fraction, source)[1]
     return held[: max(1, tokens // seq_len)]

@@ -68,8 +68,9 @@ pids+=($!)
 
 if [ "$(.venv/bin/boomerang jobs --json | .venv/bin/python -c 'import json,sys; print(len(json.load(sys.stdin)))')" = 0 ]; then
   recipe=cpu; command -v nvidia-smi >/dev/null 2>&1 && recipe=paper   # docs/distillation.md: why two recipes
-  echo "==> the main job: a first distillation of the default teacher on text it writes itself ($recipe recipe)"
-  .venv/bin/boomerang submit distill --recipe "$recipe" --data teacher --teacher-docs 32 --steps 40 --checkpoint-every 10
+  echo "==> the main job: a first distillation of the default teacher on text it writes itself ($recipe recipe),"
+  echo "    then its standard evaluation (shipped tasks, held-out text, cost, baselines): the Compare tab charts it"
+  .venv/bin/boomerang submit distill --recipe "$recipe" --data teacher --teacher-docs 32 --steps 40 --checkpoint-every 10 --evaluate
 fi
 
 echo "==> starting the dashboard"

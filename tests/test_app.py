@@ -55,7 +55,7 @@ def world(tmp_path_factory):
 def form(tmp, **changes) -> dict:
     """The launch form as the page sends it: the paper recipe's values, a tiny teacher and corpus, a short run."""
     values = {**h.form_values("paper"), "teacher": str(tmp / "teacher"), "data": str(tmp / "corpus.txt"), "steps": 8,
-              "batch_size": 2, "seq_len": 16, "lr": 1e-3, "recipe": "paper"}
+              "batch_size": 2, "seq_len": 16, "lr": 1e-3, "recipe": "paper", "evaluate": False}
     return {**values, **changes}
 
 
@@ -79,8 +79,9 @@ def test_the_recipe_choice_fills_the_form_and_goes_with_the_job(world):
     assert paper["kl_weight"] == 0.1 and paper["plan"] == "rule" and paper["keep"] == ""
     reference = DistillConfig.from_dict(named_recipe("cpu"))
     for name in h.LAUNCH_FIELDS:  # every field the recipe sets is on the form with the recipe's value
-        if name != "keep":
+        if name not in ("keep", "evaluate"):
             assert cpu[name] == getattr(reference, name), name
+    assert cpu["evaluate"] is True and paper["evaluate"] is True  # not a recipe's: a dashboard job is evaluated when done
     assert "Paper defaults" in h.recipe_summary("paper") and "kl 0.1" in h.recipe_summary("paper")
     summary = h.recipe_summary("cpu")
     assert "CPU recipe" in summary and "kl 1" in summary and "ce" not in summary.split("loss terms")[1].split(";")[0]
@@ -130,19 +131,27 @@ def test_compare_chart_table_csv_and_budget(world):
     s = world["services"]
     (label, sid), = h.family_choices(s)
     tasks, metrics = h.task_metric_choices(s, sid)
-    assert tasks == ["average", "cost", "fill", "quiz"] and "acc" in metrics  # Evaluate measures cost too
+    # Evaluate runs the standard evaluation with the form's tasks: the run's held-out text, cost, both baselines
+    assert tasks == ["average", "cost", "fill", "heldout", "quiz"] and "acc" in metrics
     fig, table, csv_path, msg = h.compare(s, sid, "quiz", "acc", True, "parameters", None)
     names = {t.name for t in fig.data}
-    assert {"student", "interpolated", "teacher", "Pareto frontier"} <= names
+    assert {"student", "interpolated", "teacher", "undistilled", "drop-bi", "Pareto frontier"} <= names
     assert sum(len(t.x) for t in fig.data if t.name in ("student", "interpolated", "teacher")) == 4
+    assert sum(len(t.x) for t in fig.data if t.name in ("undistilled", "drop-bi")) == 3 + 3
+    assert all(t.error_y.visible for t in fig.data if t.name in ("student", "interpolated", "undistilled"))
+    from boomerang.evaluation.chart import noise_note, points
+
+    assert noise_note(points(h.result_rows(s, sid), "quiz", "acc")) in msg  # the error bars, explained
     assert fig.layout.xaxis.type == "log"
-    assert len([r for r in table if r[4] != "cost"]) == 4 * 3  # 4 sizes x (quiz acc, acc_norm, fill acc)
+    lm_rows = [r for r in table if r[4] in ("quiz", "fill")]
+    assert len(lm_rows) == 10 * 3 and all(r[7] != "" for r in lm_rows)  # 10 models x (quiz acc, acc_norm, fill acc)
+    assert {r[5] for r in table if r[4] == "heldout"} == {"perplexity", "kl_to_teacher", "top1_agreement"}
     assert {r[5] for r in table if r[4] == "cost"} == {"weights_mb", "prefill_ms", "decode_tokens_per_s"}
     assert open(csv_path).read().startswith("model,series,layers,params,task,metric,value,stderr")
     rows = h.result_rows(s, sid)
     smallest = min(r["params"] for r in rows)
     fig, _, _, msg = h.compare(s, sid, "quiz", "acc", False, "parameters", smallest)
-    assert "Best within the budget:** student-5" in msg and any(t.name == "fits the budget" for t in fig.data)
+    assert "Best within the budget:**" in msg and "(5 layers," in msg and any(t.name == "fits the budget" for t in fig.data)
     assert "Nothing fits" in h.compare(s, sid, "quiz", "acc", False, "parameters", 10)[3]
     assert "Best within the budget:**" in h.compare(s, sid, "quiz", "acc", False, "latency (ms)", 1e6)[3]
 

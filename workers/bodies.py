@@ -77,8 +77,31 @@ def distill(ctx: JobContext, cfg: DistillConfig) -> dict:
     if stopped:
         raise Cancelled
     _register_student(ctx, teacher, student_dir)
-    return {"student_dir": str(student_dir), "steps": steps_done,
-            "resumed_from": first["step"] - 1 if first["seen"] else steps_done}
+    result = {"student_dir": str(student_dir), "steps": steps_done,
+              "resumed_from": first["step"] - 1 if first["seen"] else steps_done}
+    if cfg.evaluate:
+        result["evaluation_job"] = _queue_evaluation(ctx, student_dir)
+    return result
+
+
+def _queue_evaluation(ctx: JobContext, student_dir) -> int | None:
+    """Queue the standard evaluation of a family just saved (the job asked for it with `evaluate`).
+
+    The distillation succeeded whatever happens here: if the evaluation cannot be queued, the log says
+    so and how to start it by hand."""
+    from boomerang.evaluation.metrics import EvalSettings
+    from boomerang.evaluation.run import STANDARD_LIMIT
+    from workers.app import make_celery
+    from workers.submit import submit
+
+    try:
+        request = EvalRequest.standard(str(student_dir), settings=EvalSettings(limit=STANDARD_LIMIT))
+        job = submit(engine=ctx.engine, app=make_celery(), kind="eval", settings=request.to_dict(), queue=ctx.job.queue)
+    except BoomerangError as exc:
+        ctx.log(f"the evaluation was not queued ({exc}); start it from the Jobs tab or with boomerang submit eval")
+        return None
+    ctx.log(f"queued the standard evaluation of this family as job {job.id}")
+    return job.id
 
 
 def _distill_processes(ctx: JobContext, cfg: DistillConfig, resume: bool, on_step) -> tuple[int, bool, Path | None]:

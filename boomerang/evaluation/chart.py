@@ -28,9 +28,22 @@ def points(rows: list[dict], task: str, metric: str) -> list[dict]:
     out = []
     for group in by_model.values():
         if len({r["task"] for r in group}) == len(tasks):
+            errs = [r.get("stderr") for r in group]
+            stderr = (sum(e * e for e in errs) ** 0.5 / len(errs)) if all(e is not None for e in errs) else None
             out.append({**group[0], "task": "average", "value": sum(r["value"] for r in group) / len(group),
-                        "stderr": None})
+                        "stderr": stderr})  # tasks' items independent: the mean's variance is the mean of theirs / k
     return out
+
+
+def noise_note(pts: list[dict]) -> str:
+    """One sentence on how large a difference has to be before it means anything; "" without stderrs."""
+    errs = sorted(p["stderr"] for p in pts if p.get("stderr"))
+    if not errs:
+        return ""
+    typical = errs[len(errs) // 2]
+    # two models each with standard error s differ by more than 2 * sqrt(2) * s about 1 time in 20 by chance
+    return (f"Error bars are ±1 standard error (typically {typical:.3f} here): two models closer than about "
+            f"{2 * 2 ** 0.5 * typical:.3f} are within noise of each other.")
 
 
 def pareto(pts: list[dict], higher_is_better: bool = True) -> list[dict]:
@@ -57,7 +70,7 @@ def figure(pts: list[dict], task: str, metric: str, *, log_x: bool = False, high
             mode="lines+markers" if len(group) > 1 else "markers",
             marker={"color": COLORS[series], "size": 9 if series in ("teacher", "student") else 7},
             error_y={"type": "data", "array": [p.get("stderr") or 0 for p in group],
-                     "visible": any(p.get("stderr") for p in group)},
+                     "visible": any(p.get("stderr") is not None for p in group)},
             customdata=[[p["key"], p["n_layers"], p.get("blocks", "")] for p in group],
             hovertemplate="%{customdata[0]}<br>%{customdata[1]} layers, %{x:,} params<br>"
                           f"{metric}: " + "%{y:.4f}<br>%{customdata[2]}<extra></extra>",
@@ -98,8 +111,9 @@ def _png(pts: list[dict], task: str, metric: str, path: str, log_x: bool) -> Non
     for series, color in COLORS.items():
         group = sorted((p for p in pts if p["series"] == series), key=lambda p: p["params"])
         if group:
-            ax.plot([p["params"] / 1e6 for p in group], [p["value"] for p in group], "o-" if len(group) > 1 else "o",
-                    color=color, label=series, markersize=5)
+            ax.errorbar([p["params"] / 1e6 for p in group], [p["value"] for p in group],
+                        yerr=[p.get("stderr") or 0 for p in group], fmt="o-" if len(group) > 1 else "o",
+                        color=color, label=series, markersize=5, capsize=2, elinewidth=0.8)
     front = pareto(pts, metric not in LOWER_IS_BETTER)
     if front:
         ax.plot([p["params"] / 1e6 for p in front], [p["value"] for p in front], ":", color="black", label="Pareto frontier")

@@ -29,6 +29,11 @@ class LabelFree:
     """Fraction of positions where the model's most likely next token is the teacher's."""
     tokens: int
     """Predicted positions measured."""
+    kl_stderr: float | None = None
+    """Standard error of the KL, from its spread over the held-out blocks (positions within a block are
+    not independent; blocks nearly are). None with one block."""
+    top1_stderr: float | None = None
+    """The same for the top-1 agreement."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -37,7 +42,8 @@ class LabelFree:
 @torch.no_grad()
 def label_free(model, teacher, blocks: torch.Tensor, *, batch_size: int = 8, n_layers: int = 0) -> LabelFree:
     """Metrics of `model` on `blocks` (N, T) against `teacher`."""
-    nll = kl = agree = count = 0.0
+    nll = count = 0.0
+    kls, agrees = [], []  # per block: the spread over blocks gives the standard errors
     device = next(model.parameters()).device
     for start in range(0, blocks.shape[0], batch_size):
         ids = blocks[start:start + batch_size].to(device)  # (B, T)
@@ -45,10 +51,22 @@ def label_free(model, teacher, blocks: torch.Tensor, *, batch_size: int = 8, n_l
         t_logp = logp if model is teacher else torch.log_softmax(teacher(ids).logits[:, :-1].float(), -1)
         target = ids[:, 1:]
         nll += -logp.gather(-1, target.unsqueeze(-1)).sum().item()
-        kl += (t_logp.exp() * (t_logp - logp)).sum().item()
-        agree += (logp.argmax(-1) == t_logp.argmax(-1)).sum().item()
+        kls += (t_logp.exp() * (t_logp - logp)).sum(-1).mean(-1).tolist()
+        agrees += (logp.argmax(-1) == t_logp.argmax(-1)).float().mean(-1).tolist()
         count += target.numel()
-    return LabelFree(n_layers, math.exp(nll / count), kl / count, agree / count, int(count))
+    return LabelFree(n_layers, math.exp(nll / count), _mean(kls), _mean(agrees), int(count),
+                     _stderr(kls), _stderr(agrees))
+
+
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs)
+
+
+def _stderr(xs: list[float]) -> float | None:
+    if len(xs) < 2:
+        return None
+    m = _mean(xs)
+    return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1) / len(xs))
 
 
 def family_label_free(family: Family, blocks: torch.Tensor, *, batch_size: int = 8, on_size=None) -> list[LabelFree]:
@@ -115,15 +133,29 @@ def lm_eval_task(model, tokenizer, task: dict | str, settings: EvalSettings) -> 
     }
 
 
+MEAN_OF_HITS = ("acc", "acc_norm", "exact_match")
+"""Metrics that are a mean of 0/1 scores per item: their standard error is binomial."""
+
+
 def metrics_of(result: dict) -> dict[str, tuple[float, float | None]]:
-    """{metric: (value, stderr)} from an lm-eval result; "N/A" stderr becomes None."""
+    """{metric: (value, stderr)} from an lm-eval result; "N/A" stderr becomes None.
+
+    lm-eval runs with bootstrap_iters=0 here (bootstrapping perplexity is slow), which leaves every
+    stderr "N/A"; for a mean of 0/1 hits it is sqrt(p(1 - p) / (n - 1)) in closed form (what lm-eval's
+    own `mean_stderr` gives), so it is filled in from the effective number of items.
+    """
+    samples = result.get("n-samples") or {}
+    n = samples.get("effective") if isinstance(samples, dict) else None
     out = {}
     for key, value in result["results"].items():
         if "," not in key or "_stderr" in key or not isinstance(value, (int, float)):
             continue
         metric = key.split(",")[0]
         stderr = result["results"].get(key.replace(",", "_stderr,", 1))
-        out[metric] = (float(value), float(stderr) if isinstance(stderr, (int, float)) else None)
+        stderr = float(stderr) if isinstance(stderr, (int, float)) else None
+        if stderr is None and metric in MEAN_OF_HITS and isinstance(n, int) and n > 1 and 0 <= value <= 1:
+            stderr = math.sqrt(value * (1 - value) / (n - 1))
+        out[metric] = (float(value), stderr)
     return out
 
 

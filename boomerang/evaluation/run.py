@@ -26,6 +26,8 @@ from boomerang.settings import Settings
 from boomerang.student import cut_student
 
 BASELINES = ("undistilled", "drop-bi")
+STANDARD_LIMIT = 100
+"""Items per task of the evaluation a distillation asks for with `evaluate` (one standard error about 0.05)."""
 
 
 @dataclass
@@ -131,8 +133,8 @@ def _compute(job: CellJob, model, family: Family, tokenizer, settings: EvalSetti
     with torch.no_grad():
         if job.task_name == "heldout":
             r = label_free(model, family.teacher, heldout, batch_size=settings.batch_size, n_layers=job.candidate.entry.n_layers)
-            return {"task": "heldout", "metrics": {"perplexity": (r.perplexity, None), "kl_to_teacher": (r.kl_to_teacher, None),
-                                                  "top1_agreement": (r.top1_agreement, None)}, "tokens": r.tokens}
+            return {"task": "heldout", "metrics": {"perplexity": (r.perplexity, None), "kl_to_teacher": (r.kl_to_teacher, r.kl_stderr),
+                                                  "top1_agreement": (r.top1_agreement, r.top1_stderr)}, "tokens": r.tokens}
         if job.task_name == "cost":
             return {"task": "cost", **measure_cost(model)}
     result = lm_eval_task(model, tokenizer, job.task, settings)
@@ -149,7 +151,7 @@ class EvalRequest(Settings):
     student: str
     """Student folder."""
     tasks: list[str] = field(default_factory=list)
-    """lm-eval task names (local file stems or registry names)."""
+    """lm-eval task names: file stems in `data_dir`, shipped tasks (`task_files.shipped_tasks()`), or registry names."""
     data_dir: str | None = None
     """Folder of local evaluation files."""
     teacher: str | None = None
@@ -163,7 +165,7 @@ class EvalRequest(Settings):
     references: list[str] = field(default_factory=list)
     """Reference models (hub ids or folders)."""
     heldout_data: str | None = None
-    """Text file for label-free metrics (its last 10%)."""
+    """Text file for label-free metrics (its last 10%), or a student's heldout-tokens.pt (all of it)."""
     heldout_tokens: int = 4096
     """Held-out tokens measured."""
     cost: bool = False
@@ -194,6 +196,21 @@ class EvalRequest(Settings):
             raise BoomerangError("nothing to evaluate: give tasks, held-out data or cost")
         if "drop-bi" in self.baselines and not self.heldout_data:
             raise BoomerangError("the drop-bi baseline needs text to measure block influence on: give --heldout-data")
+
+    @classmethod
+    def standard(cls, student: str, **fields) -> EvalRequest:
+        """The evaluation asked for by naming nothing, and what a new user gets, offline: the shipped
+        multiple-choice tasks, label-free metrics on the distillation's own held-out text (when the student
+        folder keeps it), cost, and both baselines (drop-bi needs that text); `fields` override any of it."""
+        from boomerang.data import HELDOUT_FILE
+
+        held = Path(student).expanduser() / HELDOUT_FILE
+        base = {"tasks": task_files.shipped_tasks(), "cost": True}
+        if held.is_file():
+            base.update(heldout_data=str(held), baselines=list(BASELINES))
+        else:
+            base.update(baselines=["undistilled"])
+        return cls(student=student, **{**base, **fields})
 
     def check(self) -> None:
         """Checks against the world, before any work: the student's manifest, the tasks, the held-out file."""

@@ -118,17 +118,29 @@ def check_files(name: str, files: list[Path]) -> str:
     return fmt
 
 
+SHIPPED_DIR = Path(__file__).with_name("tasks")
+"""Small multiple-choice sets shipped with the package (tasks/README.md: sources and licences)."""
+
+
+def shipped_tasks() -> list[str]:
+    """The names of the shipped tasks: what an evaluation runs when it is given none."""
+    return sorted(discover(SHIPPED_DIR))
+
+
 def resolve(task_names: list[str], data_dir: str | Path | None) -> list[dict | str]:
-    """Local task configs for names found in `data_dir`; other names are passed to lm-eval's registry."""
-    groups = _groups(data_dir) if data_dir else {}
+    """Local task configs for names found in `data_dir` or among the shipped tasks (`data_dir` first);
+    other names are passed to lm-eval's registry."""
+    groups = {**_groups(SHIPPED_DIR), **(_groups(data_dir) if data_dir else {})}
     out: list[dict | str] = []
     for name in task_names:
         if name in groups:
             out.append(LocalTask(name, check_files(name, groups[name]), tuple(groups[name])).config())
-        elif data_dir and not _registry_allowed():
+        elif not _registry_allowed():
+            where = f"{data_dir} or the shipped tasks" if data_dir else "the shipped tasks (give --data-dir for your own files)"
+            found = sorted({*discover(SHIPPED_DIR), *(discover(data_dir) if data_dir else {})})
             raise BoomerangError(
-                f"no task {name!r} in {data_dir} (found: {', '.join(sorted(discover(data_dir))) or 'none'}), and lm-eval's "
-                "registry tasks need the hub to download their data (HF_DATASETS_OFFLINE=1 here)"
+                f"no task {name!r} in {where} (found: {', '.join(found)}), and lm-eval's registry tasks need "
+                "the hub to download their data (HF_DATASETS_OFFLINE=1 here)"
             )
         else:
             out.append(name)

@@ -396,6 +396,12 @@ def mixed_size(cfg: DistillConfig, plan: LayerPlan, step: int, micro: int) -> se
     return set(blocks[-k:])  # last-k: the paper's default order
 
 
+def is_mixed_step(cfg: DistillConfig, plan: LayerPlan, step: int) -> bool:
+    """Whether reported step `step` (1-based) trained a mixed size in any of its micro-batches: recomputed
+    from the seed, as `mixed_size` draws it, so a loss chart can tell the two kinds of step apart."""
+    return any(mixed_size(cfg, plan, step - 1, micro) for micro in range(cfg.grad_accum))
+
+
 def loss_step(run: Run, ids: torch.Tensor, patched: set[int] = frozenset()) -> LossParts:
     """The weighted loss of one micro-batch `ids` (B, T), and each active term's value."""
     cfg, mask = run.cfg, torch.ones_like(ids)
@@ -524,7 +530,11 @@ def finish(run: Run, step: int) -> Path | None:
                "data": run.data.description, "recipe": str(run.out / RECIPE)}
     manifest = Manifest(run.teacher.source, run.teacher.fingerprint, run.plan,
                         teacher_revision=run.teacher.revision, distilled=summary if step else None)
-    return save_student(student.eval(), run.teacher.tokenizer, manifest, run.out / STUDENT, overwrite=True)
+    folder = save_student(student.eval(), run.teacher.tokenizer, manifest, run.out / STUDENT, overwrite=True)
+    from boomerang.data import save_heldout
+
+    save_heldout(run.data.heldout, folder)  # the run's own held-out text: the default label-free evaluation
+    return folder
 
 
 def _plain_student(run: Run) -> torch.nn.Module | None:

@@ -118,6 +118,9 @@ class DistillConfig(Settings):
     """Processes (one per GPU) sharing each global batch; `boomerang distill` and the workers start them with torchrun."""
     fsdp: bool = False
     """Shard the teacher and the student over the processes (FSDP, one unit per layer): for teachers too large for one device."""
+    evaluate: bool = False
+    """When the family is saved, evaluate it the standard way (the shipped tasks at 100 items each, the run's held-out
+    text, cost, both baselines): inline in `boomerang distill`, as a queued evaluation job from a worker."""
 
     def __post_init__(self):
         self.check_types()
@@ -251,10 +254,14 @@ def read_recipe_file(path: str | Path) -> dict:
     return data
 
 
+AFTER_RUN = ("out", "evaluate")
+"""Fields that are not settings of the training: where the run folder is (a folder moved or copied
+elsewhere resumes) and what happens once the family is saved."""
+
+
 def recipe_changes(old: dict, new: dict) -> list[str]:
-    """The settings in which two recipes of one run differ. Where the run folder is (`out`) is not a
-    setting of the run: a folder moved or copied elsewhere resumes."""
-    return sorted(k for k in set(old) | set(new) if k != "out" and old.get(k) != new.get(k))
+    """The settings in which two recipes of one run differ (AFTER_RUN fields are not settings of the run)."""
+    return sorted(k for k in set(old) | set(new) if k not in AFTER_RUN and old.get(k) != new.get(k))
 
 
 def read_recipe(out: str | Path) -> DistillConfig:
