@@ -75,6 +75,57 @@ def patched_text(n: int) -> str:
     return f"{n} block{'' if n == 1 else 's'} patched"
 
 
+def launch_estimate(services, teacher: str, data: str, steps, batch_size, seq_len, mix_prob, plan: str = "rule") -> str:
+    """Roughly how long the form's job takes on this machine, from the rates earlier runs of the same teacher
+    measured here (boomerang.training.timing); says so when none was measured."""
+    from boomerang import data as d
+    from boomerang.models import boomerang_home, loads_quickly
+    from boomerang.progress import format_eta
+    from boomerang.training import timing
+    from boomerang.training.recipe import DistillConfig
+
+    source = (teacher or "default").strip()
+    try:
+        if not loads_quickly(source):
+            return ""
+        _check_sources(services, source)
+        fingerprint = services.models.teacher(source).fingerprint
+        steps, tokens = int(steps), int(batch_size) * int(seq_len)
+    except (BoomerangError, ValueError, TypeError):
+        return ""  # the launch itself says what is wrong with the form
+    docs = DistillConfig.teacher_docs
+    writes = (data or "").strip() == "teacher" and not d.teacher_corpus_path(
+        fingerprint, docs, DistillConfig.seed, boomerang_home() / "corpora").is_file()
+    lines = []
+    for device in ("cuda", "cpu"):
+        est = timing.estimate(fingerprint, device, steps=steps, tokens_per_step=tokens, mixed=bool(float(mix_prob or 0)),
+                              corpus_tokens=docs * d.TEACHER_DOC_TOKENS if writes else 0, importance=plan == "importance")
+        if est:
+            parts = ", ".join(f"{name} {format_eta(sec)}" for name, sec in est.parts.items())
+            lines.append(f"**About {format_eta(est.seconds)} on {device}** ({parts}; from the rates a run of this "
+                         f"teacher measured here, {est.measured_at}).")
+    if not lines:
+        return ("**Duration:** no run of this teacher has been timed on this machine yet; the quick-start job "
+                "(`bash scripts/setup.sh`: 40 steps) measures it, and this line then says how long a job takes.")
+    return " ".join(lines)
+
+
+def preview_on_load(services, teacher: str, keep_first, every, keep_last, keep, plan: str = "rule") -> tuple[str, list[list]]:
+    """The preview the page shows when it opens, unless that would convert or download the teacher first
+    (then the page says so and the button does it)."""
+    from boomerang.models import loads_quickly
+
+    source = (teacher or "default").strip()
+    try:
+        ready = loads_quickly(source)
+    except BoomerangError:
+        ready = False
+    if not ready:
+        return (f"Press **Preview the family** to see the plan and every size of `{source}` (it is loaded first: "
+                f"converted or downloaded once).", [])
+    return preview_plan(services, teacher, keep_first, every, keep_last, keep, plan)
+
+
 def preview_plan(services, teacher: str, keep_first, every, keep_last, keep, plan: str = "rule") -> tuple[str, list[list]]:
     """What the student keeps and every size the family will have; an error message otherwise.
 
@@ -414,12 +465,19 @@ def compare(services, student_id, task, metric, log_x, budget_kind, budget):
     else:
         refused = ""
     fig = chart.figure(pts, task, metric, log_x=bool(log_x), highlight=best["key"] if best else None)
+    beaten = chart.dominated_by(pts, metric not in chart.LOWER_IS_BETTER)
+
+    def pareto_cell(r):  # for the charted task and metric only
+        if r["task"] != task or r["metric"] != metric or r["key"] not in beaten:
+            return ""
+        return f"dominated by {beaten[r['key']]}" if beaten[r["key"]] else "frontier"
+
     table = [[r["key"], r["series"], r["n_layers"], r["params"], r["task"], r["metric"], round(r["value"], 5),
-              "" if r["stderr"] is None else round(r["stderr"], 5)] for r in rows]
+              "" if r["stderr"] is None else round(r["stderr"], 5), pareto_cell(r)] for r in rows]
     path = Path(tempfile.mkdtemp(prefix="boomerang-results-")) / f"family-{student_id}.csv"
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["model", "series", "layers", "params", "task", "metric", "value", "stderr"])
+        writer.writerow(["model", "series", "layers", "params", "task", "metric", "value", "stderr", "pareto"])
         writer.writerows(table)
     message = refused
     if budget:

@@ -155,6 +155,7 @@ def _launch_tab(services):
                 with gr.Row():
                     for name in row:
                         fields[name] = _field(name, values[name], hints[name], docs[name])
+            estimate_md = gr.Markdown(elem_id="launch-estimate")
             launch_btn = gr.Button("Launch distillation", variant="primary", elem_id="launch-btn")
             launch_md = gr.Markdown(elem_id="launch-result")
     names = list(h.LAUNCH_FIELDS)
@@ -178,7 +179,15 @@ def _launch_tab(services):
         return h.launch_job(services, {"recipe": recipe_name, **dict(zip(names, form))})
 
     launch_btn.click(safe(launch), [recipe, *components], launch_md, api_name="launch")
-    return bind(h.preview_plan, services), [*plan_inputs, fields["plan"]], [preview_md, preview_table]
+    estimate_inputs = [fields[n] for n in ("teacher", "data", "steps", "batch_size", "seq_len", "mix_prob", "plan")]
+    for name in ("teacher", "data", "steps", "batch_size", "seq_len", "mix_prob", "plan"):
+        fields[name].change(bind(h.launch_estimate, services), estimate_inputs, estimate_md,
+                            api_name=False, show_progress="hidden")
+    def on_load(*values):
+        n = len(plan_inputs) + 1
+        return *h.preview_on_load(services, *values[:n]), h.launch_estimate(services, *values[n:])
+
+    return safe(on_load), [*plan_inputs, fields["plan"], *estimate_inputs], [preview_md, preview_table, estimate_md]
 
 
 def _jobs_tab(services) -> None:
@@ -228,7 +237,7 @@ def _compare_tab(services):
         budget = gr.Number(None, label="Budget")
     budget_md = gr.Markdown(elem_id="budget-result")
     plot = gr.Plot(elem_id="compare-plot")
-    table = gr.Dataframe(headers=["model", "series", "layers", "params", "task", "metric", "value", "stderr"],
+    table = gr.Dataframe(headers=["model", "series", "layers", "params", "task", "metric", "value", "stderr", "pareto"],
                          interactive=False)
     csv_file = gr.File(label="Download CSV")
 

@@ -146,6 +146,19 @@ def stream_hub_documents(name: str, *, text_field: str, max_chars: int) -> list[
 # ----------------------------------------------------------------------------- teacher-written text
 
 
+def _seed_prompts() -> list[str]:
+    text = resources.files("boomerang.resources").joinpath("seed_prompts.txt").read_text()
+    return [p for p in text.splitlines() if p.strip()]
+
+
+def teacher_corpus_path(fingerprint: str, n_docs: int, seed: int, cache_dir: Path,
+                        max_new_tokens: int | None = None) -> Path:
+    """Where the corpus a teacher writes with these settings is cached (it may not exist yet)."""
+    max_new_tokens = max_new_tokens or TEACHER_DOC_TOKENS
+    key = hashlib.sha256(json.dumps([fingerprint, n_docs, max_new_tokens, seed, _seed_prompts()]).encode()).hexdigest()
+    return Path(cache_dir) / f"teacher-{key[:16]}.jsonl"
+
+
 TEACHER_DOC_TOKENS = 192
 """New tokens per teacher-written document."""
 
@@ -158,10 +171,8 @@ def teacher_documents(teacher, *, n_docs: int, max_new_tokens: int = TEACHER_DOC
     occupies its slot until its batch ends): `on_tokens(n)` is called with each n slots done, at most
     every 2 s and at the end of each batch (not when the cache answers). The batch of 32 writes about
     twice the tokens/s of 8 on a 2-core CPU (`bench/bench_corpus.py`)."""
-    prompts = [p for p in resources.files("boomerang.resources").joinpath("seed_prompts.txt").read_text().splitlines()
-               if p.strip()]
-    key = hashlib.sha256(json.dumps([teacher.fingerprint, n_docs, max_new_tokens, seed, prompts]).encode()).hexdigest()
-    path = cache_dir / f"teacher-{key[:16]}.jsonl" if cache_dir else None
+    prompts = _seed_prompts()
+    path = teacher_corpus_path(teacher.fingerprint, n_docs, seed, cache_dir, max_new_tokens) if cache_dir else None
     if path and path.is_file():
         return _read_jsonl(path, "text")
     docs = _generate(teacher, [prompts[i % len(prompts)] for i in range(n_docs)], max_new_tokens, batch_size, seed,

@@ -279,6 +279,18 @@ def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def loads_quickly(source: str) -> bool:
+    """Whether loading `source` needs no conversion and no download: a local folder, a hub id already in the
+    hub cache, or a GGUF file (the default teacher's included) already converted once."""
+    kind = classify_source(source)
+    if kind == "folder":
+        return True
+    if kind == "hub":
+        return in_hub_cache(source)
+    gguf = default_gguf_path() if kind == "default" else Path(source).expanduser()
+    return any((boomerang_home() / "teachers").glob(f"{gguf.stem}-*/boomerang-source.json"))
+
+
 def cached_gguf_folder(gguf: Path) -> Path:
     """A safetensors folder equal to `gguf`, converted on first use (~35 s) and reused after (~0.5 s).
 

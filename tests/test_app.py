@@ -59,6 +59,17 @@ def form(tmp, **changes) -> dict:
     return {**values, **changes}
 
 
+def test_the_launch_form_says_how_long_a_job_takes_from_this_machines_rates(world, monkeypatch, tmp_path):
+    s, tmp = world["services"], world["tmp"]
+    text = h.launch_estimate(s, str(tmp / "teacher"), str(tmp / "corpus.txt"), 80, 2, 16, 0, "rule")
+    assert text.startswith("**About ") and " on cpu**" in text and "training" in text  # the world's run measured it
+    slower = h.launch_estimate(s, str(tmp / "teacher"), str(tmp / "corpus.txt"), 800, 2, 16, 0, "rule")
+    assert slower != text  # ten times the steps: another number
+    monkeypatch.setenv("BOOMERANG_HOME", str(tmp_path / "fresh"))  # a machine where nothing ran
+    assert "no run of this teacher has been timed" in h.launch_estimate(s, str(tmp / "teacher"), "", 80, 2, 16, 0)
+    assert h.launch_estimate(s, "./no/such/teacher", "", 80, 2, 16, 0) == ""  # the launch says what is wrong
+
+
 def test_preview_shows_the_plan_and_every_size(world):
     s, tmp = world["services"], world["tmp"]
     text, rows = h.preview_plan(s, str(tmp / "teacher"), 1, 2, 2, "")

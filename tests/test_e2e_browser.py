@@ -1,8 +1,11 @@
 """End to end in a real browser (Debian chromium, driven by Playwright), a real worker and Redis.
 
-Launch a tiny distillation from the form, watch it reach SUCCEEDED, evaluate it, see the chart's
-points, chat with a size and the teacher, see both replies stream, press Stop. Screenshots of each
-page go to docs/screenshots/.
+Chat with a teacher before any family exists; choose a recipe and see the form and the plan follow;
+launch a tiny distillation whose teacher writes its text, see that phase before step 1, watch it reach
+SUCCEEDED, evaluate it with the dashboard's defaults (held-out text, cost, both baselines), see the
+chart's points and error bars, chat with a size and the teacher, see both replies stream, press Stop.
+Screenshots of the tiny family go to the test's folder; the docs' come from a real family
+(scripts/screenshots.py).
 """
 
 from __future__ import annotations
@@ -17,7 +20,6 @@ from test_eval import write_eval_files
 from test_jobs import Cluster, redis_ready  # noqa: F401  (fixture)
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-SHOTS = Path(__file__).resolve().parents[1] / "docs" / "screenshots"
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian chromium is not installed")
 
 
@@ -46,7 +48,8 @@ def test_launch_watch_evaluate_compare_chat_stop(stack):
     from playwright.sync_api import expect, sync_playwright
 
     cluster, url = stack
-    SHOTS.mkdir(parents=True, exist_ok=True)
+    shots = cluster.tmp / "screenshots"
+    shots.mkdir()
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=[
             "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -54,17 +57,42 @@ def test_launch_watch_evaluate_compare_chat_stop(stack):
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         page.set_default_timeout(60_000)
         page.goto(url)
+        # The family preview is not empty before any click (this fresh home has not converted the default
+        # teacher, so it says what the button will do rather than converting it on page load)
+        expect(page.locator("#plan-preview")).to_contain_text("Preview the family")
 
-        # Launch: a tiny teacher folder, previewed, then queued
+        # Chat with a teacher before any family exists: its undistilled sizes, labelled so
+        page.get_by_role("tab", name="Chat").click()
+        chat_family = page.locator("#chat-family input")
+        chat_family.fill(f"cut:{cluster.tmp / 'teacher'}")
+        chat_family.press("Enter")
+        expect(page.locator("#size-label")).to_contain_text("undistilled", timeout=30_000)
+        page.locator("#max-new input[type=number]").fill("8")
+        page.locator("#max-new input[type=number]").press("Enter")
+        page.locator("#chat-input textarea").fill("Hello before any distillation")
+        page.locator("#send-btn").click()
+        expect(page.locator("#teacher-stats")).to_contain_text("8 tokens", timeout=30_000)
+        expect(page.locator("#teacher-stats")).not_to_contain_text("…")
+        page.get_by_role("tab", name="Launch").click()
+
+        # Launch: a tiny teacher folder; the recipe choice sets every field and the preview's plan
         teacher = page.locator("#teacher input")
         teacher.fill(str(cluster.tmp / "teacher"))
         teacher.press("Enter")
-        page.locator("#data textarea").fill(str(cluster.tmp / "corpus.txt"))
+        page.locator("#recipe").get_by_text("cpu", exact=True).click()
+        expect(page.locator("#recipe-summary")).to_contain_text("CPU recipe")
+        expect(page.locator("#kl-weight input")).to_have_value("1")
+        expect(page.locator("#mix-prob input")).to_have_value("0.5")
+        expect(page.locator("#plan-preview")).to_contain_text("Importance plan")  # the plan the cpu job will use
+        page.locator("#recipe").get_by_text("paper", exact=True).click()
+        expect(page.locator("#kl-weight input")).to_have_value("0.1")
+        expect(page.locator("#plan-preview")).to_contain_text("`[0, 2, 4, 6, 7]`")  # back to the rule's plan
+        expect(page.locator("#plan-preview")).to_contain_text("5 layers")
+        # the teacher writes the training text: a phase long enough to be seen before step 1
+        page.locator("#data textarea").fill("teacher")
         for elem, value in (("steps", "8"), ("batch-size", "2"), ("seq-len", "16")):
             page.locator(f"#{elem} input").fill(value)
-        page.locator("#preview-btn").click()
-        expect(page.locator("#plan-preview")).to_contain_text("5 layers")
-        page.screenshot(path=str(SHOTS / "launch.png"), full_page=True)
+        page.locator("#evaluate input").uncheck()  # evaluated below, from the Jobs tab, with the test's own tasks
         page.locator("#launch-btn").click()
         expect(page.locator("#launch-result")).to_contain_text("Job 1 queued")
 
@@ -74,10 +102,12 @@ def test_launch_watch_evaluate_compare_chat_stop(stack):
         job.fill("1")
         job.press("Enter")
         expect(page.locator("#job-status")).to_have_attribute("data-job", "1")
+        expect(page.locator("#job-detail")).to_contain_text("writing the teacher's corpus", timeout=60_000)  # before step 1
+        expect(page.locator("#job-detail")).to_contain_text("tokens/s")
         expect(page.locator("#job-status")).to_have_attribute("data-status", "SUCCEEDED", timeout=120_000)
         expect(page.locator("#jobs-table")).to_contain_text("SUCCEEDED")
         expect(page.locator("#loss-curves .scatterlayer .trace")).to_have_count(4)  # total, ce, kl, cosine
-        page.screenshot(path=str(SHOTS / "jobs.png"), full_page=True)
+        page.screenshot(path=str(shots / "jobs.png"), full_page=True)
         page.get_by_text("Evaluate this family").click()
         page.locator("#eval-btn").click()
         expect(page.locator("#job-action")).to_contain_text("Evaluation job 2 queued")
@@ -86,14 +116,18 @@ def test_launch_watch_evaluate_compare_chat_stop(stack):
         expect(page.locator("#job-status")).to_have_attribute("data-job", "2")  # not job 1's old status
         expect(page.locator("#job-status")).to_have_attribute("data-status", "SUCCEEDED", timeout=180_000)
 
-        # Compare: the chart has a point per size
+        # Compare: a point per size and per baseline size, with error bars, and what they mean
         page.get_by_role("tab", name="Compare").click()  # opens on the newest family
         try:
-            expect(page.locator("#compare-plot .scatterlayer .point")).to_have_count(4, timeout=60_000)  # one per size
+            # 4 sizes of the family, the undistilled and drop-bi baselines at the 3 sizes below the teacher
+            expect(page.locator("#compare-plot .scatterlayer .point")).to_have_count(4 + 3 + 3, timeout=60_000)
         except AssertionError:
             page.screenshot(path=str(cluster.tmp / "compare-failure.png"), full_page=True)
             raise
-        page.screenshot(path=str(SHOTS / "compare.png"), full_page=True)
+        for series in ("undistilled", "drop-bi", "interpolated", "teacher"):
+            expect(page.locator("#compare-plot .legendtext", has_text=series)).to_have_count(1)
+        assert page.locator("#compare-plot .errorbar").count() >= 4 + 3 + 3  # one bar per point
+        page.screenshot(path=str(shots / "compare.png"), full_page=True)
 
         # Chat: both sides stream at once; Stop ends both
         page.get_by_role("tab", name="Chat").click()
@@ -111,7 +145,7 @@ def test_launch_watch_evaluate_compare_chat_stop(stack):
         expect(page.locator("#size-stats")).to_contain_text("…")  # still streaming
         expect(page.locator("#teacher-stats")).to_contain_text("…")
         expect(page.locator("#send-btn")).to_be_disabled()  # nothing typed now can be lost
-        page.screenshot(path=str(SHOTS / "chat.png"), full_page=True)
+        page.screenshot(path=str(shots / "chat.png"), full_page=True)
         page.locator("#stop-btn").click()
         expect(page.locator("#size-stats")).not_to_contain_text("…", timeout=30_000)
         expect(page.locator("#send-btn")).to_be_enabled()

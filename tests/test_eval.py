@@ -152,7 +152,7 @@ def test_eval_command_end_to_end_and_resume(tmp_path, capsys):
     teacher_kl = [r for r in rows if r["key"] == "teacher-8" and r["metric"] == "kl_to_teacher"][0]
     assert float(teacher_kl["value"]) == pytest.approx(0, abs=1e-6)
     charts = tmp_path / "results" / "charts"
-    for name in ("quiz-acc", "average-acc", "heldout-perplexity"):
+    for name in ("quiz-acc", "average-acc", "heldout-perplexity", "heldout-kl_to_teacher", "heldout-top1_agreement"):
         assert (charts / f"{name}.html").stat().st_size > 1000 and (charts / f"{name}.png").stat().st_size > 1000
     cell = json.loads(next((tmp_path / "results" / "cells" / "teacher-8").glob("quiz.*.json")).read_text())
     assert cell["settings"] == {"num_fewshot": 0, "limit": None, "batch_size": 8, "seed": 0} and cell["versions"] == 1

@@ -195,3 +195,37 @@ def test_a_workers_distillation_with_evaluate_queues_the_standard_evaluation(pla
         assert redis.Redis.from_url(url).llen(queue) == 1  # really on the queue, for the next free worker
     finally:
         redis.Redis.from_url(url).delete(queue)
+
+
+# ----------------------------------------------------------------------------- how long a job will take
+
+
+def test_a_run_records_its_rates_and_the_next_launch_is_estimated_from_them(place):
+    from boomerang.models import load_teacher
+    from boomerang.training import timing
+
+    fingerprint = load_teacher(str(place / "teacher")).fingerprint
+    assert timing.estimate(fingerprint, "cpu", steps=10, tokens_per_step=32, mixed=False) is None  # nothing measured
+    argv = ["distill", "--teacher", str(place / "teacher"), "--data", "teacher", "--teacher-docs", "4", "--seq-len", "16",
+            "--batch-size", "2", "--device", "cpu", "--steps", "3", "--recipe", "paper", "--out", str(place / "run")]
+    assert main(argv) == 0
+    entry = timing.read_all()[f"{fingerprint}|cpu|student"]
+    assert entry["train_tokens_per_s"] > 0 and entry["corpus_tokens_per_s"] > 0
+    est = timing.estimate(fingerprint, "cpu", steps=100, tokens_per_step=64, mixed=False, corpus_tokens=1000)
+    assert est.parts["training"] == pytest.approx(100 * 64 / entry["train_tokens_per_s"])
+    assert est.parts["writing the teacher's corpus"] == pytest.approx(1000 / entry["corpus_tokens_per_s"])
+    assert est.seconds == pytest.approx(sum(est.parts.values()))
+    # a mixed-size recipe falls back on the other kind's record of the same teacher, never another teacher's
+    assert timing.estimate(fingerprint, "cpu", steps=1, tokens_per_step=1, mixed=True) is not None
+    assert timing.estimate("0" * 32, "cpu", steps=1, tokens_per_step=1, mixed=False) is None
+
+
+def test_dominated_points_are_named_with_what_beats_them():
+    from boomerang.evaluation.chart import dominated_by
+
+    pts = [{"key": k, "params": p, "value": v, "series": "interpolated", "n_layers": 1}
+           for k, p, v in [("small", 1, 0.5), ("mid", 2, 0.45), ("big", 3, 0.7), ("twin", 3, 0.6)]]
+    assert dominated_by(pts) == {"small": None, "mid": "small", "big": None, "twin": "small"}
+    assert dominated_by(pts, higher_is_better=False) == {"small": None, "mid": None, "big": "small", "twin": "small"}
+    fig = figure(pts, "t", "acc")
+    assert list(fig.data[0].marker.symbol) == ["circle", "circle-open", "circle", "circle-open"]  # sorted by params

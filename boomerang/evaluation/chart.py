@@ -1,4 +1,5 @@
-"""The size-vs-score chart: one series per kind of model, the Pareto frontier marked.
+"""The size-vs-score chart: one series per kind of model, the Pareto frontier marked (dominated
+points hollow).
 
 `points(rows, task, metric)` picks one value per model (task "average" averages the metric over every
 task the model has, keeping only models that have them all); `figure(...)` draws it with plotly;
@@ -56,10 +57,22 @@ def pareto(pts: list[dict], higher_is_better: bool = True) -> list[dict]:
     return frontier
 
 
+def dominated_by(pts: list[dict], higher_is_better: bool = True) -> dict[str, str | None]:
+    """For each point's key: the key of the smallest model with no more parameters that scores better
+    (the reason it is not worth deploying), or None for points on the Pareto frontier."""
+    better = (lambda a, b: a > b) if higher_is_better else (lambda a, b: a < b)
+    out = {}
+    for p in pts:
+        rivals = [q for q in pts if q["params"] <= p["params"] and better(q["value"], p["value"])]
+        out[p["key"]] = min(rivals, key=lambda q: (q["params"], q["key"]))["key"] if rivals else None
+    return out
+
+
 def figure(pts: list[dict], task: str, metric: str, *, log_x: bool = False, highlight: str | None = None):
     import plotly.graph_objects as go
 
     higher = metric not in LOWER_IS_BETTER
+    beaten = dominated_by(pts, higher)
     fig = go.Figure()
     for series in COLORS:
         group = sorted((p for p in pts if p["series"] == series), key=lambda p: p["params"])
@@ -68,12 +81,16 @@ def figure(pts: list[dict], task: str, metric: str, *, log_x: bool = False, high
         fig.add_trace(go.Scatter(
             x=[p["params"] for p in group], y=[p["value"] for p in group], name=series,
             mode="lines+markers" if len(group) > 1 else "markers",
-            marker={"color": COLORS[series], "size": 9 if series in ("teacher", "student") else 7},
+            # hollow: dominated (a model with no more parameters scores better), filled: on the frontier
+            marker={"color": COLORS[series], "size": 9 if series in ("teacher", "student") else 7,
+                    "symbol": ["circle-open" if beaten.get(p["key"]) else "circle" for p in group]},
             error_y={"type": "data", "array": [p.get("stderr") or 0 for p in group],
                      "visible": any(p.get("stderr") is not None for p in group)},
-            customdata=[[p["key"], p["n_layers"], p.get("blocks", "")] for p in group],
+            customdata=[[p["key"], p["n_layers"], p.get("blocks", ""),
+                         f"dominated by {beaten[p['key']]}" if beaten.get(p["key"]) else "on the Pareto frontier"]
+                        for p in group],
             hovertemplate="%{customdata[0]}<br>%{customdata[1]} layers, %{x:,} params<br>"
-                          f"{metric}: " + "%{y:.4f}<br>%{customdata[2]}<extra></extra>",
+                          f"{metric}: " + "%{y:.4f}<br>%{customdata[3]}<br>%{customdata[2]}<extra></extra>",
         ))
     front = pareto(pts, higher)
     if front:

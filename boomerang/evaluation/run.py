@@ -264,6 +264,7 @@ def evaluate_student(req: EvalRequest, *, on_cell=None, should_stop=None, teache
         pts = chart.points(rows, task, req.chart_metric)
         if pts:
             charts += chart.save(pts, task, req.chart_metric, store.root / "charts")
-    if heldout is not None:
-        charts += chart.save(chart.points(rows, "heldout", "perplexity"), "heldout", "perplexity", store.root / "charts")
+    if heldout is not None:  # how good on the text, and how much of the teacher each size keeps
+        for metric in ("perplexity", "kl_to_teacher", "top1_agreement"):
+            charts += chart.save(chart.points(rows, "heldout", metric), "heldout", metric, store.root / "charts")
     return EvalReport(computed, len(jobs), store.write_table(), charts, rows)

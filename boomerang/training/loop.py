@@ -474,12 +474,34 @@ def distill(cfg: DistillConfig, *, on_step: Callable[[StepReport], None] | None 
     """Distill a student as `cfg` says; resumable, observable, stoppable within one step.
 
     `on_step` hears every training step, `on_phase` the phases before it (see `setup`)."""
-    run = setup(cfg, resume=resume, teacher=teacher, on_phase=on_phase)
+    phases: dict[str, Phase] = {}
+
+    def seen(p: Phase) -> None:
+        phases[p.name] = p
+        if on_phase:
+            on_phase(p)
+
+    run = setup(cfg, resume=resume, teacher=teacher, on_phase=seen)
     try:
-        return run_loop(run, on_step=on_step, should_stop=should_stop)
+        result = run_loop(run, on_step=on_step, should_stop=should_stop)
     finally:
         for handle in run.hooks:
             handle.remove()
+    if parallel.world()[0] == 0:
+        _record_timing(run, phases, result.last)
+    return result
+
+
+def _record_timing(run: Run, phases: dict[str, Phase], last: StepReport | None) -> None:
+    """What this run measured, for the next launch's duration estimate (boomerang.training.timing)."""
+    from boomerang.training import timing
+
+    corpus, importance = phases.get("writing the teacher's corpus"), phases.get("measuring layer importance")
+    done = lambda p: p is not None and p.done == p.total and p.elapsed_s > 0  # noqa: E731  (a phase run to its end)
+    timing.record(run.teacher.fingerprint, run.device.type, bool(run.cfg.mix_prob),
+                  train_tokens_per_s=last.tokens_per_s if last else None,
+                  corpus_tokens_per_s=corpus.done / corpus.elapsed_s if done(corpus) else None,
+                  importance_s=importance.elapsed_s if done(importance) else None)
 
 
 def run_loop(run: Run, *, on_step=None, should_stop=None) -> DistillResult:
