@@ -33,7 +33,7 @@ def cmd_app(args) -> int:
 
     from app.auth import LoginThrottle, credentials
     from app.services import make_services
-    from app.ui import CSS, build_app
+    from app.ui import CSS, I18N, build_app
 
     auth = credentials(auth=args.auth, auth_file=args.auth_file)  # a bad value fails before anything starts
     if args.auth:
@@ -47,6 +47,6 @@ def cmd_app(args) -> int:
     demo = build_app(services)
     demo.queue(max_size=args.max_queue, default_concurrency_limit=4)
     print(f"Boomerang Studio on http://{args.host}:{args.port}", flush=True)
-    demo.launch(server_name=args.host, server_port=args.port, auth=auth, show_error=False, css=CSS,
+    demo.launch(server_name=args.host, server_port=args.port, auth=auth, show_error=False, css=CSS, i18n=I18N,
                 share=False, inbrowser=False, footer_links=[], app_kwargs={"middleware": [Middleware(LoginThrottle)]})
     return 0

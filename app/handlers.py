@@ -495,6 +495,19 @@ CUT = "cut:"
 """A chat family value "cut:SOURCE": the teacher's undistilled family, chattable before any distillation."""
 
 
+def loads_at_once(family_id: str) -> bool:
+    """Whether opening a family needs no conversion or download first (a distilled one always qualifies:
+    its teacher was loaded to distill it)."""
+    from boomerang.models import loads_quickly
+
+    if not str(family_id).startswith(CUT):
+        return True
+    try:
+        return loads_quickly(str(family_id)[len(CUT):])
+    except BoomerangError:
+        return False
+
+
 def chat_family_choices(services) -> list[tuple[str, str]]:
     """The distilled families, then each known teacher's undistilled family (labelled so)."""
     cut = [(f"{t}: undistilled sizes (the teacher's layers dropped, no training)", f"{CUT}{t}")

@@ -17,6 +17,9 @@ log = logging.getLogger("boomerang.app")
 
 EVAL_LIMIT = 100
 """Items per task the Evaluate form starts with: every shipped task's first 100 (one standard error about 0.05)."""
+I18N = gr.I18n(en={"common.complete": "Complete"})
+"""Gradio's status tracker announces a finished event with the key `common.complete`, which its English
+strings lack (they have `chatbot.complete`): without this the raw key lands in the page's text."""
 CSS = ".job-error{color:#d62728;font-weight:600} .stats{font-size:0.85em;color:#555}"
 
 
@@ -88,9 +91,10 @@ def _refresh_on_open(services, tab, dropdown, show, family_choices) -> None:
         choices = family_choices(services)
         values = [v for _, v in choices]
         distilled = [v for v in values if not str(v).startswith(h.CUT)]
-        # keep a distilled family the user picked; otherwise the newest one, else a teacher's undistilled sizes
+        # keep a distilled family the user picked; otherwise the newest one, else the undistilled sizes of a
+        # teacher that loads at once (never one that would be converted or downloaded just by opening the tab)
         keep = current in values and not str(current).startswith(h.CUT)
-        value = current if keep else (distilled or values or [None])[0]
+        value = current if keep else (distilled or [v for v in values if h.loads_at_once(v)] or [None])[0]
         return gr.update(choices=choices, value=value), *fn(value, *rest)
 
     tab.select(safe(open_tab), [dropdown, *inputs[1:]], [dropdown, *outputs])

@@ -26,7 +26,7 @@ pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian chro
 @pytest.fixture
 def stack(tmp_path, redis_ready, monkeypatch):  # noqa: F811
     from app.services import ModelCache, Services
-    from app.ui import CSS, build_app
+    from app.ui import CSS, I18N, build_app
 
     cluster = Cluster(tmp_path)
     for key in ("DATABASE_URL", "REDIS_URL", "BOOMERANG_HOME"):
@@ -37,7 +37,7 @@ def stack(tmp_path, redis_ready, monkeypatch):  # noqa: F811
                         allowed_roots=(tmp_path,))
     demo = build_app(services)
     demo.queue(max_size=8)
-    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True, css=CSS)
+    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True, css=CSS, i18n=I18N)
     cluster.start_worker("browser-worker")
     yield cluster, url
     demo.close()
@@ -71,7 +71,11 @@ def test_launch_watch_evaluate_compare_chat_stop(stack):
         page.locator("#max-new input[type=number]").press("Enter")
         page.locator("#chat-input textarea").fill("Hello before any distillation")
         page.locator("#send-btn").click()
-        expect(page.locator("#teacher-stats")).to_contain_text("8 tokens", timeout=30_000)
+        try:
+            expect(page.locator("#teacher-stats")).to_contain_text("8 tokens", timeout=30_000)
+        except AssertionError as exc:  # say what the page said (an error's toast), not only that it differs
+            raise AssertionError(f"{exc}\ntoasts: {page.locator('.toast-wrap').all_inner_texts()}; size "
+                                 f"{page.locator('#chat-size input').input_value()!r}") from None
         expect(page.locator("#teacher-stats")).not_to_contain_text("…")
         page.get_by_role("tab", name="Launch").click()
 
@@ -86,7 +90,7 @@ def test_launch_watch_evaluate_compare_chat_stop(stack):
         expect(page.locator("#plan-preview")).to_contain_text("Importance plan")  # the plan the cpu job will use
         page.locator("#recipe").get_by_text("paper", exact=True).click()
         expect(page.locator("#kl-weight input")).to_have_value("0.1")
-        expect(page.locator("#plan-preview")).to_contain_text("`[0, 2, 4, 6, 7]`")  # back to the rule's plan
+        expect(page.locator("#plan-preview")).to_contain_text("[0, 2, 4, 6, 7]")  # back to the rule's plan
         expect(page.locator("#plan-preview")).to_contain_text("5 layers")
         # the teacher writes the training text: a phase long enough to be seen before step 1
         page.locator("#data textarea").fill("teacher")
@@ -153,4 +157,38 @@ def test_launch_watch_evaluate_compare_chat_stop(stack):
         tokens = int(re.search(r"(\d+) tokens", stats).group(1))
         assert 0 < tokens < 512, stats
         assert page.locator("#chat-size-bot").inner_text().strip() and page.locator("#chat-teacher-bot").inner_text().strip()
+        assert "common." not in page.locator("body").inner_text()  # no untranslated Gradio key in the page
         browser.close()
+
+
+def test_no_untranslated_gradio_key_is_announced(tmp_path):
+    """Gradio announces a finished event as `common.complete`, a key its English strings lack; the
+    dashboard's I18N (what `boomerang app` launches with) supplies it. Without it the raw key shows."""
+    import gradio as gr
+    from playwright.sync_api import sync_playwright
+
+    from app.ui import I18N
+
+    seen = {}
+    for name, options in (("plain", {}), ("ours", {"i18n": I18N})):
+        with gr.Blocks() as demo:
+            button, out = gr.Button("go"), gr.Textbox(elem_id="out")
+            button.click(lambda: "done", None, out)
+        _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True, **options)
+        try:
+            with sync_playwright() as pw:
+                browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+                page = browser.new_page()
+                page.goto(url)
+                page.get_by_text("go").click()
+                page.wait_for_function("document.querySelector('#out textarea').value == 'done'")
+                texts = set()
+                for _ in range(70):  # the announcement comes within 5 s and lasts about 1 s
+                    texts.add(page.locator("body").inner_text())
+                    page.wait_for_timeout(100)
+                browser.close()
+        finally:
+            demo.close()
+        seen[name] = " ".join(texts)
+    assert "common.complete" in seen["plain"]  # the check can see the bug
+    assert "common.complete" not in seen["ours"] and "Complete" in seen["ours"]

@@ -156,6 +156,11 @@ def test_eval_command_end_to_end_and_resume(tmp_path, capsys):
         assert (charts / f"{name}.html").stat().st_size > 1000 and (charts / f"{name}.png").stat().st_size > 1000
     cell = json.loads(next((tmp_path / "results" / "cells" / "teacher-8").glob("quiz.*.json")).read_text())
     assert cell["settings"] == {"num_fewshot": 0, "limit": None, "batch_size": 8, "seed": 0} and cell["versions"] == 1
+    cells = tmp_path / "results" / "cells"
+    reused = json.loads(next((cells / "undistilled-5").glob("cost.*.json")).read_text())
+    measured = json.loads(next((cells / "student-5").glob("cost.*.json")).read_text())
+    assert reused["same_shape_as"] == "student-5" and reused["metrics"] == measured["metrics"]  # same shape, same cost
+    assert "same_shape_as" not in json.loads(next((cells / "teacher-8").glob("cost.*.json")).read_text())
     assert main(argv) == 0
     assert "0 cells computed, 35 already on disk" in capsys.readouterr().out
     assert main([*argv[:-2], "--out", str(tmp_path / "results"), "--limit", "2"]) == 0

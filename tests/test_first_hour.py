@@ -32,7 +32,7 @@ from db.models import JobCreate, JobKind, JobStatus
 from tiny import N_LAYERS, save_tiny_teacher, tiny_model, tiny_tokenizer, tokens
 
 TEXT = "The first hour of a new user, written out long enough for training and held-out blocks. " * 80
-SHIPPED = {"arc_easy_mini": 200, "hellaswag_mini": 100, "piqa_mini": 200}
+SHIPPED = {"arc_easy_mini": 200, "hellaswag_mini": 50, "piqa_mini": 200}
 
 
 @pytest.fixture
@@ -225,7 +225,7 @@ def test_dominated_points_are_named_with_what_beats_them():
 
     pts = [{"key": k, "params": p, "value": v, "series": "interpolated", "n_layers": 1}
            for k, p, v in [("small", 1, 0.5), ("mid", 2, 0.45), ("big", 3, 0.7), ("twin", 3, 0.6)]]
-    assert dominated_by(pts) == {"small": None, "mid": "small", "big": None, "twin": "small"}
+    assert dominated_by(pts) == {"small": None, "mid": "small", "big": None, "twin": "big"}
     assert dominated_by(pts, higher_is_better=False) == {"small": None, "mid": None, "big": "small", "twin": "small"}
     fig = figure(pts, "t", "acc")
     assert list(fig.data[0].marker.symbol) == ["circle", "circle-open", "circle", "circle-open"]  # sorted by params

@@ -110,14 +110,26 @@ def plan_cells(candidates: list[Candidate], task_names: list[str], data_dir, set
 
 def run_cells(jobs: list[CellJob], store: ResultStore, *, family: Family, tokenizer, settings: EvalSettings,
               heldout: torch.Tensor | None, on_cell=None, should_stop=None) -> int:
-    """Compute every cell not on disk yet; returns how many were computed."""
-    computed, built = 0, {}
+    """Compute every cell not on disk yet; returns how many were computed.
+
+    Cost depends on a model's shape alone (layers, widths, dtype, device), not on its weights: a baseline
+    with the same layer count and parameters as a size measured in this run takes that size's cost cell
+    (marked `same_shape_as`) instead of timing the same computation again."""
+    computed, built, costs = 0, {}, {}
     for done, job in enumerate(jobs, start=1):
         entry = job.candidate.entry
+        shape = (entry.n_layers, entry.params)
         if store.get(entry.key, job.task_name, job.key) is None:
-            model = built.get(entry.key) or job.candidate.build()
-            built = {entry.key: model}  # hold one model at a time
-            store.put(entry, job.task_name, job.key, _compute(job, model, family, tokenizer, settings, heldout))
+            if job.task_name == "cost" and shape in costs:
+                source, result = costs[shape]
+                store.put(entry, job.task_name, job.key, {**result, "same_shape_as": source})
+            else:
+                model = built.get(entry.key) or job.candidate.build()
+                built = {entry.key: model}  # hold one model at a time
+                result = _compute(job, model, family, tokenizer, settings, heldout)
+                store.put(entry, job.task_name, job.key, result)
+                if job.task_name == "cost":
+                    costs[shape] = (entry.key, result)
             computed += 1
             skipped = False
         else:

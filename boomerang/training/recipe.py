@@ -119,7 +119,7 @@ class DistillConfig(Settings):
     fsdp: bool = False
     """Shard the teacher and the student over the processes (FSDP, one unit per layer): for teachers too large for one device."""
     evaluate: bool = False
-    """When the family is saved, evaluate it the standard way (the shipped tasks at 100 items each, the run's held-out
+    """When the family is saved, evaluate it the standard way (the shipped tasks at up to 100 items each, the run's held-out
     text, cost, both baselines): inline in `boomerang distill`, as a queued evaluation job from a worker."""
 
     def __post_init__(self):
