@@ -113,7 +113,8 @@ CASES = [
      "--auth must hold USER:PASSWORD"),
     ("submit a size the family lacks", lambda p: ["submit", "export", "--student", str(p / "student"), "--layers", "99",
                                                   "--out", str(p / "e")], {}, "no size with 99 layers in this family"),
-    ("eval nothing to do", lambda p: ["eval", str(p / "student"), "--out", str(p / "ev")], {}, "nothing to evaluate"),
+    ("eval an unknown task offline", lambda p: ["eval", str(p / "student"), "--tasks", "arc_easy", "--out", str(p / "ev")],
+     {"HF_DATASETS_OFFLINE": "1"}, "no task 'arc_easy' in the shipped tasks"),
 ]
 
 
