@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 
@@ -14,7 +13,6 @@ from app import handlers as h
 from app.services import ModelCache, Services
 from db import crud
 from db.engine import make_engine
-from db.models import JobStatus
 from test_eval import write_eval_files
 from test_jobs import REDIS_URL
 from tiny import save_tiny_teacher

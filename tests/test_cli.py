@@ -3,11 +3,10 @@
 import json
 
 import pytest
-from torch.testing import assert_close
 from transformers import AutoModelForCausalLM
 
 from boomerang.cli import main
-from tiny import save_tiny_teacher, tokens
+from tiny import save_tiny_teacher
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 from torch.testing import assert_close
 from transformers import AutoModelForCausalLM
 
