@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import html
-import json
 import math
 import tempfile
 from pathlib import Path
@@ -75,19 +74,29 @@ def patched_text(n: int) -> str:
     return f"{n} block{'' if n == 1 else 's'} patched"
 
 
+def _loads_quickly(source: str) -> bool:
+    """models.loads_quickly, with a source that cannot be loaded at all counted as not quick."""
+    from boomerang.models import loads_quickly
+
+    try:
+        return loads_quickly(source)
+    except BoomerangError:
+        return False
+
+
 def launch_estimate(services, teacher: str, data: str, steps, batch_size, seq_len, mix_prob, plan: str = "rule") -> str:
     """Roughly how long the form's job takes on this machine, from the rates earlier runs of the same teacher
     measured here (boomerang.training.timing); says so when none was measured."""
     from boomerang import data as d
-    from boomerang.models import boomerang_home, loads_quickly
+    from boomerang.models import boomerang_home
     from boomerang.progress import format_eta
     from boomerang.training import timing
     from boomerang.training.recipe import DistillConfig
 
     source = (teacher or "default").strip()
+    if not _loads_quickly(source):
+        return ""
     try:
-        if not loads_quickly(source):
-            return ""
         _check_sources(services, source)
         fingerprint = services.models.teacher(source).fingerprint
         steps, tokens = int(steps), int(batch_size) * int(seq_len)
@@ -113,14 +122,8 @@ def launch_estimate(services, teacher: str, data: str, steps, batch_size, seq_le
 def preview_on_load(services, teacher: str, keep_first, every, keep_last, keep, plan: str = "rule") -> tuple[str, list[list]]:
     """The preview the page shows when it opens, unless that would convert or download the teacher first
     (then the page says so and the button does it)."""
-    from boomerang.models import loads_quickly
-
     source = (teacher or "default").strip()
-    try:
-        ready = loads_quickly(source)
-    except BoomerangError:
-        ready = False
-    if not ready:
+    if not _loads_quickly(source):
         return (f"Press **Preview the family** to see the plan and every size of `{source}` (it is loaded first: "
                 f"converted or downloaded once).", [])
     return preview_plan(services, teacher, keep_first, every, keep_last, keep, plan)
@@ -302,8 +305,7 @@ def job_detail(services, job_id) -> tuple[str, list[dict], str]:
 
 def _mixed_steps(job, steps: list[int]) -> set[int]:
     """The steps of a distillation job that trained a mixed size (none when its recipe mixes none)."""
-    from boomerang.plan import LayerPlan
-    from boomerang.training.checkpoint import PLAN
+    from boomerang.training.checkpoint import read_plan
     from boomerang.training.loop import is_mixed_step
     from boomerang.training.recipe import DistillConfig
 
@@ -311,8 +313,7 @@ def _mixed_steps(job, steps: list[int]) -> set[int]:
         return set()
     try:
         cfg = DistillConfig.from_dict(job.settings)
-        saved = json.loads((Path(job.run_dir) / PLAN).read_text())
-        plan = LayerPlan(int(saved["n_teacher"]), tuple(saved["kept"]))
+        plan = read_plan(job.run_dir)
     except (OSError, ValueError, KeyError, BoomerangError):  # no plan yet (or a moved run): one series
         return set()
     return {step for step in steps if is_mixed_step(cfg, plan, step)}
@@ -498,14 +499,7 @@ CUT = "cut:"
 def loads_at_once(family_id: str) -> bool:
     """Whether opening a family needs no conversion or download first (a distilled one always qualifies:
     its teacher was loaded to distill it)."""
-    from boomerang.models import loads_quickly
-
-    if not str(family_id).startswith(CUT):
-        return True
-    try:
-        return loads_quickly(str(family_id)[len(CUT):])
-    except BoomerangError:
-        return False
+    return not str(family_id).startswith(CUT) or _loads_quickly(str(family_id)[len(CUT):])
 
 
 def chat_family_choices(services) -> list[tuple[str, str]]:

@@ -454,13 +454,11 @@ def cmd_distill(args) -> int:
     print(f"student written to {result.student_dir} ({result.steps_done} steps)")
     print(f"its family: boomerang family --student {result.student_dir}")
     if cfg.evaluate:
-        from boomerang.evaluation.metrics import EvalSettings
-        from boomerang.evaluation.run import STANDARD_LIMIT, EvalRequest
+        from boomerang.evaluation.run import EvalRequest
         from boomerang.models import resolve_device
 
         print("evaluating the family (the standard evaluation; --no-evaluate skips it)")
-        request = EvalRequest.standard(str(result.student_dir), settings=EvalSettings(limit=STANDARD_LIMIT),
-                                       device=str(resolve_device(cfg.device)))
+        request = EvalRequest.after_distillation(str(result.student_dir), device=str(resolve_device(cfg.device)))
         _run_eval(request)
     return 0
 

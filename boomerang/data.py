@@ -146,6 +146,10 @@ def stream_hub_documents(name: str, *, text_field: str, max_chars: int) -> list[
 # ----------------------------------------------------------------------------- teacher-written text
 
 
+TEACHER_DOC_TOKENS = 192
+"""New tokens per teacher-written document."""
+
+
 def _seed_prompts() -> list[str]:
     text = resources.files("boomerang.resources").joinpath("seed_prompts.txt").read_text()
     return [p for p in text.splitlines() if p.strip()]
@@ -157,10 +161,6 @@ def teacher_corpus_path(fingerprint: str, n_docs: int, seed: int, cache_dir: Pat
     max_new_tokens = max_new_tokens or TEACHER_DOC_TOKENS
     key = hashlib.sha256(json.dumps([fingerprint, n_docs, max_new_tokens, seed, _seed_prompts()]).encode()).hexdigest()
     return Path(cache_dir) / f"teacher-{key[:16]}.jsonl"
-
-
-TEACHER_DOC_TOKENS = 192
-"""New tokens per teacher-written document."""
 
 
 def teacher_documents(teacher, *, n_docs: int, max_new_tokens: int = TEACHER_DOC_TOKENS, batch_size: int = 32,

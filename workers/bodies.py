@@ -89,13 +89,11 @@ def _queue_evaluation(ctx: JobContext, student_dir) -> int | None:
 
     The distillation succeeded whatever happens here: if the evaluation cannot be queued, the log says
     so and how to start it by hand."""
-    from boomerang.evaluation.metrics import EvalSettings
-    from boomerang.evaluation.run import STANDARD_LIMIT
     from workers.app import make_celery
     from workers.submit import submit
 
     try:
-        request = EvalRequest.standard(str(student_dir), settings=EvalSettings(limit=STANDARD_LIMIT))
+        request = EvalRequest.after_distillation(str(student_dir))
         job = submit(engine=ctx.engine, app=make_celery(), kind="eval", settings=request.to_dict(), queue=ctx.job.queue)
     except BoomerangError as exc:
         ctx.log(f"the evaluation was not queued ({exc}); start it from the Jobs tab or with boomerang submit eval")

@@ -224,6 +224,14 @@ class EvalRequest(Settings):
             base.update(baselines=["undistilled"])
         return cls(student=student, **{**base, **fields})
 
+    @classmethod
+    def after_distillation(cls, student: str, **fields) -> EvalRequest:
+        """What `DistillConfig.evaluate` asks for once the family is saved: the standard evaluation at
+        STANDARD_LIMIT items per task (`boomerang distill` runs it, a worker queues it)."""
+        from boomerang.evaluation.metrics import EvalSettings
+
+        return cls.standard(student, **{"settings": EvalSettings(limit=STANDARD_LIMIT), **fields})
+
     def check(self) -> None:
         """Checks against the world, before any work: the student's manifest, the tasks, the held-out file."""
         from boomerang.student import read_manifest

@@ -23,6 +23,14 @@ from boomerang.training.parallel import full_state, load_full_state, world
 from boomerang.training.recipe import RECIPE, recipe_changes
 
 METRICS, CHECKPOINT, STUDENT, PLAN = "metrics.jsonl", "checkpoint.pt", "student", "plan.json"
+
+
+def read_plan(out: str | Path):
+    """The plan a run started with (its `plan.json`), however it was chosen."""
+    from boomerang.plan import LayerPlan
+
+    saved = json.loads((Path(out) / PLAN).read_text())
+    return LayerPlan(int(saved["n_teacher"]), tuple(saved["kept"]))
 __all__ = ["RECIPE", "METRICS", "CHECKPOINT", "STUDENT", "PLAN", "save_checkpoint", "load_checkpoint",
            "checkpoint_step", "truncate_metrics"]
 

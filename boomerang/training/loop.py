@@ -28,7 +28,7 @@ from boomerang.models import Teacher, boomerang_home, load_teacher
 from boomerang.plan import LayerPlan
 from boomerang.progress import Phase, Phases
 from boomerang.training import parallel
-from boomerang.training.checkpoint import (CHECKPOINT, METRICS, PLAN, RECIPE, STUDENT, load_checkpoint,
+from boomerang.training.checkpoint import (CHECKPOINT, METRICS, PLAN, RECIPE, STUDENT, load_checkpoint, read_plan,
                                            save_checkpoint)
 from boomerang.training.losses import cosine_alignment, kl_to_teacher, next_token_cross_entropy, relative_mse
 from boomerang.training.recipe import DistillConfig, read_recipe, recipe_changes
@@ -140,7 +140,7 @@ def _setup(cfg: DistillConfig, out: Path, resume: bool, teacher: Teacher | None,
         step()
     data = load_data(cfg, teacher, phases)
     if from_checkpoint and (out / PLAN).is_file():  # the plan the run started with, however it was chosen
-        plan = LayerPlan(teacher.n_layers, tuple(json.loads((out / PLAN).read_text())["kept"]))
+        plan = read_plan(out)
     else:
         plan = cfg.resolve_plan(teacher.model, data.batch(0, IMPORTANCE_BLOCKS, cfg.seed).to(teacher.device), phases)
     from boomerang.student import cut_student
