@@ -367,14 +367,69 @@ def retry_job(services, job_id) -> str:
     return f"Job {job.id} queued again; it resumes from its checkpoint."
 
 
+def snapshot_job(services, job_id) -> str:
+    """A running or stopped distillation's last checkpoint as a family of its own (a student row), to evaluate,
+    compare and chat with before the run ends."""
+    from boomerang.training.checkpoint import snapshot
+
+    with Session(services.engine) as s:
+        job = crud.get_job(session=s, job_id=int(job_id)) if job_id else None
+    if job is None or job.kind.value != "distill" or not job.run_dir:
+        return "**No family:** pick a distillation job that has started."
+    try:
+        teacher = services.models.teacher(job.settings.get("teacher", "default"))
+        folder = snapshot(job.run_dir, teacher=teacher)
+        opened = services.models.opened(str(folder))
+        sizes = [z.to_dict() for z in opened.family.sizes()]
+        with Session(services.engine) as s:
+            t = crud.get_or_create_teacher(session=s, source=teacher.source, fingerprint=teacher.fingerprint,
+                                           n_layers=teacher.n_layers)
+            st = crud.upsert_student(session=s, folder=str(opened.folder), manifest=opened.manifest.to_dict(),
+                                     sizes=sizes, job_id=job.id, teacher_id=t.id)
+    except BoomerangError as exc:
+        return f"**No family:** {exc}"
+    step = opened.manifest.distilled["steps"]
+    return (f"**Step {step} of {job.settings.get('steps', '?')} as family #{st.id}** (`{folder}`): chat with it or "
+            f"compare it once evaluated (the Evaluate button takes this job's newest family).")
+
+
+def queue_at_size(services, job_id) -> str:
+    """Queue the distilled-at-size baselines of a finished distillation: students of three sizes of its family,
+    each distilled with the run's own recipe, data and budget (one distillation job each)."""
+    from boomerang.training.at_size import at_size_configs
+    from workers.submit import submit
+
+    with Session(services.engine) as s:
+        job = crud.get_job(session=s, job_id=int(job_id)) if job_id else None
+    folder = (job.result or {}).get("student_dir") if job else None
+    if not folder:
+        return "**Cannot add baselines:** pick a SUCCEEDED distillation job."
+    try:
+        configs = [c for c in at_size_configs(folder) if not Path(c.out, "student", "boomerang.json").is_file()]
+        queued = [submit(engine=services.engine, app=services.celery, kind="distill", settings=c.to_dict(),
+                         queue=services.queue) for c in configs]
+    except (BoomerangError, ValueError) as exc:
+        return f"**Not queued:** {exc}"
+    if not queued:
+        return "Every distilled-at-size baseline of this run is done: press Evaluate to chart them."
+    sizes = ", ".join(f"{len(c.keep)}" for c in configs)
+    return (f"**Queued jobs {', '.join(str(j.id) for j in queued)}**: students of {sizes} layers, each distilled with "
+            f"this run's recipe, data and budget. Press Evaluate when they finish: they join the chart as 'distilled'.")
+
+
 def evaluate_job(services, job_id, tasks: str, data_dir: str, limit) -> str:
     """Queue an evaluation of the family a finished distillation job produced."""
     from workers.submit import submit
 
     with Session(services.engine) as s:
         job = crud.get_job(session=s, job_id=int(job_id)) if job_id else None
-    if job is None or not job.result.get("student_dir"):
-        return "**Cannot evaluate:** pick a SUCCEEDED distillation job."
+    folder = (job.result or {}).get("student_dir") if job else None
+    if job is not None and not folder and job.run_dir:  # not finished: its newest checkpoint taken as a family
+        snaps = sorted(Path(job.run_dir, "snapshots").glob("step-*/boomerang.json"), key=lambda p: int(p.parent.name[5:]))
+        folder = str(snaps[-1].parent) if snaps else None
+    if job is None or not folder:
+        return ("**Cannot evaluate:** pick a SUCCEEDED distillation job, or take a family from a running one's last "
+                "checkpoint first.")
     try:
         check_text("tasks", tasks)
         if data_dir:
@@ -384,7 +439,7 @@ def evaluate_job(services, job_id, tasks: str, data_dir: str, limit) -> str:
 
         named = [t.strip() for t in (tasks or "").split(",") if t.strip()]
         # the standard evaluation (shipped tasks, the run's held-out text, cost, both baselines) with what the form names
-        request = EvalRequest.standard(job.result["student_dir"], data_dir=data_dir or None,
+        request = EvalRequest.standard(folder, data_dir=data_dir or None,
                                        settings=EvalSettings(limit=int(limit) if limit else None),
                                        **({"tasks": named} if named else {}))
         new = submit(engine=services.engine, app=services.celery, kind="eval", settings=request.to_dict(),
@@ -414,14 +469,17 @@ def result_rows(services, student_id) -> list[dict]:
             z = sizes.get(r.n_layers)
             blocks = f"patched {z.patched}" if z is not None and r.series in ("interpolated", "student") else ""
             rows.append({"key": r.model_key, "series": r.series, "n_layers": r.n_layers, "params": r.params,
-                         "task": r.task, "metric": r.metric, "value": r.value, "stderr": r.stderr, "blocks": blocks})
+                         "task": r.task, "metric": r.metric, "value": r.value, "stderr": r.stderr, "blocks": blocks,
+                         "cell": r.cell})
     return rows
 
 
 def task_metric_choices(services, student_id) -> tuple[list[str], list[str]]:
+    from boomerang.evaluation import chart
+
     rows = result_rows(services, student_id)
     tasks = sorted({r["task"] for r in rows})
-    lm_tasks = [t for t in tasks if t not in ("heldout", "cost")]
+    lm_tasks = [t for t in tasks if t not in chart.NOT_AVERAGED]
     return (["average"] if len(lm_tasks) > 1 else []) + tasks, sorted({r["metric"] for r in rows})
 
 
@@ -451,11 +509,15 @@ def best_within_budget(rows: list[dict], task: str, metric: str, budget_kind: st
     return min(fits, key=lambda p: p["value"]) if lower else max(fits, key=lambda p: p["value"])
 
 
-def compare(services, student_id, task, metric, log_x, budget_kind, budget):
-    """(plotly figure, table rows, CSV path, budget message) for one family, task and metric."""
+def compare(services, student_id, task, metric, log_x, budget_kind, budget, others=None):
+    """(plotly figure, table rows, CSV path, budget message) for one family, task and metric; with `others` (family
+    ids), their rows too on the same chart under one Pareto frontier (keys "#ID:model")."""
     from boomerang.evaluation import chart
 
     rows = result_rows(services, student_id)
+    others = [o for o in (others or []) if o and str(o) != str(student_id)]
+    if rows and others:
+        rows = chart.combine({f"#{student_id}": rows, **{f"#{o}": result_rows(services, o) for o in others}})
     if not rows or not task or not metric:
         return None, [], None, "No results yet: evaluate a family from the Jobs tab."
     pts = chart.points(rows, task, metric)
@@ -485,7 +547,10 @@ def compare(services, student_id, task, metric, log_x, budget_kind, budget):
         message = (f"**Best within the budget:** {best['key']} ({best['n_layers']} layers, {best['params']:,} "
                    f"parameters): {metric} {best['value']:.4f}" if best else "**Nothing fits this budget.**")
     noise = chart.noise_note(pts)
-    message = "\n\n".join(m for m in (message, noise) if m)
+    hidden = 0 if task == "average" else chart.one_measurement(rows, task, metric)[1]
+    mixed = (f"{hidden} results of {task} measured with other settings (limit, held-out text, patch order or "
+             f"ends) are left out of the chart." if hidden else "")
+    message = "\n\n".join(m for m in (message, noise, mixed) if m)
     return fig, table, str(path), message
 
 
@@ -509,8 +574,9 @@ def chat_family_choices(services) -> list[tuple[str, str]]:
     return family_choices(services) + cut
 
 
-def _family(services, family_id):
-    """(teacher, family, distilled) for a chat family value; None when none is picked."""
+def _family(services, family_id, ends: str = "student"):
+    """(teacher, family, distilled) for a chat family value; None when none is picked. `ends`: see
+    `boomerang.family.ENDS` (an undistilled family's ends are the teacher's either way)."""
     if not family_id:
         return None
     if str(family_id).startswith(CUT):
@@ -521,8 +587,17 @@ def _family(services, family_id):
     folder = _student_folder(services, family_id)
     if folder is None:
         return None
-    teacher, fam = services.models.family(folder)
+    teacher, fam = services.models.family(folder, ends=_ends(ends))
     return teacher, fam, True
+
+
+def _ends(ends) -> str:
+    from boomerang.family import ENDS
+
+    ends = ends or "student"
+    if ends not in ENDS:
+        raise BoomerangError(f"ends must be one of {', '.join(ENDS)}, got {str(ends)[:40]!r}")
+    return ends
 
 
 def size_choices(services, student_id) -> tuple[list[int], int] | None:
@@ -534,8 +609,8 @@ def size_choices(services, student_id) -> tuple[list[int], int] | None:
     return counts, counts[len(counts) // 2]
 
 
-def size_label(services, student_id, n_layers) -> str:
-    picked = _family(services, student_id)
+def size_label(services, student_id, n_layers, ends: str = "student") -> str:
+    picked = _family(services, student_id, ends)
     if picked is None or not n_layers:
         return ""
     _, fam, distilled = picked
@@ -544,6 +619,9 @@ def size_label(services, student_id, n_layers) -> str:
     except BoomerangError as exc:
         return str(exc)
     kind = "the teacher" if info.is_teacher else "the student" if info.is_student else patched_text(len(info.patched))
+    if distilled and not (info.is_teacher or info.is_student) and fam.ends != "student":
+        embeddings, head = fam.ends_for(info.patched)
+        kind += f" · embeddings from the {embeddings}, norm and head from the {head}"
     if not distilled and not info.is_teacher:
         kind += " · undistilled: the teacher with layers dropped, not trained"
     return f"**{info.n_layers} layers** · {info.params / 1e6:.1f}M parameters · {kind}"
@@ -570,11 +648,11 @@ def _messages(history: list[dict], system: str, user: str) -> list[dict]:
 
 
 def chat_turn(services, student_id, n_layers, message: str, left: list, right: list, system: str,
-              temperature, top_p, max_new_tokens, stop: str = "api"):
+              temperature, top_p, max_new_tokens, stop: str = "api", ends: str = "student"):
     """Stream one turn to a size (left) and the teacher (right) at once; yields (left, right, left stats, right stats)."""
     from boomerang.generation import Sampling, stream_pair
 
-    picked = _family(services, student_id)
+    picked = _family(services, student_id, ends)
     if picked is None or not message or not message.strip():
         yield left, right, "Pick a family and type a message.", ""
         return
@@ -593,15 +671,16 @@ def chat_turn(services, student_id, n_layers, message: str, left: list, right: l
                f"{n_layers} layers: {a.stats()}", f"teacher: {b.stats()}")
 
 
-def export_chosen(services, student_id, n_layers) -> str:
+def export_chosen(services, student_id, n_layers, ends: str = "student") -> str:
     from boomerang.export import export_size
 
     folder = _student_folder(services, student_id)
     if folder is None:
         return ("**Pick a distilled family first.**" if not str(student_id or "").startswith(CUT) else
                 "**Nothing to export:** the sizes of an undistilled family are the teacher with layers dropped.")
-    opened = services.models.opened(folder)
-    out = Path(services.exports_dir) / f"student-{student_id}-{int(n_layers)}L"
+    ends = _ends(ends)
+    opened = services.models.opened(folder, ends=ends)
+    out = Path(services.exports_dir) / f"student-{student_id}-{int(n_layers)}L{'' if ends == 'student' else '-' + ends + '-ends'}"
     try:
         Path(services.exports_dir).mkdir(parents=True, exist_ok=True)
         path = export_size(opened.family, int(n_layers), out, tokenizer=opened.teacher.tokenizer,

@@ -26,13 +26,13 @@ class ModelCache:
                 self._teachers[source] = load_teacher(source, device=self.device)
             return self._teachers[source]
 
-    def opened(self, student_folder: str, order: str = "last"):
-        """The student folder opened as a family (boomerang.student.StudentFamily), once per folder and order."""
+    def opened(self, student_folder: str, order: str = "last", ends: str = "student"):
+        """The student folder opened as a family (boomerang.student.StudentFamily), once per folder, order and ends."""
         from boomerang.student import open_family
 
-        key = (str(Path(student_folder).expanduser().resolve()), order)
+        key = (str(Path(student_folder).expanduser().resolve()), order, ends)
         if key not in self._families:
-            opened = open_family(student_folder, order=order, load=self.teacher)
+            opened = open_family(student_folder, order=order, load=self.teacher, ends=ends)
             with self._lock:
                 self._families.setdefault(key, opened)
         return self._families[key]
@@ -53,9 +53,9 @@ class ModelCache:
                 self._families.setdefault(key, (teacher, family))
         return self._families[key]
 
-    def family(self, student_folder: str, order: str = "last"):
+    def family(self, student_folder: str, order: str = "last", ends: str = "student"):
         """(teacher, family) for a student folder."""
-        opened = self.opened(student_folder, order)
+        opened = self.opened(student_folder, order, ends)
         return opened.teacher, opened.family
 
 

@@ -200,6 +200,7 @@ def _jobs_tab(services) -> None:
         job_id = gr.Number(label="Job", precision=0, elem_id="job-id")
         cancel_btn = gr.Button("Cancel", elem_id="cancel-btn")
         retry_btn = gr.Button("Retry / resume", elem_id="retry-btn")
+        snap_btn = gr.Button("Family from the last checkpoint", elem_id="snapshot-btn")
     status = gr.HTML(elem_id="job-detail")
     curves = gr.Plot(label="Loss terms", elem_id="loss-curves")
     log = gr.Textbox(label="Last log lines", lines=6, max_lines=12, elem_id="job-log")
@@ -209,9 +210,12 @@ def _jobs_tab(services) -> None:
                                info="shipped with the project (offline), file stems in the data folder, or lm-eval names")
             data_dir = gr.Textbox(services.eval_data_dir or "", label="Evaluation data folder (optional)")
             limit = gr.Number(EVAL_LIMIT, precision=0, label="Items per task")
-        gr.Markdown("Also measured: KL to the teacher on the run's held-out text, memory and latency, and the "
-                    "undistilled and layer-dropping baselines at every size.")
-        eval_btn = gr.Button("Evaluate", elem_id="eval-btn")
+        gr.Markdown("Also measured: perplexity, KL to the teacher and top-1 agreement on the run's held-out text "
+                    "and on general text of another domain, memory and latency, and the undistilled and "
+                    "layer-dropping baselines at every size.")
+        with gr.Row():
+            eval_btn = gr.Button("Evaluate", elem_id="eval-btn")
+            at_size_btn = gr.Button("Add distilled-at-size baselines", elem_id="at-size-btn")
     action_md = gr.Markdown(elem_id="job-action")
     timer = gr.Timer(2.0)
 
@@ -227,6 +231,8 @@ def _jobs_tab(services) -> None:
     table.select(on_select, None, job_id)
     cancel_btn.click(bind(h.cancel_job, services), job_id, action_md, api_name="cancel")
     retry_btn.click(bind(h.retry_job, services), job_id, action_md)
+    snap_btn.click(bind(h.snapshot_job, services), job_id, action_md, api_name="snapshot")
+    at_size_btn.click(bind(h.queue_at_size, services), job_id, action_md, api_name="at_size")
     eval_btn.click(bind(h.evaluate_job, services), [job_id, tasks, data_dir, limit], action_md)
 
 
@@ -239,6 +245,9 @@ def _compare_tab(services):
     with gr.Row():
         budget_kind = gr.Radio(["parameters", "memory (MB)", "latency (ms)"], value="parameters", label="Fit my budget")
         budget = gr.Number(None, label="Budget")
+        others = gr.Dropdown(h.family_choices(services), value=[], multiselect=True, label="Compare with",
+                             elem_id="compare-others", info="other families of the same teacher (recipes, budgets, "
+                             "checkpoints): one chart, one Pareto frontier")
     budget_md = gr.Markdown(elem_id="budget-result")
     plot = gr.Plot(elem_id="compare-plot")
     table = gr.Dataframe(headers=["model", "series", "layers", "params", "task", "metric", "value", "stderr", "pareto"],
@@ -253,7 +262,7 @@ def _compare_tab(services):
         return (gr.update(choices=tasks, value=tasks[0] if tasks else None),
                 gr.update(choices=metrics, value=default_metric))
 
-    inputs = [family, task, metric, log_x, budget_kind, budget]
+    inputs = [family, task, metric, log_x, budget_kind, budget, others]
     outputs = [plot, table, csv_file, budget_md]
     # the chart follows the family's defaults at once, then every change the user makes
     def show_family(student_id, *rest):
@@ -262,12 +271,13 @@ def _compare_tab(services):
         m = metric_update.get("value") if isinstance(metric_update, dict) else None
         return (task_update, metric_update, *h.compare(services, student_id, t, m, *rest))
 
-    show = (show_family, [family, log_x, budget_kind, budget], [task, metric, *outputs])
+    show = (show_family, [family, log_x, budget_kind, budget, others], [task, metric, *outputs])
     family.input(safe(show[0]), *show[1:])
     for control in (task, metric, budget):
         control.input(bind(h.compare, services), inputs, outputs)
-    for control in (log_x, budget_kind):
+    for control in (log_x, budget_kind, others):
         control.change(bind(h.compare, services), inputs, outputs)
+    family.focus(lambda: gr.update(choices=h.family_choices(services)), None, others, api_name=False)
     return family, show
 
 
@@ -278,6 +288,9 @@ def _chat_tab(services):
                              allow_custom_value=True, info="a distilled family, or a teacher's undistilled sizes")
         # only the sizes the family has; a number typed through the API is checked against the family
         size = gr.Dropdown([], value=None, allow_custom_value=True, label="Size (layers)", elem_id="chat-size")
+        ends = gr.Radio(["student", "teacher", "auto"], value="student", label="Ends", elem_id="chat-ends",
+                        info="whose embeddings and final norm + head the sizes between student and teacher use "
+                             "(auto: the teacher's on the patched side, as the paper's code)")
         size_md = gr.Markdown(elem_id="size-label")
     with gr.Row():
         system = gr.Textbox("", label="System prompt", scale=3)
@@ -311,9 +324,10 @@ def _chat_tab(services):
         return gr.update(choices=counts, value=middle), h.size_label(services, student_id, middle)
 
     family.input(safe(pick_family), family, [size, size_md])
-    size.change(bind(h.size_label, services), [family, size], size_md)
+    size.change(bind(h.size_label, services), [family, size, ends], size_md)
+    ends.change(bind(h.size_label, services), [family, size, ends], size_md)
     size.change(bind(h.serving_snippet, services), [family, size], serve_md)
-    turn_inputs = [family, size, message, left, right, system, temperature, top_p, max_new, stop]
+    turn_inputs = [family, size, message, left, right, system, temperature, top_p, max_new, stop, ends]
     outputs = [left, right, left_stats, right_stats]
     # Send and the message box are off while both replies stream: nothing typed meanwhile is lost
     def locked():
@@ -343,5 +357,5 @@ def _chat_tab(services):
     regen.click(drop_last, [left, right, last], [left, right, message]).then(
         bind(h.chat_turn, services), turn_inputs, outputs)
     clear.click(lambda: ([], [], "", ""), None, outputs)
-    export_btn.click(bind(h.export_chosen, services), [family, size], export_md)
+    export_btn.click(bind(h.export_chosen, services), [family, size, ends], export_md)
     return family, (pick_family, [family], [size, size_md])

@@ -43,6 +43,7 @@ def _submit_eval_flags(p: argparse.ArgumentParser) -> None:
 def _submit_export_flags(p: argparse.ArgumentParser) -> None:
     _add_export_flags(p)
     p.add_argument("--order", default="last", help="patch order named in the manifest: last | first | greedy")
+    _add_ends(p)
 
 
 REQUEST_COMMANDS = {
@@ -108,7 +109,15 @@ def _add_order(p: argparse.ArgumentParser) -> None:
     p.add_argument("--order", default="last",
                    help="patch order: last (paper default) | first (paper's choice for Llama-3) | greedy "
                         "(closest to the teacher in KL at each size) | a list of student layers")
-    p.add_argument("--calibration", default=None, help="text file for the greedy order (default: a built-in text)")
+    p.add_argument("--calibration", default=None, help="text file for the greedy order (and eval's drop-bi ranking when "
+                   "the held-out text has no spare blocks; default: a built-in text)")
+    _add_ends(p)
+
+
+def _add_ends(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ends", default="student",
+                   help="whose embeddings and final norm + head the sizes between student and teacher use: student "
+                        "(default) | teacher | auto (the paper's reference code: teacher ends on the patched side)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -153,6 +162,27 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(p)
     p.set_defaults(func=cmd_distill)
 
+    p = sub.add_parser("baselines", help="distill students at sizes of a family with its own recipe, data and budget "
+                       "(the distilled-at-size baseline; resumable); eval then shows them beside the family")
+    p.add_argument("student", help="the family's student folder (RUN/student)")
+    p.add_argument("--sizes", default=None, help="comma-separated layer counts (default: three spread over the family)")
+    p.add_argument("--order", default="last", help="the patch order whose sizes are meant (default: last)")
+    p.set_defaults(func=cmd_baselines)
+
+    p = sub.add_parser("compare", help="several evaluated families of one teacher on one chart, one Pareto frontier "
+                       "over every series of every family")
+    p.add_argument("families", nargs="+", help="student folders (their eval/) or results folders")
+    p.add_argument("--name", action="append", default=None, help="a name per family, in order (default: run folder)")
+    p.add_argument("--out", required=True, help="folder for families.csv and charts/")
+    p.add_argument("--chart-metric", default="acc", help="metric of the task charts (default acc)")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("snapshot", help="a running or stopped distillation's last checkpoint as a student folder "
+                       "(then eval, chat, serve or export it; eval, family, generate and heldout also take RUN itself)")
+    p.add_argument("run", help="the distillation's run folder (its --out)")
+    p.add_argument("--out", default=None, help="where to write it (default: RUN/snapshots/step-N)")
+    p.set_defaults(func=cmd_snapshot)
+
     p = sub.add_parser("heldout", help="held-out perplexity, KL to the teacher and top-1 agreement of every size")
     _add_teacher(p), _add_plan(p), _add_order(p)
     p.add_argument("--student", default=None, help="a student folder (default: a freshly cut student)")
@@ -194,6 +224,10 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
     """One flag per DistillConfig field, help from its docstring; unset flags leave the recipe's value."""
     import dataclasses
 
+    p.add_argument("--keep-from", default=argparse.SUPPRESS, metavar="FOLDER",
+                   help="pin the plan of an earlier run (its run folder or student folder): its kept layers become "
+                        "--keep, so an importance plan is not measured again")
+
     from boomerang.settings import field_docs
     from boomerang.training.recipe import DistillConfig
 
@@ -215,14 +249,20 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
 def _add_eval_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tasks", default="", help="comma-separated task names: local file stems, shipped tasks "
                    "(arc_easy_mini, piqa_mini, hellaswag_mini) or lm-eval registry names. Name none of --tasks, "
-                   "--baselines, --heldout-data, --cost for the standard evaluation: the shipped tasks, the run's "
-                   "own held-out text, cost and both baselines")
+                   "--baselines, --heldout-data, --general-data, --cost for the standard evaluation: the shipped tasks, the "
+                   "run's own held-out text, the shipped general text, cost and both baselines")
     p.add_argument("--data-dir", default=None, help="folder of local evaluation .jsonl files")
     p.add_argument("--sizes", default="all", help="all | comma-separated layer counts")
     p.add_argument("--baselines", default="", help="comma-separated: undistilled, drop-bi")
     p.add_argument("--reference", action="append", default=[], help="a reference model (hub id or folder); repeatable")
+    p.add_argument("--distilled", action="append", default=None,
+                   help="a student distilled at one size of the family (repeatable; default: every finished one "
+                        "`boomerang baselines` made for this run)")
     p.add_argument("--heldout-data", default=None, help="text file for label-free metrics (its last 10%%)")
-    p.add_argument("--heldout-tokens", type=int, default=4096)
+    p.add_argument("--general-data", default=None,
+                   help="text of another domain for the same metrics (all of it): a file, or 'shipped' (an excerpt "
+                        "of WikiText-2 test in the package; the standard evaluation uses it)")
+    p.add_argument("--heldout-tokens", type=int, default=4096, help="tokens measured on each held-out text")
     p.add_argument("--cost", action="store_true", help="also measure memory, prefill latency and decode speed")
     p.add_argument("--num-fewshot", type=int, default=0)
     p.add_argument("--limit", type=int, default=None, help="at most this many items per task")
@@ -250,13 +290,46 @@ def _load_teacher(args, default_source: str = "default"):
                         trust_remote_code=args.trust_remote_code)
 
 
+def _student_folder(path: str) -> str:
+    """A student folder as given, or a run folder's last checkpoint as one (written once per step)."""
+    from boomerang.training.checkpoint import is_run_folder, snapshot
+
+    if not is_run_folder(path):
+        return path
+    folder = snapshot(path)
+    print(f"the run's last checkpoint, as a student folder: {folder}", file=sys.stderr)
+    return str(folder)
+
+
+def cmd_compare(args) -> int:
+    from boomerang.evaluation.compare import compare_families
+
+    report = compare_families(args.families, args.out, names=args.name, chart_metric=args.chart_metric)
+    for (task, metric), keys in report.frontiers.items():
+        print(f"{task} {metric}: Pareto frontier {', '.join(keys)}")
+    print(f"table {report.table}")
+    for path in report.charts:
+        print(f"chart {path}")
+    return 0
+
+
+def cmd_snapshot(args) -> int:
+    from boomerang.training.checkpoint import snapshot
+
+    folder = snapshot(args.run, out=args.out)
+    print(f"wrote the checkpoint as a student folder: {folder}")
+    return 0
+
+
 def _load_family(args):
     """(teacher, family, student label) from --teacher/--student and plan/order flags."""
     from boomerang.family import Family
     from boomerang.student import Manifest, cut_student, family_order, open_family
 
     if args.student:
+        args.student = _student_folder(args.student)
         opened = open_family(args.student, teacher=args.teacher, order=args.order, calibration=args.calibration,
+                             ends=args.ends,
                              load=lambda source: _load_teacher(args, source))
         return opened.teacher, opened.family, str(opened.folder)
     teacher = _load_teacher(args)
@@ -265,7 +338,7 @@ def _load_family(args):
     # the fresh student's manifest, unsaved: its orders resolve the way a student folder's do
     order = family_order(Manifest(teacher.source, teacher.fingerprint, plan), args.order, teacher, student,
                          args.calibration)
-    return teacher, Family(teacher.model, student, plan, order=order), "(freshly cut, undistilled)"
+    return teacher, Family(teacher.model, student, plan, order=order, ends=args.ends), "(freshly cut, undistilled)"
 
 
 # ----------------------------------------------------------------------------- commands
@@ -313,7 +386,7 @@ def cmd_cut(args) -> int:
 def export_request_from_args(args):
     from boomerang.export import ExportRequest
 
-    return ExportRequest(student=args.student, layers=args.layers, out=args.out, order=args.order,
+    return ExportRequest(student=args.student, layers=args.layers, out=args.out, order=args.order, ends=args.ends,
                          overwrite=args.overwrite, teacher=getattr(args, "teacher", None))
 
 
@@ -366,6 +439,16 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _plan_of(folder: str):
+    """The plan of a run folder (its plan.json) or of a student folder (its manifest)."""
+    from boomerang.student import read_manifest
+    from boomerang.training.checkpoint import PLAN, read_plan
+
+    if (Path(folder).expanduser() / PLAN).is_file():
+        return read_plan(Path(folder).expanduser())
+    return read_manifest(folder).plan
+
+
 def distill_config_from_args(args, *, default_recipe: str = "auto"):
     """DistillConfig from a named recipe or a --recipe file (or the run's own recipe with --resume) < flags.
 
@@ -382,6 +465,10 @@ def distill_config_from_args(args, *, default_recipe: str = "auto"):
     given = {k: v for k, v in vars(args).items() if k in names}
     if "keep" in given:
         given["keep"] = parse_layer_list(given["keep"])
+    if getattr(args, "keep_from", None):
+        if "keep" in given:
+            raise BoomerangError("give --keep or --keep-from, not both")
+        given["keep"] = list(_plan_of(args.keep_from).kept)
     if getattr(args, "resume", False):
         if "out" not in given:
             raise BoomerangError("--resume needs --out: the run folder to continue")
@@ -400,11 +487,6 @@ def distill_config_from_args(args, *, default_recipe: str = "auto"):
 
 
 def cmd_distill(args) -> int:
-    import signal
-
-    from tqdm import tqdm
-
-    from boomerang.training.loop import distill
     from boomerang.training.parallel import launch_processes
 
     cfg = distill_config_from_args(args)
@@ -412,8 +494,32 @@ def cmd_distill(args) -> int:
         cfg.check()  # the teacher's config, the plan, the context length, the data: before any weight is loaded
     if cfg.processes > 1 and "WORLD_SIZE" not in os.environ:
         return launch_processes(cfg, resume=args.resume, stop_file=args.stop_file)
+    result = _run_distill(cfg, resume=args.resume, stop_file=args.stop_file)
+    if result is None or result.stopped:
+        return 0
+    print(f"student written to {result.student_dir} ({result.steps_done} steps)")
+    print(f"its family: boomerang family --student {result.student_dir}")
+    if cfg.evaluate:
+        from boomerang.evaluation.run import EvalRequest
+        from boomerang.models import resolve_device
+
+        print("evaluating the family (the standard evaluation; --no-evaluate skips it)")
+        request = EvalRequest.after_distillation(str(result.student_dir), device=str(resolve_device(cfg.device)))
+        _run_eval(request)
+    return 0
+
+
+def _run_distill(cfg, *, resume: bool, stop_file: str | None = None):
+    """One distillation in this process with a progress bar, Ctrl-C stopping after the step; the result (None on
+    ranks other than 0)."""
+    import signal
+
+    from tqdm import tqdm
+
+    from boomerang.training.loop import distill
+
     stop = {"asked": False}
-    stop_file = Path(args.stop_file) if args.stop_file else None
+    stop_file = Path(stop_file) if stop_file else None
     rank0 = os.environ.get("RANK", "0") == "0"
 
     def ask_stop(signum, frame):
@@ -441,25 +547,36 @@ def cmd_distill(args) -> int:
             shown["at"] = time.monotonic()
 
     try:
-        result = distill(cfg, on_step=on_step, should_stop=should_stop, resume=args.resume, on_phase=on_phase)
+        result = distill(cfg, on_step=on_step, should_stop=should_stop, resume=resume, on_phase=on_phase)
     finally:
         bar.close()
         signal.signal(signal.SIGINT, previous)
     if not rank0:
-        return 0
+        return None
     if result.stopped:
         print(f"stopped at step {result.steps_done}/{cfg.steps}; checkpoint saved. "
               f"Continue with: boomerang distill --out {result.out} --resume")
-        return 0
-    print(f"student written to {result.student_dir} ({result.steps_done} steps)")
-    print(f"its family: boomerang family --student {result.student_dir}")
-    if cfg.evaluate:
-        from boomerang.evaluation.run import EvalRequest
-        from boomerang.models import resolve_device
+    return result
 
-        print("evaluating the family (the standard evaluation; --no-evaluate skips it)")
-        request = EvalRequest.after_distillation(str(result.student_dir), device=str(resolve_device(cfg.device)))
-        _run_eval(request)
+
+def cmd_baselines(args) -> int:
+    from boomerang.training.at_size import at_size_configs
+
+    configs = at_size_configs(args.student, args.sizes, order=args.order)
+    for cfg in configs:
+        cfg.check()  # every one before the first starts
+    for k, cfg in enumerate(configs, start=1):
+        out = Path(cfg.out)
+        n = len(cfg.keep)
+        if (out / "student" / "boomerang.json").is_file():
+            print(f"[{k}/{len(configs)}] {n} layers: already distilled ({out / 'student'})")
+            continue
+        print(f"[{k}/{len(configs)}] distilling a {n}-layer student (teacher layers {cfg.keep}) into {out}")
+        result = _run_distill(cfg, resume=(out / "recipe.json").is_file())
+        if result is None or result.stopped:
+            print("stopped: run boomerang baselines again to continue where it stopped")
+            return 0
+    print(f"done: boomerang eval {args.student} puts them beside the family (series 'distilled')")
     return 0
 
 
@@ -494,13 +611,17 @@ def eval_request_from_args(args):
     from boomerang.evaluation.metrics import EvalSettings
     from boomerang.evaluation.run import EvalRequest
 
-    student = str(Path(args.student).expanduser())
-    common = dict(teacher=args.teacher, order=args.order, data_dir=args.data_dir, sizes=args.sizes,
+    from boomerang.student import at_size_students
+
+    student = _student_folder(str(Path(args.student).expanduser()))
+    distilled = args.distilled if args.distilled is not None else [str(p) for p in at_size_students(student)]
+    common = dict(distilled=distilled, teacher=args.teacher, order=args.order, ends=args.ends, calibration=args.calibration,
+                  data_dir=args.data_dir, sizes=args.sizes,
                   references=args.reference, heldout_tokens=args.heldout_tokens,
                   settings=EvalSettings(args.num_fewshot, args.limit, args.batch_size, args.seed),
                   out=args.out, chart_metric=args.chart_metric, device=args.device, dtype=args.dtype)
     asked = dict(tasks=[t for t in args.tasks.split(",") if t], baselines=[b for b in args.baselines.split(",") if b],
-                 heldout_data=args.heldout_data, cost=args.cost)
+                 heldout_data=args.heldout_data, general_data=args.general_data, cost=args.cost)
     if not any(asked.values()):  # nothing named: the standard evaluation (shipped tasks, held-out, cost, baselines)
         return EvalRequest.standard(student, **common)
     return EvalRequest(student=student, **asked, **common)

@@ -265,9 +265,12 @@ def save_heldout(heldout: torch.Tensor, folder: str | Path) -> Path | None:
     return path
 
 
-def heldout_blocks(source: str, tokenizer, tokens: int, *, seq_len: int = 128, fraction: float = 0.1) -> torch.Tensor:
+def heldout_blocks(source: str, tokenizer, tokens: int, *, seq_len: int = 128, fraction: float = 0.1,
+                   skip_blocks: int = 0) -> torch.Tensor:
     """The first `tokens` held-out tokens of a text file or folder (its last `fraction`), as (N, seq_len) blocks;
-    or of a `heldout-tokens.pt` a distillation left in its student folder (all of it held out)."""
+    or of a `heldout-tokens.pt` a distillation left in its student folder (all of it held out). `skip_blocks`
+    starts that many blocks in (the blocks after an evaluation's are a calibration split of the same text);
+    the result may then be empty."""
     if str(source).endswith(".pt"):
         try:
             held = torch.load(Path(source).expanduser(), weights_only=True)
@@ -278,10 +281,27 @@ def heldout_blocks(source: str, tokenizer, tokens: int, *, seq_len: int = 128, f
         if int(held.max()) >= len(tokenizer):
             raise BoomerangError(f"{source} has token ids beyond this teacher's vocabulary: not its held-out text")
         per = held.shape[1]
-        return held[: max(1, tokens // per)].long()
+        return held[skip_blocks: skip_blocks + max(1, tokens // per)].long()
     stream = pack(read_documents(source), tokenizer, seq_len)
     held = split_blocks(stream, seq_len, fraction, source)[1]
-    return held[: max(1, tokens // seq_len)]
+    return held[skip_blocks: skip_blocks + max(1, tokens // seq_len)]
+
+
+SHIPPED_GENERAL = "shipped"
+"""`general_data` naming the general text shipped in the package (an excerpt of WikiText-2 test, see
+boomerang/resources/README.md)."""
+
+
+def general_blocks(source: str, tokenizer, tokens: int, *, seq_len: int = 128) -> torch.Tensor:
+    """The first `tokens` tokens of a text of another domain than the training text (all of it is held out), as
+    (N, seq_len) blocks; `source` is a text file or folder, or SHIPPED_GENERAL."""
+    if source == SHIPPED_GENERAL:
+        source = str(resources.files("boomerang.resources").joinpath("general_heldout.txt"))
+    stream = pack(read_documents(source), tokenizer, seq_len)
+    held = blocks(stream, seq_len)[: max(1, tokens // seq_len)]
+    if held.shape[0] == 0:
+        raise BoomerangError(f"{source} gives only {stream.numel()} tokens: not one block of {seq_len}")
+    return held
 
 
 def blocks(stream: torch.Tensor, seq_len: int) -> torch.Tensor:

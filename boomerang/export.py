@@ -33,9 +33,15 @@ class ExportRequest(Settings):
     """Replace an existing model folder at `out`."""
     teacher: str | None = None
     """Teacher source (default: the student's own)."""
+    ends: str = "student"
+    """Whose embeddings and final norm + head the size uses: student | teacher | auto (see `family.ENDS`)."""
 
     def __post_init__(self):
+        from boomerang.family import ENDS
+
         self.check_types()
+        if self.ends not in ENDS:
+            raise BoomerangError(f"ends must be one of {', '.join(ENDS)}, got {self.ends!r}")
         self.student = str(Path(self.student).expanduser().resolve())
         self.out = str(Path(self.out).expanduser().resolve())
         if self.layers < 1:
@@ -63,7 +69,7 @@ def run_export(req: ExportRequest, *, teacher=None, device: str = "cpu", dtype: 
 
     req.check()
     opened = open_family(req.student, teacher=teacher or req.teacher, order=req.order, device=device, dtype=dtype,
-                         calibration=calibration)
+                         calibration=calibration, ends=req.ends)
     return export_size(opened.family, req.layers, req.out, tokenizer=opened.teacher.tokenizer,
                        teacher_source=opened.teacher.source, student_source=str(opened.folder), overwrite=req.overwrite,
                        distilled=opened.manifest.distilled is not None)
@@ -106,6 +112,11 @@ def model_card(info: SizeInfo, teacher_source: str, student_source: str, family:
             "the undistilled student: the teacher's kept layers, not trained" if info.is_student else
             "a size of an undistilled family: the teacher with layers dropped by the plan, not trained")
     runs = " ".join(info.layers)
+    if info.is_teacher or info.is_student:
+        ends_text = "its own"
+    else:
+        embeddings, head = family.ends_for(info.patched)
+        ends_text = f"embeddings from the {embeddings}, final norm and head from the {head}"
     return f"""---
 library_name: transformers
 tags: [boomerang-distillation, text-generation]
@@ -119,6 +130,7 @@ This is {kind}, exported by Boomerang Studio.
 | teacher | `{teacher_source}` ({family.plan.n_teacher} layers) |
 | student | `{student_source}` ({family.plan.n_student} layers) |
 | student layers patched with their teacher blocks | {list(info.patched) or "none"} |
+| embeddings, final norm and head | {ends_text} |
 | layers | {info.n_layers} |
 | parameters | {info.params:,} ({info.params_no_embed:,} without embeddings and head) |
 

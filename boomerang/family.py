@@ -11,8 +11,11 @@ weight memory. Two things a shared layer carries must differ per size, and are h
 - per-layer config fields (`layer_types`: sliding vs. full attention). Each block keeps the type it
   was trained with, and the size's config lists, position by position, the type of the block there.
 
-The size with every block patched is the teacher itself (as in the paper's reference code); smaller
-sizes take the embeddings, final norm and head from the student ("ends").
+The size with every block patched is the teacher itself, and the size with none the student. Whose
+input embeddings and whose final norm + head ("ends") the sizes in between use is the family's `ends`:
+"student" (the default), "teacher", or "auto": the paper's reference code's convention, teacher ends on
+the patched side (the teacher's norm and head once the topmost patchable block is the teacher's, as in
+every last-k size; the teacher's embeddings once the lowest one is, as in every first-k size).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from boomerang.errors import BoomerangError
 from boomerang.plan import LayerPlan
 
 ORDERS = ("last", "first", "greedy")
+ENDS = ("student", "teacher", "auto")
 
 
 # ----------------------------------------------------------------------------- assembling a model
@@ -146,12 +150,14 @@ class Family:
 
     `order` is "last" (patch the last student blocks first; the paper's default), "first" (the
     paper's choice for Llama-3), "greedy" (needs `greedy_order` computed, see `greedy_patch_order`),
-    or an explicit sequence of student layers.
+    or an explicit sequence of student layers. `ends` is one of ENDS (see the module's docstring).
     """
 
     def __init__(self, teacher: nn.Module, student: nn.Module, plan: LayerPlan,
-                 order: str | Sequence[int] = "last"):
-        self.teacher, self.student, self.plan = teacher, student, plan
+                 order: str | Sequence[int] = "last", ends: str = "student"):
+        if ends not in ENDS:
+            raise BoomerangError(f"unknown ends {ends!r}: use one of {', '.join(ENDS)}")
+        self.teacher, self.student, self.plan, self.ends = teacher, student, plan, ends
         self.arch: Arch = adapter_for(teacher)
         if adapter_for(student) is not self.arch:
             raise BoomerangError("the student is not of the teacher's architecture")
@@ -185,17 +191,30 @@ class Family:
             return self.teacher
         return self.build_patched(self.patched_for(n_layers))
 
-    def build_patched(self, patched: Iterable[int], *, embeddings: str = "student",
-                      head: str = "student") -> nn.Module:
+    def ends_for(self, patched: Iterable[int]) -> tuple[str, str]:
+        """Whose (embeddings, final norm + head) a size with these student layers patched uses."""
+        patched = set(patched)
+        if not patched or self.ends == "student":
+            return "student", "student"
+        if self.ends == "teacher":
+            return "teacher", "teacher"
+        blocks = self.plan.patchable
+        return ("teacher" if blocks[0] in patched else "student", "teacher" if blocks[-1] in patched else "student")
+
+    def build_patched(self, patched: Iterable[int], *, embeddings: str | None = None,
+                      head: str | None = None) -> nn.Module:
         """Any set of patched student layers (singletons too).
 
         `embeddings` and `head` ("student" or "teacher") say whose input embeddings and whose final
-        norm + head the model uses; mixing them on a tied model leaves the two untied.
+        norm + head the model uses (default: as the family's `ends` says); mixing them on a tied model
+        leaves the two untied.
         """
+        patched = set(patched)
+        default_embeddings, default_head = self.ends_for(patched)
+        embeddings, head = embeddings or default_embeddings, head or default_head
         for what, who in (("embeddings", embeddings), ("head", head)):
             if who not in ("student", "teacher"):
                 raise BoomerangError(f"{what} must come from 'student' or 'teacher', got {who!r}")
-        patched = set(patched)
         bad = patched - set(range(self.plan.n_student))
         if bad:
             raise BoomerangError(f"student layers {sorted(bad)} do not exist: the student has {self.plan.n_student}")
@@ -204,20 +223,22 @@ class Family:
         types = None
         if self._t_types is not None:
             types = [self._t_types[i] if who == "teacher" else self._s_types[i] for who, i in seq]
+        return assemble(self.student, layers, types, ends=self._ends(embeddings, head))
+
+    def _ends(self, embeddings: str, head: str) -> dict[tuple[str, ...], nn.Module]:
         pick = {"student": self.student, "teacher": self.teacher}
         a = self.arch
         ends = {path: m for path, m in a.end_modules(pick[embeddings]).items() if path[-1] in a.embeddings}
         ends.update({path: m for path, m in a.end_modules(pick[head]).items() if path[-1] not in a.embeddings})
-        return assemble(self.student, layers, types, ends=ends)
+        return ends
 
     def info(self, n_layers: int) -> SizeInfo:
         patched = self.patched_for(n_layers)
         is_teacher = n_layers == self.plan.n_teacher
         seq = ([("teacher", i) for i in range(self.plan.n_teacher)] if is_teacher
                else self.plan.layers_after_patching(set(patched)))
-        ends_model = self.teacher if is_teacher else self.student
         layer_mods = [self._t_layers[i] if w == "teacher" else self._s_layers[i] for w, i in seq]
-        ends = self.arch.end_modules(ends_model)
+        ends = (self.arch.end_modules(self.teacher) if is_teacher else self._ends(*self.ends_for(patched)))
         body = count_params(layer_mods) + count_params([ends[(self.arch.base, self.arch.norm)]])
         total = count_params([*layer_mods, *ends.values()])
         return SizeInfo(

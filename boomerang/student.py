@@ -172,32 +172,39 @@ def family_order(manifest: Manifest, order: str | Sequence[int], teacher: Teache
     return greedy_order(teacher, student, manifest.plan, calibration)
 
 
-def greedy_order(teacher: Teacher, student: nn.Module, plan: LayerPlan, calibration: str | None = None) -> tuple[int, ...]:
-    """The greedy patch order (closest to the teacher in KL at each size) on 256 calibration tokens."""
-    import sys
+def calibration_ids(tokenizer, calibration: str | None = None, max_tokens: int = 256):
+    """(1, T) token ids of a calibration text (a file, default: a built-in text), at most `max_tokens`."""
     from importlib import resources
-
-    from boomerang.family import greedy_patch_order
 
     try:
         text = (Path(calibration).expanduser().read_text() if calibration
                 else resources.files("boomerang.resources").joinpath("calibration.txt").read_text())
     except OSError as exc:
         raise BoomerangError(f"cannot read the calibration text {calibration}: {exc.strerror}") from None
-    ids = teacher.tokenizer(text, return_tensors="pt").input_ids[:, :256].to(teacher.device)
+    return tokenizer(text, return_tensors="pt").input_ids[:, :max_tokens]
+
+
+def greedy_order(teacher: Teacher, student: nn.Module, plan: LayerPlan, calibration: str | None = None) -> tuple[int, ...]:
+    """The greedy patch order (closest to the teacher in KL at each size) on 256 calibration tokens."""
+    import sys
+
+    from boomerang.family import greedy_patch_order
+
+    ids = calibration_ids(teacher.tokenizer, calibration).to(teacher.device)
     print(f"computing the greedy order on {ids.shape[1]} calibration tokens...", file=sys.stderr)
     return greedy_patch_order(teacher.model, student, plan, ids)
 
 
 def open_family(folder: str | Path, *, teacher: Teacher | str | None = None, order: str | Sequence[int] = "last",
                 device: str | None = None, dtype: str | None = None, calibration: str | None = None,
-                load: Callable[[str], Teacher] | None = None) -> StudentFamily:
+                load: Callable[[str], Teacher] | None = None, ends: str = "student") -> StudentFamily:
     """Open a student folder as a family, reading its manifest once.
 
     `teacher` is a loaded teacher, a source to load, or None for the manifest's own. `load` loads a
     source (default: `load_teacher` with `device` and `dtype`); a cache passes its own. The student
     follows the teacher's device, and is checked against the teacher's weights. `order`: see
-    `family_order` (`calibration` is the text for a greedy order not yet in the manifest).
+    `family_order` (`calibration` is the text for a greedy order not yet in the manifest); `ends`: see
+    `family.ENDS`.
     """
     folder = Path(folder).expanduser().resolve()
     manifest = read_manifest(folder)
@@ -211,8 +218,20 @@ def open_family(folder: str | Path, *, teacher: Teacher | str | None = None, ord
         teacher = load(teacher or manifest.teacher_source)
     student = _load_student_model(folder, manifest, teacher)
     family = Family(teacher.model, student, manifest.plan,
-                    order=family_order(manifest, order, teacher, student, calibration))
+                    order=family_order(manifest, order, teacher, student, calibration), ends=ends)
     return StudentFamily(teacher, family, manifest, folder)
+
+
+AT_SIZE = "at-size"
+"""Beside a run's `student/`: `at-size/N/`, the run folder of a student distilled at N layers with the same recipe,
+data and budget (the distilled-at-size baseline; `boomerang baselines`)."""
+
+
+def at_size_students(folder: str | Path) -> list[Path]:
+    """The finished distilled-at-size students of a student folder's run, smallest first."""
+    root = Path(folder).expanduser().resolve().parent / AT_SIZE
+    found = [p.parent for p in root.glob("*/student/" + MANIFEST) if p.parent.parent.name.isdigit()]
+    return sorted(found, key=lambda p: int(p.parent.name))
 
 
 def check_teacher(manifest: Manifest, teacher: Teacher) -> None:

@@ -23,6 +23,8 @@ def register(sub, helpers: dict) -> None:
     p.add_argument("--workers", type=int, default=2, help="batches (of different sizes) running at once")
     p.add_argument("--name", default=None, help="the family's name in model ids (default: from the folder)")
     p.add_argument("--order", default="last", help="patch order: last | first | greedy | a list")
+    p.add_argument("--ends", default="student", help="whose embeddings and final norm + head the sizes between "
+                   "student and teacher use: student | teacher | auto (teacher ends on the patched side)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="float32")
     p.set_defaults(func=cmd_serve)
@@ -80,7 +82,8 @@ def cmd_serve(args) -> int:
     record = {}
 
     def load():
-        served = ServedFamily(open_family(folder, order=args.order, device=args.device, dtype=args.dtype), args.name)
+        served = ServedFamily(open_family(folder, order=args.order, device=args.device, dtype=args.dtype,
+                                          ends=args.ends), args.name)
         where = served.measure_latency()
         scheduler = Scheduler(served.build, served.tokenizer, max_queue=args.max_queue, max_batch=args.max_batch,
                               workers=args.workers)

@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 import redis
-from sqlmodel import Session
+from sqlmodel import Session, select
 
 from app import handlers as h
 from app.services import ModelCache, Services
@@ -140,8 +140,9 @@ def test_compare_chart_table_csv_and_budget(world):
     s = world["services"]
     (label, sid), = h.family_choices(s)
     tasks, metrics = h.task_metric_choices(s, sid)
-    # Evaluate runs the standard evaluation with the form's tasks: the run's held-out text, cost, both baselines
-    assert tasks == ["average", "cost", "fill", "heldout", "quiz"] and "acc" in metrics
+    # Evaluate runs the standard evaluation with the form's tasks: the run's held-out text, the shipped general
+    # text, cost, both baselines
+    assert tasks == ["average", "cost", "fill", "general", "heldout", "quiz"] and "acc" in metrics
     fig, table, csv_path, msg = h.compare(s, sid, "quiz", "acc", True, "parameters", None)
     names = {t.name for t in fig.data}
     assert {"student", "interpolated", "teacher", "undistilled", "drop-bi", "Pareto frontier"} <= names
@@ -155,6 +156,7 @@ def test_compare_chart_table_csv_and_budget(world):
     lm_rows = [r for r in table if r[4] in ("quiz", "fill")]
     assert len(lm_rows) == 10 * 3 and all(r[7] != "" for r in lm_rows)  # 10 models x (quiz acc, acc_norm, fill acc)
     assert {r[5] for r in table if r[4] == "heldout"} == {"perplexity", "kl_to_teacher", "top1_agreement"}
+    assert {r[5] for r in table if r[4] == "general"} == {"perplexity", "kl_to_teacher", "top1_agreement"}
     assert {r[5] for r in table if r[4] == "cost"} == {"weights_mb", "prefill_ms", "decode_tokens_per_s"}
     assert open(csv_path).read().startswith("model,series,layers,params,task,metric,value,stderr")
     rows = h.result_rows(s, sid)
@@ -401,3 +403,58 @@ def test_a_teacher_is_chattable_before_any_family_is_distilled(world):
     assert "Nothing to export" in h.export_chosen(s, f"cut:{teacher}", 6)
     with pytest.raises(Exception, match="must be inside a folder this dashboard may read"):
         h.size_choices(s, "cut:/usr/lib")
+
+
+def test_a_jobs_last_checkpoint_becomes_a_family_to_chat_with_and_evaluate(world):
+    # last in this module: it adds a family to the world's one
+    s, job = world["services"], world["job"]
+    msg = h.snapshot_job(s, job)
+    assert msg.startswith("**Step 8 of 8 as family #") and "snapshots/step-8" in msg, msg
+    choices = dict((v, k) for k, v in h.family_choices(s))
+    sid = next(v for v, label in choices.items() if "snapshots/step-8" in label)
+    counts, _ = h.size_choices(s, sid)
+    assert counts == [5, 6, 7, 8]
+    *_, (left, _, lstats, _) = h.chat_turn(s, sid, 6, "hello", [], [], "", 0, 1.0, 4, "snap", "auto")
+    assert left[-1]["role"] == "assistant" and "6 layers" in lstats
+    assert "norm and head from the teacher" in h.size_label(s, sid, 6, "auto")
+    assert h.snapshot_job(s, job) == msg  # the same step again: the same family
+    assert "No family" in h.snapshot_job(s, world["eval"]) and "No family" in h.snapshot_job(s, 999)
+    with pytest.raises(Exception, match="ends must be one of student, teacher, auto"):
+        h.size_label(s, sid, 6, "x" * 500)
+
+
+def test_distilled_at_size_baselines_from_the_jobs_tab_and_families_compared_on_one_chart(world):
+    # after the checkpoint test: the world now holds the run's family and its step-8 snapshot
+    from boomerang.evaluation.metrics import EvalSettings
+    from boomerang.evaluation.run import EvalRequest
+    from workers.submit import submit
+
+    s, job = world["services"], world["job"]
+    msg = h.queue_at_size(s, job)
+    assert msg.startswith("**Queued jobs ") and "students of 6, 7 layers" in msg, msg
+    ids = [int(x) for x in msg.split("**Queued jobs ")[1].split("**")[0].split(", ")]
+    for jid in ids:
+        assert run_job(jid, engine=s.engine, worker="test") == "SUCCEEDED"
+    assert "Every distilled-at-size baseline of this run is done" in h.queue_at_size(s, job)
+    msg = h.evaluate_job(s, job, "quiz", s.eval_data_dir, 5)
+    assert run_job(int(msg.split("job ")[1].split(" ")[0]), engine=s.engine, worker="test") == "SUCCEEDED"
+    choices = h.family_choices(s)
+    with Session(s.engine) as ses:
+        from db.models import Student
+
+        folders = {str(st.id): st.folder for st in ses.exec(select(Student))}
+    sid = next(v for _, v in choices if folders[v] == crud.get_job(session=Session(s.engine), job_id=job).result["student_dir"])
+    fig, table, _, _ = h.compare(s, sid, "quiz", "acc", False, "parameters", None)
+    assert sum(len(t.x) for t in fig.data if t.name == "distilled") == 2
+    assert {r[0] for r in table if r[1] == "distilled"} == {"distilled-6", "distilled-7"}
+    # a second family (the run's step-8 checkpoint), evaluated, on the same chart under one frontier
+    snap = next(v for _, v in choices if folders[v].endswith("snapshots/step-8"))
+    folder = folders[snap]
+    req = EvalRequest.standard(folder, tasks=["quiz"], data_dir=s.eval_data_dir, settings=EvalSettings(limit=5))
+    new = submit(engine=s.engine, app=s.celery, kind="eval", settings=req.to_dict(), queue=s.queue)
+    assert run_job(new.id, engine=s.engine, worker="test") == "SUCCEEDED"
+    fig, table, _, msg = h.compare(s, sid, "general", "perplexity", False, "parameters", None, [snap])
+    names = {t.name for t in fig.data}
+    assert {f"interpolated · #{sid}", f"interpolated · #{snap}", "teacher", "Pareto frontier"} <= names, names
+    assert {r[0].split(":")[0] for r in table if ":" in r[0]} == {f"#{sid}", f"#{snap}"}
+    assert sum(1 for r in table if r[1] == "teacher" and r[4] == "general" and r[5] == "perplexity") == 1

@@ -85,3 +85,31 @@ def test_overwrite_replaces_a_model_folder_and_a_failed_write_keeps_the_old_one(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["size"]
     loaded = reload(out, teacher)
     assert_close(loaded(tokens()).logits, fam.build(7)(tokens()).logits, rtol=0, atol=0)
+
+
+def test_export_takes_the_ends_asked_for_and_its_card_says_so(tmp_path, capsys):
+    import torch
+
+    from boomerang.cli import main
+    from boomerang.student import open_family
+    from tiny import save_tiny_teacher
+
+    save_tiny_teacher(tmp_path / "teacher", "llama")
+    assert main(["cut", "--teacher", str(tmp_path / "teacher"), "--out", str(tmp_path / "student")]) == 0
+    # a student whose final norm differs from the teacher's, so whose ends a size uses shows in its logits
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "student")
+    with torch.no_grad():
+        model.model.norm.weight.mul_(1.5)
+    model.save_pretrained(tmp_path / "student")
+    n = open_family(tmp_path / "student").family.layer_counts[1]
+    assert main(["export", "--student", str(tmp_path / "student"), "--layers", str(n), "--ends", "auto",
+                 "--out", str(tmp_path / "auto")]) == 0
+    x = tokens()
+    expected = open_family(tmp_path / "student", ends="auto").family.build(n)(x).logits
+    assert_close(reload(tmp_path / "auto", model)(x).logits, expected, rtol=0, atol=0)
+    plain = open_family(tmp_path / "student").family.build(n)(x).logits
+    assert not torch.allclose(plain, expected)
+    assert "embeddings from the student, final norm and head from the teacher" in (tmp_path / "auto" / "README.md").read_text()
+    capsys.readouterr()
+    assert main(["family", "--student", str(tmp_path / "student"), "--ends", "middle"]) == 2
+    assert "unknown ends 'middle': use one of student, teacher, auto" in capsys.readouterr().err

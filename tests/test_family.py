@@ -167,3 +167,37 @@ def test_mismatched_student_is_refused():
     other = cut_student(teacher, LayerPlan(N_LAYERS, (0, 4)))
     with pytest.raises(BoomerangError, match="plan is for a 8-layer teacher and 5-layer student, got 8 and 2"):
         Family(teacher, other, plan)
+
+
+@pytest.mark.parametrize("order", ["last", "first"])
+def test_ends_say_whose_embeddings_and_head_every_size_uses(order):
+    teacher, student, plan, _ = make_family("llama")
+    emb = {"teacher": teacher.model.embed_tokens.weight, "student": student.model.embed_tokens.weight}
+    head = {"teacher": teacher.lm_head.weight, "student": student.lm_head.weight}
+    norm = {"teacher": teacher.model.norm.weight, "student": student.model.norm.weight}
+    # the reference code's convention: teacher ends on the patched side (last-k: the head, first-k: embeddings)
+    auto = ("student", "teacher") if order == "last" else ("teacher", "student")
+    for ends, expected in [("student", ("student", "student")), ("teacher", ("teacher", "teacher")), ("auto", auto)]:
+        fam = Family(teacher, student, plan, order=order, ends=ends)
+        counts = fam.layer_counts
+        for n in counts[1:-1]:
+            size = fam.build(n)
+            assert size.model.embed_tokens.weight is emb[expected[0]], (ends, n)
+            assert size.lm_head.weight is head[expected[1]] and size.model.norm.weight is norm[expected[1]], (ends, n)
+            assert fam.info(n).params == sum(p.numel() for p in {id(p): p for p in size.parameters()}.values())
+        assert fam.build(counts[0]).lm_head.weight is student.lm_head.weight  # the student stays itself
+        assert fam.build(counts[-1]) is teacher
+    x = tokens()
+    # a size with only the middle block patched, under auto: neither end is on the patched side
+    fam = Family(teacher, student, plan, order=[1, 0, 2], ends="auto")
+    assert_close(fam.build(6)(x).logits, fam.build_patched({1}, embeddings="student", head="student")(x).logits,
+                 rtol=0, atol=0)
+    with pytest.raises(BoomerangError, match="unknown ends 'middle': use one of student, teacher, auto"):
+        Family(teacher, student, plan, ends="middle")
+
+
+def test_teacher_ends_with_every_block_patched_reproduce_the_teacher():
+    teacher, student, plan, _ = make_family("gemma2")
+    x = tokens()
+    fam = Family(teacher, student, plan, ends="teacher")
+    assert_close(fam.build_patched(range(plan.n_student))(x).logits, teacher(x).logits, rtol=0, atol=0)

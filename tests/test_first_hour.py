@@ -105,10 +105,11 @@ def test_the_shipped_tasks_are_valid_documented_and_resolve_offline(monkeypatch,
         task_files.resolve(["arc_easy"], None)
 
 
-def test_the_standard_request_takes_the_runs_heldout_text_and_both_baselines_only_when_there_is_one(place):
+def test_the_standard_request_takes_the_runs_heldout_text_when_there_is_one_and_always_the_general_text(place):
     main(["cut", "--teacher", str(place / "teacher"), "--out", str(place / "student")])
     bare = EvalRequest.standard(str(place / "student"))
-    assert (bare.tasks, bare.cost, bare.heldout_data, bare.baselines) == (sorted(SHIPPED), True, None, ["undistilled"])
+    assert (bare.tasks, bare.cost, bare.heldout_data, bare.general_data, bare.baselines) == (
+        sorted(SHIPPED), True, None, d.SHIPPED_GENERAL, ["undistilled", "drop-bi"])
     d.save_heldout(tokens(3, 16), place / "student")
     full = EvalRequest.standard(str(place / "student"), sizes="5,8")
     assert full.heldout_data == str(place / "student" / d.HELDOUT_FILE)
@@ -154,7 +155,7 @@ def test_distill_with_evaluate_keeps_its_heldout_split_and_ends_with_the_standar
                        d.split_blocks(stream, 16, 0.1, "corpus")[1][: d.HELDOUT_MAX_BLOCKS])
     with open(student / "eval" / "family.csv") as f:
         rows = list(csv.DictReader(f))
-    assert {r["task"] for r in rows} == {*SHIPPED, "heldout", "cost"}
+    assert {r["task"] for r in rows} == {*SHIPPED, "heldout", "general", "cost"}
     assert {r["series"] for r in rows} == {"student", "interpolated", "teacher", "undistilled", "drop-bi"}
     accs = [r for r in rows if r["task"] == "arc_easy_mini" and r["metric"] == "acc"]
     sizes = {r["n_layers"] for r in accs if r["series"] in ("student", "interpolated", "teacher")}

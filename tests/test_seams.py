@@ -115,10 +115,10 @@ def test_a_job_through_the_real_runner_keeps_teacher_student_batches_and_family_
         seen.append(("student", next(run.student.parameters()).device.type))
         return real_loss_step(run, ids, patched)
 
-    def spy_family(self, teacher, student, plan, order="last"):
+    def spy_family(self, teacher, student, plan, order="last", ends="student"):
         seen.append(("family teacher", next(teacher.parameters()).device.type))
         seen.append(("family student", next(student.parameters()).device.type))
-        real_init(self, teacher, student, plan, order)
+        real_init(self, teacher, student, plan, order, ends)
 
     monkeypatch.setattr(loop, "loss_step", spy_loss_step)
     monkeypatch.setattr(family_module.Family, "__init__", spy_family)

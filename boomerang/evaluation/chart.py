@@ -14,16 +14,39 @@ LOWER_IS_BETTER = {"perplexity", "kl_to_teacher", "word_perplexity", "byte_perpl
                    "prefill_ms", "weights_mb", "peak_mb"}
 LOG_Y = {"perplexity", "word_perplexity", "byte_perplexity"}  # spans orders of magnitude across baselines
 COLORS = {"interpolated": "#1f77b4", "teacher": "#d62728", "student": "#2ca02c", "undistilled": "#7f7f7f",
-          "drop-bi": "#ff7f0e", "reference": "#9467bd"}
+          "drop-bi": "#ff7f0e", "reference": "#9467bd", "distilled": "#8c564b"}
+
+
+NOT_AVERAGED = ("heldout", "general", "cost")
+"""Tasks that are not accuracy benchmarks: the label-free texts and cost."""
+
+
+def one_measurement(rows: list[dict], task: str, metric: str) -> tuple[list[dict], int]:
+    """The rows of one task and metric measured one way, and how many rows of other ways were left out.
+
+    A task measured with several settings (a cell name holds the hash of the settings: limit, few-shot, held-out
+    text, patch order, ends) would mix incomparable numbers on one chart: the settings that cover the most
+    models are kept (on a tie, the ones measured last)."""
+    mine = [r for r in rows if r["task"] == task and r["metric"] == metric]
+    groups: dict[str, list[dict]] = {}
+    for r in mine:
+        groups.setdefault(r.get("cell") or "", []).append(r)
+    if len(groups) <= 1:
+        return [dict(r) for r in mine], 0
+    last = {cell: max(i for i, r in enumerate(mine) if (r.get("cell") or "") == cell) for cell in groups}
+    best = max(groups, key=lambda c: (len({r["key"] for r in groups[c]}), last[c]))
+    return [dict(r) for r in groups[best]], len(mine) - len(groups[best])
 
 
 def points(rows: list[dict], task: str, metric: str) -> list[dict]:
-    """One point per model: its entry fields plus `value` (and `stderr` for a single task)."""
+    """One point per model: its entry fields plus `value` (and `stderr` for a single task); each task as
+    measured one way (see `one_measurement`)."""
     if task != "average":
-        return [dict(r) for r in rows if r["task"] == task and r["metric"] == metric]
-    tasks = {r["task"] for r in rows if r["metric"] == metric and r["task"] not in ("heldout", "cost")}
+        return one_measurement(rows, task, metric)[0]
+    tasks = {r["task"] for r in rows if r["metric"] == metric and r["task"] not in NOT_AVERAGED}
+    kept = [r for t in sorted(tasks) for r in one_measurement(rows, t, metric)[0]]
     by_model: dict[str, list[dict]] = {}
-    for r in rows:
+    for r in kept:
         if r["metric"] == metric and r["task"] in tasks:
             by_model.setdefault(r["key"], []).append(r)
     out = []
@@ -74,16 +97,15 @@ def figure(pts: list[dict], task: str, metric: str, *, log_x: bool = False, high
     higher = metric not in LOWER_IS_BETTER
     beaten = dominated_by(pts, higher)
     fig = go.Figure()
-    for series in COLORS:
-        group = sorted((p for p in pts if p["series"] == series), key=lambda p: p["params"])
-        if not group:
-            continue
+    for (series, family), group in _groups(pts):
+        symbol = SYMBOLS[_families(pts).index(family) % len(SYMBOLS)]
         fig.add_trace(go.Scatter(
-            x=[p["params"] for p in group], y=[p["value"] for p in group], name=series,
+            x=[p["params"] for p in group], y=[p["value"] for p in group],
+            name=f"{series} · {family}" if family else series,
             mode="lines+markers" if len(group) > 1 else "markers",
             # hollow: dominated (a model with no more parameters scores better), filled: on the frontier
             marker={"color": COLORS[series], "size": 9 if series in ("teacher", "student") else 7,
-                    "symbol": ["circle-open" if beaten.get(p["key"]) else "circle" for p in group]},
+                    "symbol": [f"{symbol}-open" if beaten.get(p["key"]) else symbol for p in group]},
             error_y={"type": "data", "array": [p.get("stderr") or 0 for p in group],
                      "visible": any(p.get("stderr") is not None for p in group)},
             customdata=[[p["key"], p["n_layers"], p.get("blocks", ""),
@@ -108,6 +130,45 @@ def figure(pts: list[dict], task: str, metric: str, *, log_x: bool = False, high
     return fig
 
 
+SYMBOLS = ("circle", "square", "diamond", "triangle-up", "pentagon", "hexagon")
+"""Marker per family when several families share a chart (`combine`); color says the series."""
+
+
+def _families(pts: list[dict]) -> list[str]:
+    return sorted({p.get("family") or "" for p in pts})
+
+
+def _groups(pts: list[dict]) -> list[tuple[tuple[str, str], list[dict]]]:
+    """Points by (series, family), series in COLORS order, each group by parameters."""
+    out = []
+    for series in COLORS:
+        for family in _families(pts):
+            group = sorted((p for p in pts if p["series"] == series and (p.get("family") or "") == family),
+                           key=lambda p: p["params"])
+            if group:
+                out.append(((series, family), group))
+    return out
+
+
+def combine(families: dict[str, list[dict]]) -> list[dict]:
+    """Rows of several families of one teacher (name -> rows) as one set: each row gets `family` and a key unique
+    across them ("NAME:interpolated-23"); the teacher, measured alike in every family, is kept once (no family).
+    `points` then keeps each task measured one way (families evaluated on other held-out texts are left out of
+    that task's chart), and one Pareto frontier runs over every series of every family."""
+    out, teacher_seen = [], set()
+    for name, rows in families.items():
+        for r in rows:
+            if r["series"] == "teacher":
+                ident = (r["key"], r["task"], r["metric"], r.get("cell"))
+                if ident in teacher_seen:
+                    continue
+                teacher_seen.add(ident)
+                out.append({**r, "family": ""})
+            else:
+                out.append({**r, "family": name, "key": f"{name}:{r['key']}"})
+    return out
+
+
 def save(pts: list[dict], task: str, metric: str, out_dir: str | Path, *, log_x: bool = False) -> tuple[Path, Path]:
     """Write `<task>-<metric>.html` (interactive) and `.png` (static) into `out_dir`."""
     out = Path(out_dir)
@@ -125,12 +186,13 @@ def _png(pts: list[dict], task: str, metric: str, path: str, log_x: bool) -> Non
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
-    for series, color in COLORS.items():
-        group = sorted((p for p in pts if p["series"] == series), key=lambda p: p["params"])
-        if group:
-            ax.errorbar([p["params"] / 1e6 for p in group], [p["value"] for p in group],
-                        yerr=[p.get("stderr") or 0 for p in group], fmt="o-" if len(group) > 1 else "o",
-                        color=color, label=series, markersize=5, capsize=2, elinewidth=0.8)
+    marks = "osD^ph"
+    for (series, family), group in _groups(pts):
+        mark = marks[_families(pts).index(family) % len(marks)]
+        ax.errorbar([p["params"] / 1e6 for p in group], [p["value"] for p in group],
+                    yerr=[p.get("stderr") or 0 for p in group], fmt=f"{mark}-" if len(group) > 1 else mark,
+                    color=COLORS[series], label=f"{series} · {family}" if family else series, markersize=5,
+                    capsize=2, elinewidth=0.8)
     front = pareto(pts, metric not in LOWER_IS_BETTER)
     if front:
         ax.plot([p["params"] / 1e6 for p in front], [p["value"] for p in front], ":", color="black", label="Pareto frontier")

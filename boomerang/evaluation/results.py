@@ -44,9 +44,16 @@ class ResultStore:
     def path(self, model_key: str, task_name: str, key: str) -> Path:
         return self.root / "cells" / model_key / f"{task_name}.{key}.json"
 
-    def get(self, model_key: str, task_name: str, key: str) -> dict | None:
+    def get(self, model_key: str, task_name: str, key: str, *, model: ModelEntry | None = None) -> dict | None:
+        """The cell on disk, or None; with `model`, only if it measured that same model (same layers, ends and
+        parameters: a size built another way, or a baseline ranked on other text, is measured again)."""
         path = self.path(model_key, task_name, key)
-        return json.loads(path.read_text()) if path.is_file() else None
+        if not path.is_file():
+            return None
+        cell = json.loads(path.read_text())
+        if model is not None and cell.get("model") != asdict(model):
+            return None
+        return cell
 
     def put(self, entry: ModelEntry, task_name: str, key: str, result: dict) -> Path:
         path = self.path(entry.key, task_name, key)
@@ -56,19 +63,21 @@ class ResultStore:
         os.replace(tmp, path)  # a killed run never leaves a half-written cell
         return path
 
-    def rows(self) -> list[dict]:
-        """Every (model, task, metric) value on disk, flat."""
+    def rows(self, cells: list[Path] | None = None) -> list[dict]:
+        """Every (model, task, metric) value on disk, flat; with `cells`, those cells' only (one request's)."""
         out = []
-        for path in sorted((self.root / "cells").glob("*/*.json")):
+        paths = sorted((self.root / "cells").glob("*/*.json")) if cells is None else [p for p in cells if p.is_file()]
+        for path in paths:
             cell = json.loads(path.read_text())
             for metric, (value, stderr) in cell.get("metrics", {}).items():
                 out.append({**cell["model"], "task": cell["task"], "metric": metric, "value": value,
                             "stderr": stderr, "cell": path.name, "settings": cell.get("settings", {})})
         return out
 
-    def write_table(self, path: str | Path | None = None) -> Path:
+    def write_table(self, path: str | Path | None = None, rows: list[dict] | None = None) -> Path:
+        """The CSV of `rows` (default: every cell on disk)."""
         path = Path(path) if path else self.root / "family.csv"
-        rows = self.rows()
+        rows = self.rows() if rows is None else rows
         fields = ["key", "series", "n_layers", "params", "params_no_embed", "task", "metric", "value", "stderr",
                   "blocks", "cell"]
         with open(path, "w", newline="") as f:

@@ -2,8 +2,11 @@
 
 Models: the family's sizes (series `teacher`, `student`, `interpolated`), optional baselines
 (`undistilled`, `drop-bi`) at the same layer counts, and reference models. Tasks: lm-eval tasks
-(local files or the registry), `heldout` (label-free metrics on held-out text) and `cost`.
-Every finished cell is a file (see `results.py`); a cell already on disk is not recomputed.
+(local files or the registry), `heldout` (label-free metrics on the training text's held-out split),
+`general` (the same on text of another domain) and `cost`.
+Every finished cell is a file (see `results.py`); a cell already on disk for the same model is not
+recomputed. A report (its table and charts) holds only the cells of its own request, so results of
+other settings in the same folder never mix into it.
 """
 
 from __future__ import annotations
@@ -20,12 +23,16 @@ from boomerang.errors import BoomerangError
 from boomerang.evaluation import task_files
 from boomerang.evaluation.metrics import EvalSettings, label_free, lm_eval_task, measure_cost, metrics_of
 from boomerang.evaluation.results import ModelEntry, ResultStore, cell_key
-from boomerang.family import Family, compress_runs, count_params
+from boomerang.family import ENDS, Family, compress_runs, count_params, resolve_order
 from boomerang.importance import block_influence, drop_order, dropped_teacher
 from boomerang.settings import Settings
 from boomerang.student import cut_student
 
 BASELINES = ("undistilled", "drop-bi")
+LABEL_FREE = ("heldout", "general")
+"""Label-free tasks: the training text's held-out split, and text of another domain."""
+CALIBRATION_TOKENS = 1024
+"""Tokens the drop-bi baseline ranks layers on (a calibration split, never the evaluated blocks)."""
 STANDARD_LIMIT = 100
 """Items per task of the evaluation a distillation asks for with `evaluate` (one standard error about 0.05)."""
 
@@ -41,12 +48,18 @@ def family_candidates(family: Family, sizes: list[int] | None) -> list[Candidate
     for n in sizes or family.layer_counts:
         info = family.info(n)
         series = "teacher" if info.is_teacher else "student" if info.is_student else "interpolated"
-        entry = ModelEntry(f"{series}-{n}", series, n, info.params, info.params_no_embed, compress_runs(info.layers))
+        blocks = compress_runs(info.layers)
+        if series == "interpolated" and family.ends_for(info.patched) != ("student", "student"):
+            embeddings, head = family.ends_for(info.patched)
+            blocks += f" · embeddings: {embeddings}, norm and head: {head}"
+        entry = ModelEntry(f"{series}-{n}", series, n, info.params, info.params_no_embed, blocks)
         out.append(Candidate(entry, lambda n=n: family.build(n)))
     return out
 
 
 def baseline_candidates(family: Family, names: list[str], sizes: list[int] | None, bi_ids: torch.Tensor | None) -> list[Candidate]:
+    """Baselines at the family's layer counts below the teacher; `bi_ids` (B, T): the calibration text drop-bi
+    ranks layers on."""
     unknown = sorted(set(names) - set(BASELINES))
     if unknown:
         raise BoomerangError(f"unknown baselines {unknown}: choose from {', '.join(BASELINES)}")
@@ -61,17 +74,41 @@ def baseline_candidates(family: Family, names: list[str], sizes: list[int] | Non
             out.append(Candidate(entry, lambda n=n: fresh.build(n)))
     if "drop-bi" in names:
         if bi_ids is None:
-            raise BoomerangError("the drop-bi baseline needs text to measure block influence on: give --heldout-data")
+            raise BoomerangError("the drop-bi baseline needs calibration text to measure block influence on")
         order = drop_order(block_influence(family.teacher, bi_ids))
         n_t = family.plan.n_teacher
         for n in counts:
             drop = order[: n_t - n]
             kept = [i for i in range(n_t) if i not in set(drop)]
             model = dropped_teacher(family.teacher, drop)
-            params = count_params([model])
-            body = params - count_params([m for p, m in family.arch.end_modules(model).items() if p[-1] != family.arch.norm])
+            params, body = _shape_counts(family, model)
             entry = ModelEntry(f"drop-bi-{n}", "drop-bi", n, params, body, compress_runs([f"T{i}" for i in kept]))
             out.append(Candidate(entry, lambda model=model: model))
+    return out
+
+
+def _shape_counts(family: Family, model) -> tuple[int, int]:
+    """(parameters, parameters without embeddings and head) of a model shaped like the teacher's layers."""
+    params = count_params([model])
+    return params, params - count_params([m for p, m in family.arch.end_modules(model).items() if p[-1] != family.arch.norm])
+
+
+def distilled_candidates(family: Family, folders: list[str], teacher) -> list[Candidate]:
+    """Students distilled at one size of the family with its recipe, data and budget (`boomerang baselines`): the
+    `distilled` series. Each is loaded when its cells are computed."""
+    from boomerang.student import open_family, read_manifest
+
+    out = []
+    for folder in folders:
+        plan = read_manifest(folder).plan
+        if plan.n_teacher != family.plan.n_teacher:
+            raise BoomerangError(f"{folder} was cut from a {plan.n_teacher}-layer teacher, not this family's")
+        shape = dropped_teacher(family.teacher, [i for i in range(plan.n_teacher) if i not in set(plan.kept)])
+        params, body = _shape_counts(family, shape)
+        n = plan.n_student
+        entry = ModelEntry(f"distilled-{n}", "distilled", n, params, body,
+                           compress_runs([f"T{i}" for i in plan.kept]) + " · distilled at this size")
+        out.append(Candidate(entry, lambda folder=folder: open_family(folder, teacher=teacher).family.student))
     return out
 
 
@@ -94,22 +131,26 @@ class CellJob:
 
 
 def plan_cells(candidates: list[Candidate], task_names: list[str], data_dir, settings: EvalSettings,
-               heldout: torch.Tensor | None, cost: bool) -> list[CellJob]:
+               texts: dict[str, torch.Tensor], cost: bool, variant: dict | None = None) -> list[CellJob]:
+    """The cells to compute. `texts`: token blocks per label-free task (LABEL_FREE); `variant`: how the family's
+    sizes were built when not the default (patch order, ends), part of every score's key."""
     specs = task_files.resolve(task_names, data_dir) if task_names else []
+    variant = variant or {}
     jobs = []
     for cand in candidates:
         for name, spec in zip(task_names, specs):
-            jobs.append(CellJob(cand, name, spec, cell_key(spec, asdict(settings))))
-        if heldout is not None:
-            digest = hashlib.sha256(heldout.numpy().tobytes()).hexdigest()[:12]
-            jobs.append(CellJob(cand, "heldout", "heldout", cell_key({"heldout": digest}, {})))
+            jobs.append(CellJob(cand, name, spec, cell_key(spec, {**asdict(settings), **variant})))
+        for name, blocks in texts.items():
+            digest = hashlib.sha256(blocks.numpy().tobytes()).hexdigest()[:12]
+            key = {"heldout": digest} if name == "heldout" else {name: digest}
+            jobs.append(CellJob(cand, name, name, cell_key(key, variant)))
         if cost:
             jobs.append(CellJob(cand, "cost", "cost", cell_key({"cost": 1, "threads": torch.get_num_threads()}, {})))
     return jobs
 
 
 def run_cells(jobs: list[CellJob], store: ResultStore, *, family: Family, tokenizer, settings: EvalSettings,
-              heldout: torch.Tensor | None, on_cell=None, should_stop=None) -> int:
+              texts: dict[str, torch.Tensor], on_cell=None, should_stop=None) -> int:
     """Compute every cell not on disk yet; returns how many were computed.
 
     Cost depends on a model's shape alone (layers, widths, dtype, device), not on its weights: a baseline
@@ -119,14 +160,14 @@ def run_cells(jobs: list[CellJob], store: ResultStore, *, family: Family, tokeni
     for done, job in enumerate(jobs, start=1):
         entry = job.candidate.entry
         shape = (entry.n_layers, entry.params)
-        if store.get(entry.key, job.task_name, job.key) is None:
+        if store.get(entry.key, job.task_name, job.key, model=entry) is None:
             if job.task_name == "cost" and shape in costs:
                 source, result = costs[shape]
                 store.put(entry, job.task_name, job.key, {**result, "same_shape_as": source})
             else:
                 model = built.get(entry.key) or job.candidate.build()
                 built = {entry.key: model}  # hold one model at a time
-                result = _compute(job, model, family, tokenizer, settings, heldout)
+                result = _compute(job, model, family, tokenizer, settings, texts)
                 store.put(entry, job.task_name, job.key, result)
                 if job.task_name == "cost":
                     costs[shape] = (entry.key, result)
@@ -141,11 +182,12 @@ def run_cells(jobs: list[CellJob], store: ResultStore, *, family: Family, tokeni
     return computed
 
 
-def _compute(job: CellJob, model, family: Family, tokenizer, settings: EvalSettings, heldout) -> dict:
+def _compute(job: CellJob, model, family: Family, tokenizer, settings: EvalSettings, texts) -> dict:
     with torch.no_grad():
-        if job.task_name == "heldout":
-            r = label_free(model, family.teacher, heldout, batch_size=settings.batch_size, n_layers=job.candidate.entry.n_layers)
-            return {"task": "heldout", "metrics": {"perplexity": (r.perplexity, None), "kl_to_teacher": (r.kl_to_teacher, r.kl_stderr),
+        if job.task_name in LABEL_FREE:
+            r = label_free(model, family.teacher, texts[job.task_name], batch_size=settings.batch_size,
+                           n_layers=job.candidate.entry.n_layers)
+            return {"task": job.task_name, "metrics": {"perplexity": (r.perplexity, None), "kl_to_teacher": (r.kl_to_teacher, r.kl_stderr),
                                                   "top1_agreement": (r.top1_agreement, r.top1_stderr)}, "tokens": r.tokens}
         if job.task_name == "cost":
             return {"task": "cost", **measure_cost(model)}
@@ -170,16 +212,28 @@ class EvalRequest(Settings):
     """Teacher source (default: the student's own)."""
     order: str = "last"
     """Patch order: last | first | greedy (once in the manifest) | a comma-separated list of student layers."""
+    ends: str = "student"
+    """Whose embeddings and final norm + head the sizes between student and teacher use: student | teacher |
+    auto (the paper's reference code: teacher ends on the patched side)."""
     sizes: str = "all"
     """all | comma-separated layer counts."""
     baselines: list[str] = field(default_factory=list)
     """Any of BASELINES."""
     references: list[str] = field(default_factory=list)
     """Reference models (hub ids or folders)."""
+    distilled: list[str] = field(default_factory=list)
+    """Students distilled at one size of the family with its recipe, data and budget (`boomerang baselines`; the
+    standard evaluation takes every finished one of the run)."""
     heldout_data: str | None = None
     """Text file for label-free metrics (its last 10%), or a student's heldout-tokens.pt (all of it)."""
     heldout_tokens: int = 4096
-    """Held-out tokens measured."""
+    """Held-out tokens measured (on each held-out text)."""
+    general_data: str | None = None
+    """Text of another domain for the same metrics (all of it held out): a file, or "shipped" (an excerpt of
+    WikiText-2 test that ships with the package; the standard evaluation's choice)."""
+    calibration: str | None = None
+    """Text the drop-bi baseline ranks layers on when the held-out text has no blocks beyond the evaluated
+    ones (default: a built-in text); also the greedy order's."""
     cost: bool = False
     """Also measure memory, prefill latency and decode speed."""
     settings: EvalSettings = field(default_factory=EvalSettings)
@@ -196,7 +250,10 @@ class EvalRequest(Settings):
 
         self.check_types()
         self.tasks, self.baselines, self.references = list(self.tasks), list(self.baselines), list(self.references)
+        self.distilled = [str(Path(f).expanduser().resolve()) for f in self.distilled]
         self.student = str(Path(self.student).expanduser().resolve())
+        if self.ends not in ENDS:
+            raise BoomerangError(f"ends must be one of {', '.join(ENDS)}, got {self.ends!r}")
         unknown = sorted(set(self.baselines) - set(BASELINES))
         if unknown:
             raise BoomerangError(f"unknown baselines {unknown}: choose from {', '.join(BASELINES)}")
@@ -204,24 +261,25 @@ class EvalRequest(Settings):
             parse_layer_list(self.sizes)
         if self.heldout_tokens < 2:
             raise BoomerangError(f"heldout_tokens must be at least 2, got {self.heldout_tokens}")
-        if not (self.tasks or self.heldout_data or self.cost):
+        if not (self.tasks or self.heldout_data or self.general_data or self.cost):
             raise BoomerangError("nothing to evaluate: give tasks, held-out data or cost")
-        if "drop-bi" in self.baselines and not self.heldout_data:
-            raise BoomerangError("the drop-bi baseline needs text to measure block influence on: give --heldout-data")
 
     @classmethod
     def standard(cls, student: str, **fields) -> EvalRequest:
         """The evaluation asked for by naming nothing, and what a new user gets, offline: the shipped
         multiple-choice tasks, label-free metrics on the distillation's own held-out text (when the student
-        folder keeps it), cost, and both baselines (drop-bi needs that text); `fields` override any of it."""
+        folder keeps it) and on the shipped general text, cost, both baselines, and the students distilled at sizes
+        of the family (`boomerang baselines`) that have finished; `fields` override any of it."""
         from boomerang.data import HELDOUT_FILE
 
+        from boomerang.data import SHIPPED_GENERAL
+        from boomerang.student import at_size_students
+
         held = Path(student).expanduser() / HELDOUT_FILE
-        base = {"tasks": task_files.shipped_tasks(), "cost": True}
+        base = {"tasks": task_files.shipped_tasks(), "cost": True, "baselines": list(BASELINES),
+                "general_data": SHIPPED_GENERAL, "distilled": [str(p) for p in at_size_students(student)]}
         if held.is_file():
-            base.update(heldout_data=str(held), baselines=list(BASELINES))
-        else:
-            base.update(baselines=["undistilled"])
+            base.update(heldout_data=str(held))
         return cls(student=student, **{**base, **fields})
 
     @classmethod
@@ -237,10 +295,18 @@ class EvalRequest(Settings):
         from boomerang.student import read_manifest
 
         read_manifest(self.student)
+        for folder in self.distilled:
+            read_manifest(folder)
         if self.tasks:
             task_files.resolve(self.tasks, self.data_dir)
+        from boomerang.data import SHIPPED_GENERAL
+
         if self.heldout_data and not Path(self.heldout_data).expanduser().exists():
             raise BoomerangError(f"held-out data not found: {self.heldout_data}")
+        if self.general_data and self.general_data != SHIPPED_GENERAL and not Path(self.general_data).expanduser().exists():
+            raise BoomerangError(f"general text not found: {self.general_data} (or use 'shipped')")
+        if self.calibration and not Path(self.calibration).expanduser().is_file():
+            raise BoomerangError(f"calibration text not found: {self.calibration}")
 
 
 @dataclass
@@ -258,33 +324,44 @@ def evaluate_student(req: EvalRequest, *, on_cell=None, should_stop=None, teache
     from boomerang.evaluation import chart
     from boomerang.models import load_teacher
     from boomerang.plan import parse_layer_list
-    from boomerang.student import open_family
+    from boomerang.student import calibration_ids, open_family
 
     opened = open_family(req.student, teacher=teacher or req.teacher, order=req.order, device=req.device,
-                         dtype=req.dtype)
+                         dtype=req.dtype, ends=req.ends, calibration=req.calibration)
     teacher, family = opened.teacher, opened.family
     sizes = None if req.sizes == "all" else parse_layer_list(req.sizes)
     for n in sizes or []:
         family.info(n)  # a size the family lacks fails before any work
-    heldout = None
+    texts, calibration = {}, None
     if req.heldout_data:
-        heldout = d.heldout_blocks(req.heldout_data, teacher.tokenizer, req.heldout_tokens)
-    candidates = family_candidates(family, sizes) + baseline_candidates(family, req.baselines, sizes, heldout)
+        texts["heldout"] = d.heldout_blocks(req.heldout_data, teacher.tokenizer, req.heldout_tokens)
+        # the held-out blocks after the evaluated ones: a calibration split of the same text
+        calibration = d.heldout_blocks(req.heldout_data, teacher.tokenizer, CALIBRATION_TOKENS,
+                                       skip_blocks=texts["heldout"].shape[0])
+    if req.general_data:
+        texts["general"] = d.general_blocks(req.general_data, teacher.tokenizer, req.heldout_tokens)
+    if "drop-bi" in req.baselines and (calibration is None or calibration.shape[0] == 0):
+        calibration = calibration_ids(teacher.tokenizer, req.calibration, CALIBRATION_TOKENS)
+    candidates = family_candidates(family, sizes) + baseline_candidates(
+        family, req.baselines, sizes, None if calibration is None else calibration.to(teacher.device))
+    candidates += distilled_candidates(family, req.distilled, teacher)
     for ref in req.references:
         candidates.append(reference_candidate(ref, load_teacher(ref, device=req.device).model))
-    jobs = plan_cells(candidates, req.tasks, req.data_dir, req.settings, heldout, req.cost)
+    default = family.order == resolve_order(family.plan, "last") and family.ends == "student"
+    variant = {} if default else {"order": list(family.order), "ends": family.ends}
+    jobs = plan_cells(candidates, req.tasks, req.data_dir, req.settings, texts, req.cost, variant)
     if not jobs:
         raise BoomerangError("nothing to evaluate: give tasks, held-out data or cost")
     store = ResultStore(req.out or Path(req.student) / "eval")
     computed = run_cells(jobs, store, family=family, tokenizer=teacher.tokenizer, settings=req.settings,
-                         heldout=heldout, on_cell=on_cell, should_stop=should_stop)
-    rows = store.rows()
+                         texts=texts, on_cell=on_cell, should_stop=should_stop)
+    rows = store.rows(cells=[store.path(j.candidate.entry.key, j.task_name, j.key) for j in jobs])
     charts = []
     for task in [*req.tasks, *(["average"] if len(req.tasks) > 1 else [])]:
         pts = chart.points(rows, task, req.chart_metric)
         if pts:
             charts += chart.save(pts, task, req.chart_metric, store.root / "charts")
-    if heldout is not None:  # how good on the text, and how much of the teacher each size keeps
+    for name in texts:  # how good on each text, and how much of the teacher each size keeps
         for metric in ("perplexity", "kl_to_teacher", "top1_agreement"):
-            charts += chart.save(chart.points(rows, "heldout", metric), "heldout", metric, store.root / "charts")
-    return EvalReport(computed, len(jobs), store.write_table(), charts, rows)
+            charts += chart.save(chart.points(rows, name, metric), name, metric, store.root / "charts")
+    return EvalReport(computed, len(jobs), store.write_table(rows=rows), charts, rows)

@@ -1,8 +1,10 @@
 """A run folder's files, and checkpoints: everything needed to continue a run exactly where it stopped.
 
 A run folder holds `recipe.json` (every setting), `plan.json` (the kept layers, however chosen),
-`metrics.jsonl` (one line per step), `checkpoint.pt` (written atomically: a temporary file renamed
-over the last good one) and, at the end, `student/`.
+`metrics.jsonl` (one line per step), `heldout-tokens.pt` (its held-out split), `checkpoint.pt` (written
+atomically: a temporary file renamed over the last good one) and, at the end, `student/`. Any
+checkpoint can be opened as a family before the end: `snapshot` writes it as a student folder under
+`snapshots/step-N/`, which every command, the dashboard and the server open like the final one.
 
 Checkpoints hold tensors and plain Python values only and are read with `weights_only=True`: a
 crafted file in a shared run folder cannot run code in the process that resumes it.
@@ -22,7 +24,7 @@ from boomerang.errors import BoomerangError
 from boomerang.training.parallel import full_state, load_full_state, world
 from boomerang.training.recipe import RECIPE, recipe_changes
 
-METRICS, CHECKPOINT, STUDENT, PLAN = "metrics.jsonl", "checkpoint.pt", "student", "plan.json"
+METRICS, CHECKPOINT, STUDENT, PLAN, SNAPSHOTS = "metrics.jsonl", "checkpoint.pt", "student", "plan.json", "snapshots"
 
 
 def read_plan(out: str | Path):
@@ -31,8 +33,52 @@ def read_plan(out: str | Path):
 
     saved = json.loads((Path(out) / PLAN).read_text())
     return LayerPlan(int(saved["n_teacher"]), tuple(saved["kept"]))
-__all__ = ["RECIPE", "METRICS", "CHECKPOINT", "STUDENT", "PLAN", "save_checkpoint", "load_checkpoint",
-           "checkpoint_step", "truncate_metrics"]
+__all__ = ["RECIPE", "METRICS", "CHECKPOINT", "STUDENT", "PLAN", "SNAPSHOTS", "save_checkpoint", "load_checkpoint",
+           "checkpoint_step", "truncate_metrics", "is_run_folder", "snapshot"]
+
+
+def is_run_folder(folder: str | Path) -> bool:
+    """A distillation's run folder (not a student folder)."""
+    folder = Path(folder).expanduser()
+    return (folder / RECIPE).is_file() and not (folder / "boomerang.json").is_file()
+
+
+def snapshot(run_folder: str | Path, *, teacher=None, out: str | Path | None = None) -> Path:
+    """The run's last checkpoint as a student folder (default `RUN/snapshots/step-N`), to evaluate, chat with,
+    serve or export before the run ends; returns the folder. A snapshot already written for that step is
+    returned as it is. `teacher`: the run's teacher already loaded (else loaded from its recipe)."""
+    from boomerang.data import HELDOUT_FILE
+    from boomerang.models import load_teacher
+    from boomerang.student import Manifest, cut_student, save_student
+    from boomerang.training.recipe import read_recipe
+
+    run = Path(run_folder).expanduser().resolve()
+    if not is_run_folder(run):
+        raise BoomerangError(f"{run_folder} is not a distillation's run folder (it has no {RECIPE})")
+    if not (run / CHECKPOINT).is_file():
+        raise BoomerangError(f"{run} has no checkpoint yet: the first is written after a few minutes of training "
+                             f"(or every checkpoint_every steps)")
+    step = checkpoint_step(run / CHECKPOINT)
+    folder = Path(out).expanduser() if out else run / SNAPSHOTS / f"step-{step}"
+    if (folder / "boomerang.json").is_file():
+        return folder
+    if not out:
+        folder.parent.mkdir(exist_ok=True)
+    cfg = read_recipe(run)
+    state = _read(run / CHECKPOINT, map_location="cpu")
+    if teacher is None:
+        teacher = load_teacher(cfg.teacher, dtype=cfg.dtype, device="cpu")
+    plan = read_plan(run)
+    student = cut_student(teacher.model, plan)
+    student.load_state_dict(state["student"])
+    tokens = step * cfg.batch_size * cfg.seq_len * cfg.grad_accum * cfg.processes
+    summary = {"steps": step, "of_steps": cfg.steps, "tokens": tokens, "checkpoint": True,
+               "recipe": str(run / RECIPE)}
+    manifest = Manifest(teacher.source, teacher.fingerprint, plan, teacher_revision=teacher.revision, distilled=summary)
+    saved = save_student(student.eval(), teacher.tokenizer, manifest, folder, overwrite=True)
+    if (run / HELDOUT_FILE).is_file():
+        (saved / HELDOUT_FILE).write_bytes((run / HELDOUT_FILE).read_bytes())
+    return saved
 
 
 def save_checkpoint(run, step: int) -> Path | None:

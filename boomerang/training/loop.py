@@ -166,6 +166,10 @@ def _setup(cfg: DistillConfig, out: Path, resume: bool, teacher: Teacher | None,
         (out / RECIPE).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
         (out / PLAN).write_text(json.dumps(plan.to_dict()) + "\n")
         (out / METRICS).write_text("")
+    from boomerang import data as d
+
+    if rank == 0 and not (out / d.HELDOUT_FILE).is_file():  # a checkpoint's snapshot is evaluated on it too
+        d.save_heldout(data.heldout, out)
     return run
 
 

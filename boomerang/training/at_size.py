@@ -1,0 +1,65 @@
+"""The distilled-at-size baseline: a student cut to one size of a family and distilled with the family's own
+recipe, data and token budget, so the interpolated size can be put beside what the same budget buys at that
+size directly (the paper's central comparison).
+
+Its plan is the one the family's size implies: each layer of the size is a teacher layer (a patched block's
+layers, or the teacher layer a student layer was cut from), so both models run the same teacher layers' places.
+Its run folder is `RUN/at-size/N/` beside the family's `student/`; an evaluation of the family finds the finished
+ones and draws them as the `distilled` series.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from boomerang.errors import BoomerangError
+from boomerang.plan import LayerPlan, parse_layer_list
+from boomerang.student import AT_SIZE, read_manifest
+from boomerang.training.recipe import DistillConfig, read_recipe
+
+
+def implied_keep(plan: LayerPlan, patched: set[int]) -> list[int]:
+    """The teacher layers a size (these student layers patched) runs or was cut from, one per layer it runs."""
+    return [i if who == "teacher" else plan.kept[i] for who, i in plan.layers_after_patching(patched)]
+
+
+def default_sizes(counts: list[int]) -> list[int]:
+    """Three sizes spread over the family, student and teacher excluded (fewer when it has fewer)."""
+    inner = counts[1:-1]
+    picks = [inner[(len(inner) * k) // 4] for k in (1, 2, 3)] if len(inner) >= 3 else inner
+    return sorted(set(picks))
+
+
+def at_size_configs(student: str | Path, sizes: str | list[int] | None = None, *,
+                    order: str = "last") -> list[DistillConfig]:
+    """One distillation per size, as the family's run was made (recipe, data, steps, batch, seed), with the plan
+    the size implies and every step on that one size (no mixed sizes: the baseline is the best model of that size
+    the budget buys)."""
+    from boomerang.family import layer_counts
+    from boomerang.student import named_order
+
+    folder = Path(student).expanduser().resolve()
+    manifest = read_manifest(folder)
+    if not manifest.distilled or not manifest.distilled.get("recipe"):
+        raise BoomerangError(f"{folder} was not distilled by this tool (its manifest names no recipe): a baseline "
+                             "distilled at a size needs the family's own recipe")
+    run = Path(manifest.distilled["recipe"]).parent
+    if not run.is_dir():
+        run = folder.parent  # a run folder moved as a whole
+    recipe = read_recipe(run)
+    order_t = named_order(manifest, order)
+    counts = layer_counts(manifest.plan, order_t)
+    wanted = default_sizes(counts) if sizes in (None, "", "default") else (
+        parse_layer_list(sizes) if isinstance(sizes, str) else list(sizes))
+    inner = counts[1:-1]
+    bad = [n for n in wanted if n not in inner]
+    if bad:
+        raise BoomerangError(f"no size with {bad[0]} layers between this family's student and teacher: its sizes are "
+                             f"{', '.join(map(str, inner))}")
+    configs = []
+    for n in wanted:
+        keep = implied_keep(manifest.plan, set(order_t[: counts.index(n)]))
+        configs.append(dataclasses.replace(recipe, keep=keep, plan="rule", mix_prob=0.0, evaluate=False,
+                                           out=str(folder.parent / AT_SIZE / str(n))))
+    return configs

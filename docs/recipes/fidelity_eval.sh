@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# After docs/recipes/fidelity.sh: the distilled-at-size baselines of one family, the label-free evaluation of
+# every family (its run's held-out split and WikiText-2 test, KL and top-1, beside undistilled, drop-bi and the
+# distilled-at-size students), the ends conventions, and one chart with one Pareto frontier over everything.
+# Usage: docs/recipes/fidelity_eval.sh BASELINE_RUN RUN [RUN...]     (runs under $RUNS, default /tmp/fid)
+set -euo pipefail
+runs=${RUNS:-/tmp/fid}
+base=$1; shift
+t() { local s=$(date +%s); "$@"; echo "   ($(( $(date +%s) - s )) s: $*)"; }
+t .venv/bin/boomerang baselines "$runs/$base/student" 2>&1 | tr '\r' '\n' | grep -v '^distill: ' || true
+names=()
+for run in "$base" "$@"; do
+  st=$runs/$run/student
+  t .venv/bin/boomerang eval "$st" --heldout-data "$st/heldout-tokens.pt" --general-data shipped \
+    --baselines undistilled,drop-bi --out "$st/eval" 2>&1 | grep -v '^eval' || true
+  names+=("$st")
+done
+for ends in auto teacher; do
+  st=$runs/$base/student
+  t .venv/bin/boomerang eval "$st" --heldout-data "$st/heldout-tokens.pt" --general-data shipped --ends "$ends" \
+    --out "$runs/$base-ends-$ends" 2>&1 | grep -v '^eval' || true
+  names+=("$runs/$base-ends-$ends")
+done
+.venv/bin/boomerang compare "${names[@]}" --out "$runs/compare"

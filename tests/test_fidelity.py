@@ -1,0 +1,271 @@
+"""A family's report a user can trust: other-domain text, drop-bi ranked on a calibration split, results of
+other settings never mixed into a report, every way of building the sizes (ends) measured as itself."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from boomerang import data as d
+from boomerang.cli import main
+from boomerang.evaluation.chart import one_measurement, points
+from boomerang.evaluation.metrics import label_free
+from boomerang.evaluation.results import ModelEntry, ResultStore
+from boomerang.importance import block_influence, drop_order
+from boomerang.models import load_teacher
+from boomerang.student import calibration_ids, open_family
+from tiny import save_tiny_teacher
+
+TEXT = "Held-out text of the training domain, read by a tiny teacher one character at a time. " * 120
+
+
+@pytest.fixture(scope="module")
+def place(tmp_path_factory):
+    """A tiny teacher and a student of it whose final norm is not the teacher's (so ends show in the logits)."""
+    tmp = tmp_path_factory.mktemp("fidelity")
+    save_tiny_teacher(tmp / "teacher", "llama")
+    assert main(["cut", "--teacher", str(tmp / "teacher"), "--out", str(tmp / "student")]) == 0
+    model = AutoModelForCausalLM.from_pretrained(tmp / "student")
+    with torch.no_grad():
+        model.model.norm.weight.mul_(1.5)
+        for layer in model.model.layers:
+            layer.mlp.down_proj.weight.mul_(0.7)
+    model.save_pretrained(tmp / "student")
+    (tmp / "held.txt").write_text(TEXT)
+    return tmp
+
+
+def read_csv(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_every_report_measures_the_shipped_general_text_and_its_numbers_are_the_families(place, capsys):
+    out = place / "general"
+    assert main(["eval", str(place / "student"), "--general-data", "shipped", "--sizes", "5,8", "--out", str(out)]) == 0
+    rows = read_csv(out / "family.csv")
+    assert {r["task"] for r in rows} == {"general"}
+    opened = open_family(place / "student")
+    blocks = d.general_blocks(d.SHIPPED_GENERAL, opened.teacher.tokenizer, 4096)
+    assert blocks.shape == (32, 128)  # the shipped excerpt holds 4,096 tokens even for a character-level tokenizer
+    student = label_free(opened.family.build(5), opened.family.teacher, blocks, n_layers=5)
+    measured = {r["metric"]: float(r["value"]) for r in rows if r["key"] == "student-5"}
+    assert measured["perplexity"] == pytest.approx(student.perplexity, rel=1e-6)
+    assert measured["kl_to_teacher"] == pytest.approx(student.kl_to_teacher, rel=1e-6)
+    for metric in ("perplexity", "kl_to_teacher", "top1_agreement"):
+        assert (out / "charts" / f"general-{metric}.png").stat().st_size > 1000
+
+
+def test_drop_bi_ranks_layers_on_a_calibration_split_never_on_the_blocks_it_is_scored_on(place, capsys, monkeypatch):
+    from boomerang.evaluation import run as eval_run
+
+    ranked_on = []
+
+    def recording(teacher, ids):
+        ranked_on.append(ids.clone())
+        return block_influence(teacher, ids)
+
+    monkeypatch.setattr(eval_run, "block_influence", recording)
+    out = place / "dropbi"
+    argv = ["eval", str(place / "student"), "--heldout-data", str(place / "held.txt"), "--heldout-tokens", "256",
+            "--baselines", "drop-bi", "--sizes", "5", "--out", str(out)]
+    assert main(argv) == 0
+    teacher = load_teacher(str(place / "teacher"))
+    evaluated = d.heldout_blocks(str(place / "held.txt"), teacher.tokenizer, 256)
+    spare = d.heldout_blocks(str(place / "held.txt"), teacher.tokenizer, 1024, skip_blocks=evaluated.shape[0])
+    assert evaluated.shape[0] == 2 and spare.shape[0] >= 2
+    # the blocks after the evaluated ones in the same held-out split: same domain, never scored
+    assert len(ranked_on) == 1 and torch.equal(ranked_on[0], spare)
+    split = d.heldout_blocks(str(place / "held.txt"), teacher.tokenizer, 10**6)
+    assert torch.equal(split[: evaluated.shape[0] + spare.shape[0]], torch.cat([evaluated, spare]))
+    dropped = drop_order(block_influence(teacher.model, spare))[:3]
+    row = next(r for r in read_csv(out / "family.csv") if r["key"] == "drop-bi-5")
+    assert row["blocks"] == " ".join(_runs([i for i in range(8) if i not in dropped]))
+    # a held-out text with no spare blocks: the calibration text (built in, or --calibration)
+    ranked_on.clear()
+    (place / "small.txt").write_text(TEXT[:2900])
+    assert main([*argv[:3], str(place / "small.txt"), *argv[4:-1], str(place / "dropbi-small")]) == 0
+    assert ranked_on[0].shape[0] == 1 and torch.equal(ranked_on[0], calibration_ids(teacher.tokenizer, None, 1024))
+
+
+def _runs(layers):
+    from boomerang.family import compress_runs
+
+    return [compress_runs([f"T{i}" for i in layers])]
+
+
+def test_a_report_holds_its_own_settings_only_and_each_ends_convention_is_measured_as_itself(place, capsys):
+    out = place / "mixed"
+    base = ["eval", str(place / "student"), "--heldout-data", str(place / "held.txt"), "--heldout-tokens", "256",
+            "--sizes", "5,6,8", "--out", str(out)]
+    assert main(base) == 0
+    plain = {r["key"]: float(r["value"]) for r in read_csv(out / "family.csv") if r["metric"] == "perplexity"}
+    assert main([*base, "--ends", "auto"]) == 0
+    assert "3 cells computed" in capsys.readouterr().out  # no cell of the other convention is taken for this one
+    auto_rows = read_csv(out / "family.csv")
+    auto = {r["key"]: float(r["value"]) for r in auto_rows if r["metric"] == "perplexity"}
+    assert set(auto) == set(plain) == {"student-5", "interpolated-6", "teacher-8"}  # one row per model: no mix
+    assert auto["interpolated-6"] != pytest.approx(plain["interpolated-6"])
+    assert auto["student-5"] == pytest.approx(plain["student-5"]) and auto["teacher-8"] == pytest.approx(plain["teacher-8"])
+    opened = open_family(place / "student", ends="auto")
+    held = d.heldout_blocks(str(place / "held.txt"), opened.teacher.tokenizer, 256)
+    direct = label_free(opened.family.build(6), opened.family.teacher, held, n_layers=6)
+    assert auto["interpolated-6"] == pytest.approx(direct.perplexity, rel=1e-6)
+    assert "norm and head: teacher" in next(r["blocks"] for r in auto_rows if r["key"] == "interpolated-6")
+    assert main(base) == 0  # the first convention again: all on disk, and its report is its own again
+    assert "0 cells computed, 3 already on disk" in capsys.readouterr().out
+    again = {r["key"]: float(r["value"]) for r in read_csv(out / "family.csv") if r["metric"] == "perplexity"}
+    assert again == plain
+    assert len(list((out / "cells" / "interpolated-6").glob("heldout.*.json"))) == 2  # both kept, keyed apart
+
+
+def test_a_cached_cell_is_reused_only_for_the_same_model(tmp_path):
+    store = ResultStore(tmp_path)
+    entry = ModelEntry("drop-bi-5", "drop-bi", 5, 100, 80, "T0-4")
+    store.put(entry, "quiz", "abc", {"task": "quiz", "metrics": {"acc": (0.5, 0.1)}})
+    assert store.get("drop-bi-5", "quiz", "abc", model=entry)["metrics"]["acc"] == [0.5, 0.1]
+    assert store.get("drop-bi-5", "quiz", "abc", model=ModelEntry("drop-bi-5", "drop-bi", 5, 100, 80, "T0-3 T5")) is None
+
+
+def test_a_chart_shows_each_task_measured_one_way():
+    def row(key, cell, value, task="quiz"):
+        return {"key": key, "series": "interpolated", "n_layers": 1, "params": 1, "task": task, "metric": "acc",
+                "value": value, "cell": cell}
+
+    rows = [row("a", "quiz.old.json", 0.1), row("b", "quiz.old.json", 0.2), row("c", "quiz.old.json", 0.3),
+            row("a", "quiz.new.json", 0.5), row("b", "quiz.new.json", 0.6), row("a", "t2.x.json", 0.9, "t2"),
+            row("b", "t2.x.json", 0.7, "t2"), row("c", "t2.x.json", 0.5, "t2")]
+    kept, hidden = one_measurement(rows, "quiz", "acc")
+    assert {(r["key"], r["value"]) for r in kept} == {("a", 0.1), ("b", 0.2), ("c", 0.3)} and hidden == 2
+    tie = rows[:2] + rows[3:5]  # two settings covering the same models: the one measured last
+    assert {r["value"] for r in one_measurement(tie, "quiz", "acc")[0]} == {0.5, 0.6}
+    avg = {p["key"]: p["value"] for p in points(rows, "average", "acc")}
+    assert avg == {"a": pytest.approx(0.5), "b": pytest.approx(0.45), "c": pytest.approx(0.4)}
+    assert json.dumps(kept)  # plain rows
+
+
+def test_any_checkpoint_opens_as_a_family_and_the_last_one_is_the_student(tmp_path, capsys):
+    from boomerang.training.checkpoint import snapshot
+    from boomerang.training.loop import distill
+    from boomerang.training.recipe import DistillConfig
+
+    save_tiny_teacher(tmp_path / "teacher", "llama")
+    (tmp_path / "corpus.txt").write_text(TEXT)
+    cfg = DistillConfig(teacher=str(tmp_path / "teacher"), data=str(tmp_path / "corpus.txt"), out=str(tmp_path / "run"),
+                        steps=4, batch_size=2, seq_len=16, lr=1e-3, warmup=0.25, checkpoint_every=100)
+    stops = iter([False, True])
+    assert distill(cfg, should_stop=lambda: next(stops)).stopped  # stopped at step 2: a checkpoint, no student
+    run = tmp_path / "run"
+    assert main(["snapshot", str(run)]) == 0
+    half = run / "snapshots" / "step-2"
+    assert f"wrote the checkpoint as a student folder: {half}" in capsys.readouterr().out
+    manifest = json.loads((half / "boomerang.json").read_text())
+    assert manifest["distilled"]["steps"] == 2 and manifest["distilled"]["of_steps"] == 4
+    assert manifest["distilled"]["checkpoint"] is True
+    assert torch.equal(torch.load(half / d.HELDOUT_FILE), torch.load(run / d.HELDOUT_FILE))  # its held-out split
+    weights = torch.load(run / "checkpoint.pt", weights_only=True)["student"]
+    opened = open_family(half)
+    for name, value in opened.family.student.state_dict().items():
+        assert torch.equal(value, weights[name]), name
+    # commands take the run folder itself: the snapshot of its last checkpoint
+    assert main(["eval", str(run), "--general-data", "shipped", "--heldout-tokens", "256", "--sizes", "5"]) == 0
+    assert "the run's last checkpoint, as a student folder" in capsys.readouterr().err
+    assert (half / "eval" / "family.csv").is_file()
+    distill(cfg, resume=True)
+    final = snapshot(run)  # the last checkpoint is the final student, exactly
+    assert final == run / "snapshots" / "step-4"
+    x = torch.randint(0, 50, (2, 16))
+    assert torch.equal(open_family(final).family.student(x).logits, open_family(run / "student").family.student(x).logits)
+    with pytest.raises(Exception, match="is not a distillation's run folder"):
+        snapshot(tmp_path / "teacher")
+
+
+def test_a_student_distilled_at_a_size_with_the_familys_recipe_joins_its_evaluation(tmp_path, capsys):
+    save_tiny_teacher(tmp_path / "teacher", "llama")
+    (tmp_path / "corpus.txt").write_text(TEXT)
+    base = ["--teacher", str(tmp_path / "teacher"), "--data", str(tmp_path / "corpus.txt"), "--seq-len", "16",
+            "--batch-size", "2", "--device", "cpu", "--steps", "3", "--lr", "0.002"]
+    assert main(["distill", *base, "--recipe", "paper", "--mix-prob", "0.5", "--out", str(tmp_path / "run")]) == 0
+    student = tmp_path / "run" / "student"
+    assert main(["baselines", str(student), "--sizes", "6"]) == 0
+    at = tmp_path / "run" / "at-size" / "6"
+    family_recipe = json.loads((tmp_path / "run" / "recipe.json").read_text())
+    recipe = json.loads((at / "recipe.json").read_text())
+    # the size's own teacher layers (last-k, 6 layers: S0 S1 T4 T5 S3 S4 of the plan 0,2,4,6,7), every step on it
+    assert recipe["keep"] == [0, 2, 4, 5, 6, 7] and recipe["mix_prob"] == 0.0
+    same = {k: v for k, v in family_recipe.items() if k not in ("keep", "mix_prob", "out", "evaluate", "plan")}
+    assert {k: recipe[k] for k in same} == same  # recipe, data, steps, batch, seed: the family's own
+    assert len(json.loads((at / "metrics.jsonl").read_text().splitlines()[-1])) and (at / "student" / "boomerang.json").is_file()
+    assert main(["baselines", str(student), "--sizes", "6"]) == 0
+    assert "already distilled" in capsys.readouterr().out
+    assert main(["eval", str(student), "--general-data", "shipped", "--heldout-tokens", "256"]) == 0
+    rows = read_csv(student / "eval" / "family.csv")
+    mine = [r for r in rows if r["series"] == "distilled"]
+    assert {r["key"] for r in mine} == {"distilled-6"} and mine[0]["n_layers"] == "6"
+    interpolated = next(r for r in rows if r["key"] == "interpolated-6" and r["metric"] == "perplexity")
+    assert mine[0]["params"] == interpolated["params"]  # the same size, two ways to get it
+    opened = open_family(at / "student")
+    blocks = d.general_blocks(d.SHIPPED_GENERAL, opened.teacher.tokenizer, 256)
+    direct = label_free(opened.family.student, opened.teacher.model, blocks, n_layers=6).perplexity
+    assert float(next(r["value"] for r in mine if r["metric"] == "perplexity")) == pytest.approx(direct, rel=1e-6)
+    capsys.readouterr()
+    assert main(["baselines", str(student), "--sizes", "8"]) == 2
+    assert "no size with 8 layers between this family's student and teacher: its sizes are 6, 7" in capsys.readouterr().err
+
+
+def test_several_families_share_one_chart_and_one_pareto_frontier(place, tmp_path, capsys):
+    from boomerang.evaluation.chart import pareto
+
+    other = tmp_path / "other" / "student"  # a second family of the same teacher: the undistilled one
+    other.parent.mkdir()
+    assert main(["cut", "--teacher", str(place / "teacher"), "--out", str(other)]) == 0
+    (tmp_path / "held2.txt").write_text(TEXT.replace("tiny", "small") * 2)
+    for student, held in ((place / "student", place / "held.txt"), (other, tmp_path / "held2.txt")):
+        assert main(["eval", str(student), "--general-data", "shipped", "--heldout-data", str(held),
+                     "--heldout-tokens", "256", "--out", str(student / "eval")]) == 0
+    capsys.readouterr()
+    out = tmp_path / "both"
+    assert main(["compare", str(place / "student"), str(other), "--name", "mine", "--name", "cut", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    rows = read_csv(out / "families.csv")
+    general = [r for r in rows if r["task"] == "general" and r["metric"] == "perplexity"]
+    assert {r["family"] for r in general} == {"mine", "cut", ""}
+    assert [r["key"] for r in general if r["series"] == "teacher"] == ["teacher-8"]  # the teacher once
+    assert {r["key"] for r in general if r["family"] == "cut"} == {"cut:student-5", "cut:interpolated-6", "cut:interpolated-7"}
+    pts = [{"key": r["key"], "params": int(r["params"]), "value": float(r["value"])} for r in general]
+    front = [p["key"] for p in pareto(pts, higher_is_better=False)]
+    assert f"general perplexity: Pareto frontier {', '.join(front)}" in printed
+    assert {r["key"] for r in general if r["pareto"] == "frontier"} == set(front)
+    assert all(r["pareto"].startswith("dominated by ") for r in general if r["key"] not in front)
+    # the two families were measured on different held-out texts: their heldout numbers never share a chart
+    charted = {r["family"] for r in rows if r["task"] == "heldout" and r["pareto"]}
+    assert charted in ({"mine", ""}, {"cut", ""})
+    assert (out / "charts" / "general-perplexity.png").stat().st_size > 1000
+    assert main(["compare", str(place / "student"), str(place / "student"), "--out", str(out)]) == 2
+    assert "two families have the same name" in capsys.readouterr().err
+
+
+def test_a_plan_is_pinned_from_an_earlier_run_or_student(place, tmp_path, capsys):
+    from boomerang.cli import build_parser, distill_config_from_args
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "plan.json").write_text(json.dumps({"n_teacher": 8, "kept": [0, 1, 3, 5, 6, 7]}))
+    assert main(["cut", "--teacher", str(place / "teacher"), "--keep", "0,2,3,5,7", "--out", str(tmp_path / "st")]) == 0
+
+    def cfg(*flags):
+        args = build_parser().parse_args(["distill", "--teacher", str(place / "teacher"), "--data", "x.txt", *flags])
+        return distill_config_from_args(args)
+
+    assert cfg("--keep-from", str(run)).keep == [0, 1, 3, 5, 6, 7]
+    assert cfg("--recipe", "cpu", "--keep-from", str(tmp_path / "st")).keep == [0, 2, 3, 5, 7]
+    pinned = cfg("--recipe", "cpu", "--keep-from", str(run))
+    assert pinned.plan == "importance" and pinned.plan_for(8).kept == (0, 1, 3, 5, 6, 7)  # kept layers win over a measure
+    with pytest.raises(Exception, match="give --keep or --keep-from, not both"):
+        cfg("--keep", "0,7", "--keep-from", str(run))
+    with pytest.raises(Exception, match="is not a student folder"):
+        cfg("--keep-from", str(tmp_path))
