@@ -509,6 +509,9 @@ def best_within_budget(rows: list[dict], task: str, metric: str, budget_kind: st
     return min(fits, key=lambda p: p["value"]) if lower else max(fits, key=lambda p: p["value"])
 
 
+MAX_COMPARED = 8
+
+
 def compare(services, student_id, task, metric, log_x, budget_kind, budget, others=None):
     """(plotly figure, table rows, CSV path, budget message) for one family, task and metric; with `others` (family
     ids), their rows too on the same chart under one Pareto frontier (keys "#ID:model")."""
@@ -516,6 +519,8 @@ def compare(services, student_id, task, metric, log_x, budget_kind, budget, othe
 
     rows = result_rows(services, student_id)
     others = [o for o in (others or []) if o and str(o) != str(student_id)]
+    if len(others) > MAX_COMPARED:
+        raise BoomerangError(f"compare at most {MAX_COMPARED} other families at once, got {len(others)}")
     if rows and others:
         rows = chart.combine({f"#{student_id}": rows, **{f"#{o}": result_rows(services, o) for o in others}})
     if not rows or not task or not metric:

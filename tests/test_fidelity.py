@@ -269,3 +269,10 @@ def test_a_plan_is_pinned_from_an_earlier_run_or_student(place, tmp_path, capsys
         cfg("--keep", "0,7", "--keep-from", str(run))
     with pytest.raises(Exception, match="is not a student folder"):
         cfg("--keep-from", str(tmp_path))
+
+
+def test_default_distilled_at_size_sizes_spread_over_the_family():
+    from boomerang.training.at_size import default_sizes
+
+    assert default_sizes(list(range(16, 31))) == [20, 23, 26]
+    assert default_sizes([5, 6, 7, 8]) == [6, 7] and default_sizes([5, 8]) == []

@@ -232,6 +232,28 @@ def test_jobs_cli_submit_list_cancel_retry(cluster, capsys):
     assert "must keep layer 0" in capsys.readouterr().err
 
 
+def test_distilled_at_size_baselines_are_queued_from_the_cli_and_run_by_a_worker(cluster, capsys):
+    from boomerang.cli import main
+
+    run = cluster.tmp / "run"
+    assert main(["distill", "--recipe", "paper", "--teacher", str(cluster.tmp / "teacher"), "--data",
+                 str(cluster.tmp / "corpus.txt"), "--steps", "3", "--seq-len", "16", "--batch-size", "2",
+                 "--device", "cpu", "--out", str(run)]) == 0
+    capsys.readouterr()
+    assert main(["submit", "baselines", str(run / "student"), "--sizes", "6,7", "--queue", cluster.queue]) == 0
+    printed = capsys.readouterr().out
+    assert "job 1 queued: a 6-layer student" in printed and "job 2 queued: a 7-layer student" in printed
+    cluster.start_worker("w1")
+    for job_id in (1, 2):
+        done, _ = cluster.wait(job_id, lambda j: j.status in (JobStatus.SUCCEEDED, JobStatus.FAILED))
+        assert done.status == JobStatus.SUCCEEDED, done.error
+    for n in (6, 7):
+        recipe = json.loads((run / "at-size" / str(n) / "recipe.json").read_text())
+        assert len(recipe["keep"]) == n and recipe["steps"] == 3 and (run / "at-size" / str(n) / "student").is_dir()
+    assert main(["submit", "baselines", str(run / "student"), "--sizes", "6,7", "--queue", cluster.queue]) == 0
+    assert "every distilled-at-size baseline of this family is done" in capsys.readouterr().out
+
+
 def test_jobs_are_routed_by_queue(cluster):
     """Scale-out: a worker takes only the queues it listens to (e.g. one queue per GPU type)."""
     big, small = cluster.queue + "-a100", cluster.queue + "-t4"

@@ -32,6 +32,12 @@ def register(sub, helpers: dict) -> None:
         command.add_flags(k)
         k.add_argument("--queue", default="default")
         k.set_defaults(func=cmd_submit, kind=kind, build=command.from_args)
+    k = kinds.add_parser("baselines", help="queue the distilled-at-size baselines of a family: one distill job per "
+                                           "size, with the family's recipe, data and budget (boomerang baselines)")
+    k.add_argument("student", help="the family's student folder (RUN/student)")
+    k.add_argument("--sizes", default=None, help="comma-separated layer counts (default: three spread over the family)")
+    k.add_argument("--queue", default="default")
+    k.set_defaults(func=cmd_submit_baselines)
 
     p = sub.add_parser("jobs", help="every job with status and progress")
     p.add_argument("--watch", action="store_true", help="refresh every 2 s until Ctrl-C")
@@ -83,6 +89,26 @@ def cmd_submit(args) -> int:
     settings = args.build(args).to_dict()
     job = submit(engine=make_engine(), app=make_celery(), kind=args.kind, settings=settings, queue=args.queue)
     print(f"job {job.id} queued ({job.kind.value}, queue {job.queue}); watch it with: boomerang jobs --watch")
+    return 0
+
+
+def cmd_submit_baselines(args) -> int:
+    from pathlib import Path
+
+    from boomerang.training.at_size import at_size_configs
+    from db.engine import make_engine
+    from workers.app import make_celery
+    from workers.submit import submit
+
+    configs = [c for c in at_size_configs(args.student, args.sizes)
+               if not (Path(c.out) / "student" / "boomerang.json").is_file()]
+    if not configs:
+        print("every distilled-at-size baseline of this family is done: boomerang eval puts them beside it")
+        return 0
+    engine, app = make_engine(), make_celery()
+    for cfg in configs:
+        job = submit(engine=engine, app=app, kind="distill", settings=cfg.to_dict(), queue=args.queue)
+        print(f"job {job.id} queued: a {len(cfg.keep)}-layer student distilled with the family's recipe into {cfg.out}")
     return 0
 
 
