@@ -276,3 +276,25 @@ def test_default_distilled_at_size_sizes_spread_over_the_family():
 
     assert default_sizes(list(range(16, 31))) == [20, 23, 26]
     assert default_sizes([5, 6, 7, 8]) == [6, 7] and default_sizes([5, 8]) == []
+
+
+def test_label_free_metrics_of_many_models_at_once_are_each_models_own():
+    from boomerang.evaluation.metrics import label_free_many
+    from boomerang.family import Family
+    from boomerang.plan import LayerPlan
+    from boomerang.student import cut_student
+    from tiny import tiny_model, tokens
+
+    teacher = tiny_model("qwen2")
+    plan = LayerPlan.from_rule(8)
+    student = cut_student(teacher, plan)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.mul_(0.9)
+    fam = Family(teacher, student, plan)
+    models = {n: fam.build(n) for n in fam.layer_counts}
+    blocks = tokens(5, 16)
+    together = label_free_many(models, teacher, blocks, batch_size=2, n_layers={n: n for n in models})
+    for n, model in models.items():
+        assert together[n] == label_free(model, teacher, blocks, batch_size=2, n_layers=n)
+    assert together[8].kl_to_teacher == 0 and together[8].top1_agreement == 1

@@ -42,20 +42,32 @@ class LabelFree:
 @torch.no_grad()
 def label_free(model, teacher, blocks: torch.Tensor, *, batch_size: int = 8, n_layers: int = 0) -> LabelFree:
     """Metrics of `model` on `blocks` (N, T) against `teacher`."""
-    nll = count = 0.0
-    kls, agrees = [], []  # per block: the spread over blocks gives the standard errors
-    device = next(model.parameters()).device
+    return label_free_many({0: model}, teacher, blocks, batch_size=batch_size, n_layers={0: n_layers})[0]
+
+
+@torch.no_grad()
+def label_free_many(models: dict, teacher, blocks: torch.Tensor, *, batch_size: int = 8,
+                    n_layers: dict | None = None) -> dict:
+    """`label_free` of several models (name -> model) on the same blocks, batch by batch: the teacher runs once
+    per batch for all of them. Each model's numbers are those `label_free` gives it alone."""
+    nll = dict.fromkeys(models, 0.0)
+    kls = {k: [] for k in models}  # per block: the spread over blocks gives the standard errors
+    agrees = {k: [] for k in models}
+    count = 0
+    device = next(teacher.parameters()).device
     for start in range(0, blocks.shape[0], batch_size):
         ids = blocks[start:start + batch_size].to(device)  # (B, T)
-        logp = torch.log_softmax(model(ids).logits[:, :-1].float(), -1)  # (B, T-1, V)
-        t_logp = logp if model is teacher else torch.log_softmax(teacher(ids).logits[:, :-1].float(), -1)
+        t_logp = torch.log_softmax(teacher(ids).logits[:, :-1].float(), -1)  # (B, T-1, V)
         target = ids[:, 1:]
-        nll += -logp.gather(-1, target.unsqueeze(-1)).sum().item()
-        kls += (t_logp.exp() * (t_logp - logp)).sum(-1).mean(-1).tolist()
-        agrees += (logp.argmax(-1) == t_logp.argmax(-1)).float().mean(-1).tolist()
+        for key, model in models.items():
+            logp = t_logp if model is teacher else torch.log_softmax(model(ids).logits[:, :-1].float(), -1)
+            nll[key] += -logp.gather(-1, target.unsqueeze(-1)).sum().item()
+            kls[key] += (t_logp.exp() * (t_logp - logp)).sum(-1).mean(-1).tolist()
+            agrees[key] += (logp.argmax(-1) == t_logp.argmax(-1)).float().mean(-1).tolist()
+            del logp
         count += target.numel()
-    return LabelFree(n_layers, math.exp(nll / count), _mean(kls), _mean(agrees), int(count),
-                     _stderr(kls), _stderr(agrees))
+    return {k: LabelFree((n_layers or {}).get(k, 0), math.exp(nll[k] / count), _mean(kls[k]), _mean(agrees[k]),
+                         int(count), _stderr(kls[k]), _stderr(agrees[k])) for k in models}
 
 
 def _mean(xs: list[float]) -> float:

@@ -21,7 +21,8 @@ import torch
 
 from boomerang.errors import BoomerangError
 from boomerang.evaluation import task_files
-from boomerang.evaluation.metrics import EvalSettings, label_free, lm_eval_task, measure_cost, metrics_of
+from boomerang.evaluation.metrics import (EvalSettings, label_free, label_free_many, lm_eval_task, measure_cost,
+                                          metrics_of)
 from boomerang.evaluation.results import ModelEntry, ResultStore, cell_key
 from boomerang.family import ENDS, Family, compress_runs, count_params, resolve_order
 from boomerang.importance import block_influence, drop_order, dropped_teacher
@@ -41,6 +42,9 @@ STANDARD_LIMIT = 100
 class Candidate:
     entry: ModelEntry
     build: Callable[[], torch.nn.Module]
+    shared: bool = False
+    """Built from the teacher's and the student's weights (a size, a baseline that drops layers): cheap to hold
+    together, so their label-free cells are computed together (the teacher runs once per batch for all)."""
 
 
 def family_candidates(family: Family, sizes: list[int] | None) -> list[Candidate]:
@@ -53,7 +57,7 @@ def family_candidates(family: Family, sizes: list[int] | None) -> list[Candidate
             embeddings, head = family.ends_for(info.patched)
             blocks += f" · embeddings: {embeddings}, norm and head: {head}"
         entry = ModelEntry(f"{series}-{n}", series, n, info.params, info.params_no_embed, blocks)
-        out.append(Candidate(entry, lambda n=n: family.build(n)))
+        out.append(Candidate(entry, lambda n=n: family.build(n), shared=True))
     return out
 
 
@@ -71,7 +75,7 @@ def baseline_candidates(family: Family, names: list[str], sizes: list[int] | Non
         for n in counts:
             info = fresh.info(n)
             entry = ModelEntry(f"undistilled-{n}", "undistilled", n, info.params, info.params_no_embed, compress_runs(info.layers))
-            out.append(Candidate(entry, lambda n=n: fresh.build(n)))
+            out.append(Candidate(entry, lambda n=n: fresh.build(n), shared=True))
     if "drop-bi" in names:
         if bi_ids is None:
             raise BoomerangError("the drop-bi baseline needs calibration text to measure block influence on")
@@ -83,7 +87,7 @@ def baseline_candidates(family: Family, names: list[str], sizes: list[int] | Non
             model = dropped_teacher(family.teacher, drop)
             params, body = _shape_counts(family, model)
             entry = ModelEntry(f"drop-bi-{n}", "drop-bi", n, params, body, compress_runs([f"T{i}" for i in kept]))
-            out.append(Candidate(entry, lambda model=model: model))
+            out.append(Candidate(entry, lambda model=model: model, shared=True))
     return out
 
 
@@ -156,12 +160,16 @@ def run_cells(jobs: list[CellJob], store: ResultStore, *, family: Family, tokeni
     Cost depends on a model's shape alone (layers, widths, dtype, device), not on its weights: a baseline
     with the same layer count and parameters as a size measured in this run takes that size's cost cell
     (marked `same_shape_as`) instead of timing the same computation again."""
-    computed, built, costs = 0, {}, {}
+    computed, built, costs, together = 0, {}, {}, {}
     for done, job in enumerate(jobs, start=1):
         entry = job.candidate.entry
         shape = (entry.n_layers, entry.params)
         if store.get(entry.key, job.task_name, job.key, model=entry) is None:
-            if job.task_name == "cost" and shape in costs:
+            if job.task_name in LABEL_FREE and job.candidate.shared:
+                if (entry.key, job.task_name) not in together:
+                    together.update(_label_free_together(jobs, job.task_name, store, family, texts, settings))
+                store.put(entry, job.task_name, job.key, together.pop((entry.key, job.task_name)))
+            elif job.task_name == "cost" and shape in costs:
                 source, result = costs[shape]
                 store.put(entry, job.task_name, job.key, {**result, "same_shape_as": source})
             else:
@@ -182,13 +190,29 @@ def run_cells(jobs: list[CellJob], store: ResultStore, *, family: Family, tokeni
     return computed
 
 
+def _label_free_together(jobs: list[CellJob], task: str, store: ResultStore, family: Family, texts,
+                         settings: EvalSettings) -> dict:
+    """The label-free cells of `task` not on disk for every shared-weight model, computed in one pass over the
+    text: {(model key, task): cell}."""
+    pending = [j for j in jobs if j.task_name == task and j.candidate.shared
+               and store.get(j.candidate.entry.key, task, j.key, model=j.candidate.entry) is None]
+    models = {j.candidate.entry.key: j.candidate.build() for j in pending}
+    results = label_free_many(models, family.teacher, texts[task], batch_size=settings.batch_size,
+                              n_layers={j.candidate.entry.key: j.candidate.entry.n_layers for j in pending})
+    return {(key, task): _label_free_cell(task, r) for key, r in results.items()}
+
+
+def _label_free_cell(task: str, r) -> dict:
+    return {"task": task, "metrics": {"perplexity": (r.perplexity, None), "kl_to_teacher": (r.kl_to_teacher, r.kl_stderr),
+                                      "top1_agreement": (r.top1_agreement, r.top1_stderr)}, "tokens": r.tokens}
+
+
 def _compute(job: CellJob, model, family: Family, tokenizer, settings: EvalSettings, texts) -> dict:
     with torch.no_grad():
         if job.task_name in LABEL_FREE:
             r = label_free(model, family.teacher, texts[job.task_name], batch_size=settings.batch_size,
                            n_layers=job.candidate.entry.n_layers)
-            return {"task": job.task_name, "metrics": {"perplexity": (r.perplexity, None), "kl_to_teacher": (r.kl_to_teacher, r.kl_stderr),
-                                                  "top1_agreement": (r.top1_agreement, r.top1_stderr)}, "tokens": r.tokens}
+            return _label_free_cell(job.task_name, r)
         if job.task_name == "cost":
             return {"task": "cost", **measure_cost(model)}
     result = lm_eval_task(model, tokenizer, job.task, settings)
