@@ -298,3 +298,18 @@ def test_label_free_metrics_of_many_models_at_once_are_each_models_own():
     for n, model in models.items():
         assert together[n] == label_free(model, teacher, blocks, batch_size=2, n_layers=n)
     assert together[8].kl_to_teacher == 0 and together[8].top1_agreement == 1
+
+
+def test_variants_of_a_family_share_a_chart_when_measured_alike_and_never_mix_within_a_family():
+    def row(family, key, cell, value):
+        return {"family": family, "key": f"{family}:{key}", "series": "interpolated", "n_layers": 1, "params": 1,
+                "task": "general", "metric": "perplexity", "value": value, "cell": cell}
+
+    rows = [row("plain", "i-6", "general.m1.json", 10.0), row("plain", "i-7", "general.m1.json", 9.0),
+            row("auto", "i-6", "general.m1@ab12.json", 8.0), row("auto", "i-7", "general.m1@ab12.json", 7.5),
+            row("plain", "i-6", "general.m1@cd34.json", 11.0),  # one size of another variant in the same folder
+            row("other", "i-6", "general.m2.json", 1.0)]  # another text: never on this chart
+    kept, hidden = one_measurement(rows, "general", "perplexity")
+    assert sorted((r["key"], r["value"]) for r in kept) == [("auto:i-6", 8.0), ("auto:i-7", 7.5),
+                                                           ("plain:i-6", 10.0), ("plain:i-7", 9.0)]
+    assert hidden == 2

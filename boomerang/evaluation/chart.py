@@ -21,21 +21,37 @@ NOT_AVERAGED = ("heldout", "general", "cost")
 """Tasks that are not accuracy benchmarks: the label-free texts and cost."""
 
 
+def measurement(cell: str) -> str:
+    """How a cell was measured (task, items, few-shot, seed, held-out text), from its file name
+    "TASK.MEASUREMENT[@VARIANT].json": the variant (a family's patch order and ends) left out."""
+    return (cell or "").removesuffix(".json").split("@")[0]
+
+
 def one_measurement(rows: list[dict], task: str, metric: str) -> tuple[list[dict], int]:
     """The rows of one task and metric measured one way, and how many rows of other ways were left out.
 
-    A task measured with several settings (a cell name holds the hash of the settings: limit, few-shot, held-out
-    text, patch order, ends) would mix incomparable numbers on one chart: the settings that cover the most
-    models are kept (on a tie, the ones measured last)."""
+    Numbers measured with other settings (limit, few-shot, held-out text) do not compare: the measurement that
+    covers the most models is kept (on a tie, the one measured last). Within one family, one cell per model: the
+    variant (patch order, ends) that covers the most of its models, then the latest; families (`combine`)
+    each bring theirs, so variants from different folders share a chart."""
     mine = [r for r in rows if r["task"] == task and r["metric"] == metric]
-    groups: dict[str, list[dict]] = {}
+    last = {}
+    for i, r in enumerate(mine):
+        last[r.get("cell") or ""] = i
+    by_measure: dict[str, dict[str, dict[str, list[dict]]]] = {}
     for r in mine:
-        groups.setdefault(r.get("cell") or "", []).append(r)
-    if len(groups) <= 1:
-        return [dict(r) for r in mine], 0
-    last = {cell: max(i for i, r in enumerate(mine) if (r.get("cell") or "") == cell) for cell in groups}
-    best = max(groups, key=lambda c: (len({r["key"] for r in groups[c]}), last[c]))
-    return [dict(r) for r in groups[best]], len(mine) - len(groups[best])
+        cell = r.get("cell") or ""
+        by_measure.setdefault(measurement(cell), {}).setdefault(r.get("family") or "", {}).setdefault(cell, []).append(r)
+
+    def pick(cells: dict[str, list[dict]]) -> list[dict]:
+        return cells[max(cells, key=lambda c: (len({r["key"] for r in cells[c]}), last[c]))]
+
+    chosen = {m: [r for cells in fams.values() for r in pick(cells)] for m, fams in by_measure.items()}
+    if not chosen:
+        return [], 0
+    newest = {m: max(last[r.get("cell") or ""] for r in rs) for m, rs in chosen.items()}
+    best = max(chosen, key=lambda m: (len({r["key"] for r in chosen[m]}), newest[m]))
+    return [dict(r) for r in chosen[best]], len(mine) - len(chosen[best])
 
 
 def points(rows: list[dict], task: str, metric: str) -> list[dict]:

@@ -12,6 +12,7 @@ other settings in the same folder never mix into it.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -139,15 +140,17 @@ def plan_cells(candidates: list[Candidate], task_names: list[str], data_dir, set
     """The cells to compute. `texts`: token blocks per label-free task (LABEL_FREE); `variant`: how the family's
     sizes were built when not the default (patch order, ends), part of every score's key."""
     specs = task_files.resolve(task_names, data_dir) if task_names else []
-    variant = variant or {}
+    # a cell's key: how it was measured, then "@" and the family's variant when not the default (cells of one
+    # measurement compare across variants and families; see chart.measurement)
+    suffix = "@" + hashlib.sha256(json.dumps(variant, sort_keys=True).encode()).hexdigest()[:8] if variant else ""
     jobs = []
     for cand in candidates:
         for name, spec in zip(task_names, specs):
-            jobs.append(CellJob(cand, name, spec, cell_key(spec, {**asdict(settings), **variant})))
+            jobs.append(CellJob(cand, name, spec, cell_key(spec, asdict(settings)) + suffix))
         for name, blocks in texts.items():
             digest = hashlib.sha256(blocks.numpy().tobytes()).hexdigest()[:12]
             key = {"heldout": digest} if name == "heldout" else {name: digest}
-            jobs.append(CellJob(cand, name, name, cell_key(key, variant)))
+            jobs.append(CellJob(cand, name, name, cell_key(key, {}) + suffix))
         if cost:
             jobs.append(CellJob(cand, "cost", "cost", cell_key({"cost": 1, "threads": torch.get_num_threads()}, {})))
     return jobs
