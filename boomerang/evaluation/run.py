@@ -170,7 +170,7 @@ def run_cells(jobs: list[CellJob], store: ResultStore, *, family: Family, tokeni
         if store.get(entry.key, job.task_name, job.key, model=entry) is None:
             if job.task_name in LABEL_FREE and job.candidate.shared:
                 if (entry.key, job.task_name) not in together:
-                    together.update(_label_free_together(jobs, job.task_name, store, family, texts, settings))
+                    together.update(_label_free_together(jobs[done - 1:], job.task_name, store, family, texts, settings))
                 store.put(entry, job.task_name, job.key, together.pop((entry.key, job.task_name)))
             elif job.task_name == "cost" and shape in costs:
                 source, result = costs[shape]
@@ -193,12 +193,17 @@ def run_cells(jobs: list[CellJob], store: ResultStore, *, family: Family, tokeni
     return computed
 
 
+LABEL_FREE_TOGETHER = 8
+"""Shared-weight models whose label-free cells are computed in one pass over a text: the teacher then runs once
+per batch for 8 models instead of 8 times, and progress still moves every few cells."""
+
+
 def _label_free_together(jobs: list[CellJob], task: str, store: ResultStore, family: Family, texts,
                          settings: EvalSettings) -> dict:
-    """The label-free cells of `task` not on disk for every shared-weight model, computed in one pass over the
-    text: {(model key, task): cell}."""
+    """The label-free cells of `task` not on disk for the next LABEL_FREE_TOGETHER shared-weight models of
+    `jobs`, computed in one pass over the text: {(model key, task): cell}."""
     pending = [j for j in jobs if j.task_name == task and j.candidate.shared
-               and store.get(j.candidate.entry.key, task, j.key, model=j.candidate.entry) is None]
+               and store.get(j.candidate.entry.key, task, j.key, model=j.candidate.entry) is None][:LABEL_FREE_TOGETHER]
     models = {j.candidate.entry.key: j.candidate.build() for j in pending}
     results = label_free_many(models, family.teacher, texts[task], batch_size=settings.batch_size,
                               n_layers={j.candidate.entry.key: j.candidate.entry.n_layers for j in pending})

@@ -3,11 +3,14 @@
 # every family (its run's held-out split and WikiText-2 test, KL and top-1, beside undistilled, drop-bi and the
 # distilled-at-size students), the ends conventions, and one chart with one Pareto frontier over everything.
 # Usage: docs/recipes/fidelity_eval.sh BASELINE_RUN RUN [RUN...]     (runs under $RUNS, default /tmp/fid)
+#        SIZES=20,23 for other distilled-at-size sizes; SKIP_BASELINES=1 to use the ones already made
 set -euo pipefail
 runs=${RUNS:-/tmp/fid}
 base=$1; shift
 t() { local s=$(date +%s); "$@"; echo "   ($(( $(date +%s) - s )) s: $*)"; }
-t .venv/bin/boomerang baselines "$runs/$base/student" 2>&1 | tr '\r' '\n' | grep -v '^distill: ' || true
+if [ "${SKIP_BASELINES:-0}" != 1 ]; then
+  t .venv/bin/boomerang baselines "$runs/$base/student" ${SIZES:+--sizes $SIZES} 2>&1 | tr '\r' '\n' | grep -v '^distill: ' || true
+fi
 names=()
 for run in "$base" "$@"; do
   st=$runs/$run/student
