@@ -269,15 +269,16 @@ def _compare_tab(services):
         task_update, metric_update = pick_family(student_id)
         t = task_update.get("value") if isinstance(task_update, dict) else None
         m = metric_update.get("value") if isinstance(metric_update, dict) else None
-        return (task_update, metric_update, *h.compare(services, student_id, t, m, *rest))
+        others_update = gr.update(choices=[c for c in h.family_choices(services) if c[1] != student_id])
+        return (task_update, metric_update, others_update, *h.compare(services, student_id, t, m, *rest))
 
-    show = (show_family, [family, log_x, budget_kind, budget, others], [task, metric, *outputs])
+    show = (show_family, [family, log_x, budget_kind, budget, others], [task, metric, others, *outputs])
     family.input(safe(show[0]), *show[1:])
     for control in (task, metric, budget):
         control.input(bind(h.compare, services), inputs, outputs)
-    for control in (log_x, budget_kind, others):
+    for control in (log_x, budget_kind):
         control.change(bind(h.compare, services), inputs, outputs)
-    family.focus(lambda: gr.update(choices=h.family_choices(services)), None, others, api_name=False)
+    others.input(bind(h.compare, services), inputs, outputs)
     return family, show
 
 

@@ -302,7 +302,8 @@ def test_a_full_disk_while_checkpointing_frees_the_partial_file(place, tmp_path,
                                              r"freed the partial file, the checkpoint of an earlier step stays"):
         save_checkpoint(run, 3)
     monkeypatch.undo()
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "metrics.jsonl", "plan.json", "recipe.json", "student"]
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "heldout-tokens.pt", "metrics.jsonl", "plan.json",
+                                                     "recipe.json", "student"]
     assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 2
 
 
