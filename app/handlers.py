@@ -396,7 +396,7 @@ def snapshot_job(services, job_id) -> str:
 def queue_at_size(services, job_id) -> str:
     """Queue the distilled-at-size baselines of a finished distillation: students of three sizes of its family,
     each distilled with the run's own recipe, data and budget (one distillation job each)."""
-    from boomerang.training.at_size import at_size_configs
+    from boomerang.training.at_size import at_size_configs, is_done
     from workers.submit import submit
 
     with Session(services.engine) as s:
@@ -405,7 +405,7 @@ def queue_at_size(services, job_id) -> str:
     if not folder:
         return "**Cannot add baselines:** pick a SUCCEEDED distillation job."
     try:
-        configs = [c for c in at_size_configs(folder) if not Path(c.out, "student", "boomerang.json").is_file()]
+        configs = [c for c in at_size_configs(folder) if not is_done(c)]
         queued = [submit(engine=services.engine, app=services.celery, kind="distill", settings=c.to_dict(),
                          queue=services.queue) for c in configs]
     except (BoomerangError, ValueError) as exc:
@@ -425,8 +425,10 @@ def evaluate_job(services, job_id, tasks: str, data_dir: str, limit) -> str:
         job = crud.get_job(session=s, job_id=int(job_id)) if job_id else None
     folder = (job.result or {}).get("student_dir") if job else None
     if job is not None and not folder and job.run_dir:  # not finished: its newest checkpoint taken as a family
-        snaps = sorted(Path(job.run_dir, "snapshots").glob("step-*/boomerang.json"), key=lambda p: int(p.parent.name[5:]))
-        folder = str(snaps[-1].parent) if snaps else None
+        from boomerang.training.checkpoint import snapshots
+
+        taken = snapshots(job.run_dir)
+        folder = str(taken[-1]) if taken else None
     if job is None or not folder:
         return ("**Cannot evaluate:** pick a SUCCEEDED distillation job, or take a family from a running one's last "
                 "checkpoint first.")
@@ -592,17 +594,10 @@ def _family(services, family_id, ends: str = "student"):
     folder = _student_folder(services, family_id)
     if folder is None:
         return None
-    teacher, fam = services.models.family(folder, ends=_ends(ends))
+    from boomerang.family import check_ends
+
+    teacher, fam = services.models.family(folder, ends=check_ends(ends or "student"))
     return teacher, fam, True
-
-
-def _ends(ends) -> str:
-    from boomerang.family import ENDS
-
-    ends = ends or "student"
-    if ends not in ENDS:
-        raise BoomerangError(f"ends must be one of {', '.join(ENDS)}, got {str(ends)[:40]!r}")
-    return ends
 
 
 def size_choices(services, student_id) -> tuple[list[int], int] | None:
@@ -678,12 +673,13 @@ def chat_turn(services, student_id, n_layers, message: str, left: list, right: l
 
 def export_chosen(services, student_id, n_layers, ends: str = "student") -> str:
     from boomerang.export import export_size
+    from boomerang.family import check_ends
 
     folder = _student_folder(services, student_id)
     if folder is None:
         return ("**Pick a distilled family first.**" if not str(student_id or "").startswith(CUT) else
                 "**Nothing to export:** the sizes of an undistilled family are the teacher with layers dropped.")
-    ends = _ends(ends)
+    ends = check_ends(ends or "student")
     opened = services.models.opened(folder, ends=ends)
     out = Path(services.exports_dir) / f"student-{student_id}-{int(n_layers)}L{'' if ends == 'student' else '-' + ends + '-ends'}"
     try:

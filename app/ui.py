@@ -283,13 +283,15 @@ def _compare_tab(services):
 
 
 def _chat_tab(services):
+    from boomerang.family import ENDS
+
     stop = gr.State(lambda: uuid.uuid4().hex)  # a token: the session's stop event lives in services.stops
     with gr.Row():
         family = gr.Dropdown(h.chat_family_choices(services), value=None, label="Family", elem_id="chat-family",
                              allow_custom_value=True, info="a distilled family, or a teacher's undistilled sizes")
         # only the sizes the family has; a number typed through the API is checked against the family
         size = gr.Dropdown([], value=None, allow_custom_value=True, label="Size (layers)", elem_id="chat-size")
-        ends = gr.Radio(["student", "teacher", "auto"], value="student", label="Ends", elem_id="chat-ends",
+        ends = gr.Radio(list(ENDS), value="student", label="Ends", elem_id="chat-ends",
                         info="whose embeddings and final norm + head the sizes between student and teacher use "
                              "(auto: the teacher's on the patched side, as the paper's code)")
         size_md = gr.Markdown(elem_id="size-label")

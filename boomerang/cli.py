@@ -560,7 +560,7 @@ def _run_distill(cfg, *, resume: bool, stop_file: str | None = None):
 
 
 def cmd_baselines(args) -> int:
-    from boomerang.training.at_size import at_size_configs
+    from boomerang.training.at_size import at_size_configs, is_done
 
     configs = at_size_configs(args.student, args.sizes, order=args.order)
     for cfg in configs:
@@ -568,7 +568,7 @@ def cmd_baselines(args) -> int:
     for k, cfg in enumerate(configs, start=1):
         out = Path(cfg.out)
         n = len(cfg.keep)
-        if (out / "student" / "boomerang.json").is_file():
+        if is_done(cfg):
             print(f"[{k}/{len(configs)}] {n} layers: already distilled ({out / 'student'})")
             continue
         print(f"[{k}/{len(configs)}] distilling a {n}-layer student (teacher layers {cfg.keep}) into {out}")

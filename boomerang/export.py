@@ -37,11 +37,10 @@ class ExportRequest(Settings):
     """Whose embeddings and final norm + head the size uses: student | teacher | auto (see `family.ENDS`)."""
 
     def __post_init__(self):
-        from boomerang.family import ENDS
+        from boomerang.family import check_ends
 
         self.check_types()
-        if self.ends not in ENDS:
-            raise BoomerangError(f"ends must be one of {', '.join(ENDS)}, got {self.ends!r}")
+        check_ends(self.ends)
         self.student = str(Path(self.student).expanduser().resolve())
         self.out = str(Path(self.out).expanduser().resolve())
         if self.layers < 1:

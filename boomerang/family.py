@@ -35,6 +35,13 @@ ORDERS = ("last", "first", "greedy")
 ENDS = ("student", "teacher", "auto")
 
 
+def check_ends(ends) -> str:
+    """`ends` if it is one of ENDS; otherwise a BoomerangError quoting (at most 40 characters of) it."""
+    if ends not in ENDS:
+        raise BoomerangError(f"ends must be one of {', '.join(ENDS)}, got {str(ends)[:40]!r}")
+    return ends
+
+
 # ----------------------------------------------------------------------------- assembling a model
 
 
@@ -155,9 +162,7 @@ class Family:
 
     def __init__(self, teacher: nn.Module, student: nn.Module, plan: LayerPlan,
                  order: str | Sequence[int] = "last", ends: str = "student"):
-        if ends not in ENDS:
-            raise BoomerangError(f"unknown ends {ends!r}: use one of {', '.join(ENDS)}")
-        self.teacher, self.student, self.plan, self.ends = teacher, student, plan, ends
+        self.teacher, self.student, self.plan, self.ends = teacher, student, plan, check_ends(ends)
         self.arch: Arch = adapter_for(teacher)
         if adapter_for(student) is not self.arch:
             raise BoomerangError("the student is not of the teacher's architecture")

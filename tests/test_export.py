@@ -112,4 +112,4 @@ def test_export_takes_the_ends_asked_for_and_its_card_says_so(tmp_path, capsys):
     assert "embeddings from the student, final norm and head from the teacher" in (tmp_path / "auto" / "README.md").read_text()
     capsys.readouterr()
     assert main(["family", "--student", str(tmp_path / "student"), "--ends", "middle"]) == 2
-    assert "unknown ends 'middle': use one of student, teacher, auto" in capsys.readouterr().err
+    assert "ends must be one of student, teacher, auto, got 'middle'" in capsys.readouterr().err

@@ -192,7 +192,7 @@ def test_ends_say_whose_embeddings_and_head_every_size_uses(order):
     fam = Family(teacher, student, plan, order=[1, 0, 2], ends="auto")
     assert_close(fam.build(6)(x).logits, fam.build_patched({1}, embeddings="student", head="student")(x).logits,
                  rtol=0, atol=0)
-    with pytest.raises(BoomerangError, match="unknown ends 'middle': use one of student, teacher, auto"):
+    with pytest.raises(BoomerangError, match="ends must be one of student, teacher, auto, got 'middle'"):
         Family(teacher, student, plan, ends="middle")
 
 

@@ -93,15 +93,12 @@ def cmd_submit(args) -> int:
 
 
 def cmd_submit_baselines(args) -> int:
-    from pathlib import Path
-
-    from boomerang.training.at_size import at_size_configs
+    from boomerang.training.at_size import at_size_configs, is_done
     from db.engine import make_engine
     from workers.app import make_celery
     from workers.submit import submit
 
-    configs = [c for c in at_size_configs(args.student, args.sizes)
-               if not (Path(c.out) / "student" / "boomerang.json").is_file()]
+    configs = [c for c in at_size_configs(args.student, args.sizes) if not is_done(c)]
     if not configs:
         print("every distilled-at-size baseline of this family is done: boomerang eval puts them beside it")
         return 0

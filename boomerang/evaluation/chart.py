@@ -17,7 +17,10 @@ COLORS = {"interpolated": "#1f77b4", "teacher": "#d62728", "student": "#2ca02c",
           "drop-bi": "#ff7f0e", "reference": "#9467bd", "distilled": "#8c564b"}
 
 
-NOT_AVERAGED = ("heldout", "general", "cost")
+LABEL_FREE = ("heldout", "general")
+"""Label-free tasks: the training text's held-out split, and text of another domain."""
+LABEL_FREE_METRICS = ("perplexity", "kl_to_teacher", "top1_agreement")
+NOT_AVERAGED = (*LABEL_FREE, "cost")
 """Tasks that are not accuracy benchmarks: the label-free texts and cost."""
 
 
@@ -113,8 +116,9 @@ def figure(pts: list[dict], task: str, metric: str, *, log_x: bool = False, high
     higher = metric not in LOWER_IS_BETTER
     beaten = dominated_by(pts, higher)
     fig = go.Figure()
+    families = _families(pts)
     for (series, family), group in _groups(pts):
-        symbol = SYMBOLS[_families(pts).index(family) % len(SYMBOLS)]
+        symbol = SYMBOLS[families.index(family) % len(SYMBOLS)]
         fig.add_trace(go.Scatter(
             x=[p["params"] for p in group], y=[p["value"] for p in group],
             name=f"{series} · {family}" if family else series,
@@ -156,9 +160,9 @@ def _families(pts: list[dict]) -> list[str]:
 
 def _groups(pts: list[dict]) -> list[tuple[tuple[str, str], list[dict]]]:
     """Points by (series, family), series in COLORS order, each group by parameters."""
-    out = []
+    out, families = [], _families(pts)
     for series in COLORS:
-        for family in _families(pts):
+        for family in families:
             group = sorted((p for p in pts if p["series"] == series and (p.get("family") or "") == family),
                            key=lambda p: p["params"])
             if group:
@@ -202,9 +206,9 @@ def _png(pts: list[dict], task: str, metric: str, path: str, log_x: bool) -> Non
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
-    marks = "osD^ph"
+    marks, families = "osD^ph", _families(pts)
     for (series, family), group in _groups(pts):
-        mark = marks[_families(pts).index(family) % len(marks)]
+        mark = marks[families.index(family) % len(marks)]
         ax.errorbar([p["params"] / 1e6 for p in group], [p["value"] for p in group],
                     yerr=[p.get("stderr") or 0 for p in group], fmt=f"{mark}-" if len(group) > 1 else mark,
                     color=COLORS[series], label=f"{series} · {family}" if family else series, markersize=5,

@@ -11,9 +11,6 @@ from boomerang.errors import BoomerangError
 from boomerang.evaluation import chart
 from boomerang.evaluation.results import ResultStore
 
-LABEL_FREE_METRICS = ("perplexity", "kl_to_teacher", "top1_agreement")
-
-
 @dataclass
 class Comparison:
     rows: list[dict]
@@ -55,7 +52,7 @@ def compare_families(folders: list[str], out: str | Path, *, names: list[str] | 
     tasks = sorted({r["task"] for r in rows} - {"cost"})
     lm = [t for t in tasks if t not in chart.NOT_AVERAGED]
     wanted = [(t, chart_metric) for t in lm] + ([("average", chart_metric)] if len(lm) > 1 else [])
-    wanted += [(t, m) for t in tasks if t in chart.NOT_AVERAGED for m in LABEL_FREE_METRICS]
+    wanted += [(t, m) for t in tasks if t in chart.LABEL_FREE for m in chart.LABEL_FREE_METRICS]
     frontiers, charts, pareto_of = {}, [], {}
     for task, metric in wanted:
         pts = chart.points(rows, task, metric)

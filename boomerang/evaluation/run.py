@@ -22,17 +22,16 @@ import torch
 
 from boomerang.errors import BoomerangError
 from boomerang.evaluation import task_files
+from boomerang.evaluation.chart import LABEL_FREE, LABEL_FREE_METRICS
 from boomerang.evaluation.metrics import (EvalSettings, label_free, label_free_many, lm_eval_task, measure_cost,
                                           metrics_of)
 from boomerang.evaluation.results import ModelEntry, ResultStore, cell_key
-from boomerang.family import ENDS, Family, compress_runs, count_params, resolve_order
+from boomerang.family import Family, check_ends, compress_runs, count_params, resolve_order
 from boomerang.importance import block_influence, drop_order, dropped_teacher
 from boomerang.settings import Settings
 from boomerang.student import cut_student
 
 BASELINES = ("undistilled", "drop-bi")
-LABEL_FREE = ("heldout", "general")
-"""Label-free tasks: the training text's held-out split, and text of another domain."""
 CALIBRATION_TOKENS = 1024
 """Tokens the drop-bi baseline ranks layers on (a calibration split, never the evaluated blocks)."""
 STANDARD_LIMIT = 100
@@ -284,8 +283,7 @@ class EvalRequest(Settings):
         self.tasks, self.baselines, self.references = list(self.tasks), list(self.baselines), list(self.references)
         self.distilled = [str(Path(f).expanduser().resolve()) for f in self.distilled]
         self.student = str(Path(self.student).expanduser().resolve())
-        if self.ends not in ENDS:
-            raise BoomerangError(f"ends must be one of {', '.join(ENDS)}, got {self.ends!r}")
+        check_ends(self.ends)
         unknown = sorted(set(self.baselines) - set(BASELINES))
         if unknown:
             raise BoomerangError(f"unknown baselines {unknown}: choose from {', '.join(BASELINES)}")
@@ -366,10 +364,10 @@ def evaluate_student(req: EvalRequest, *, on_cell=None, should_stop=None, teache
         family.info(n)  # a size the family lacks fails before any work
     texts, calibration = {}, None
     if req.heldout_data:
-        texts["heldout"] = d.heldout_blocks(req.heldout_data, teacher.tokenizer, req.heldout_tokens)
-        # the held-out blocks after the evaluated ones: a calibration split of the same text
-        calibration = d.heldout_blocks(req.heldout_data, teacher.tokenizer, CALIBRATION_TOKENS,
-                                       skip_blocks=texts["heldout"].shape[0])
+        # one read of the held-out text: the evaluated blocks, then the ones after them (a calibration split)
+        held = d.heldout_blocks(req.heldout_data, teacher.tokenizer, req.heldout_tokens + CALIBRATION_TOKENS)
+        evaluated = max(1, req.heldout_tokens // held.shape[1])
+        texts["heldout"], calibration = held[:evaluated], held[evaluated:]
     if req.general_data:
         texts["general"] = d.general_blocks(req.general_data, teacher.tokenizer, req.heldout_tokens)
     if "drop-bi" in req.baselines and (calibration is None or calibration.shape[0] == 0):
@@ -394,6 +392,6 @@ def evaluate_student(req: EvalRequest, *, on_cell=None, should_stop=None, teache
         if pts:
             charts += chart.save(pts, task, req.chart_metric, store.root / "charts")
     for name in texts:  # how good on each text, and how much of the teacher each size keeps
-        for metric in ("perplexity", "kl_to_teacher", "top1_agreement"):
+        for metric in LABEL_FREE_METRICS:
             charts += chart.save(chart.points(rows, name, metric), name, metric, store.root / "charts")
     return EvalReport(computed, len(jobs), store.write_table(rows=rows), charts, rows)

@@ -15,13 +15,19 @@ from pathlib import Path
 
 from boomerang.errors import BoomerangError
 from boomerang.plan import LayerPlan, parse_layer_list
-from boomerang.student import AT_SIZE, read_manifest
+from boomerang.student import AT_SIZE, MANIFEST, read_manifest
+from boomerang.training.checkpoint import STUDENT
 from boomerang.training.recipe import DistillConfig, read_recipe
 
 
 def implied_keep(plan: LayerPlan, patched: set[int]) -> list[int]:
     """The teacher layers a size (these student layers patched) runs or was cut from, one per layer it runs."""
     return [i if who == "teacher" else plan.kept[i] for who, i in plan.layers_after_patching(patched)]
+
+
+def is_done(cfg: DistillConfig) -> bool:
+    """Whether the distillation of this config has written its student."""
+    return (Path(cfg.out) / STUDENT / MANIFEST).is_file()
 
 
 def default_sizes(counts: list[int]) -> list[int]:

@@ -25,6 +25,8 @@ from boomerang.training.parallel import full_state, load_full_state, world
 from boomerang.training.recipe import RECIPE, recipe_changes
 
 METRICS, CHECKPOINT, STUDENT, PLAN, SNAPSHOTS = "metrics.jsonl", "checkpoint.pt", "student", "plan.json", "snapshots"
+__all__ = ["RECIPE", "METRICS", "CHECKPOINT", "STUDENT", "PLAN", "SNAPSHOTS", "save_checkpoint", "load_checkpoint",
+           "checkpoint_step", "truncate_metrics", "read_plan", "is_run_folder", "snapshot", "snapshots"]
 
 
 def read_plan(out: str | Path):
@@ -33,14 +35,22 @@ def read_plan(out: str | Path):
 
     saved = json.loads((Path(out) / PLAN).read_text())
     return LayerPlan(int(saved["n_teacher"]), tuple(saved["kept"]))
-__all__ = ["RECIPE", "METRICS", "CHECKPOINT", "STUDENT", "PLAN", "SNAPSHOTS", "save_checkpoint", "load_checkpoint",
-           "checkpoint_step", "truncate_metrics", "is_run_folder", "snapshot"]
 
 
 def is_run_folder(folder: str | Path) -> bool:
     """A distillation's run folder (not a student folder)."""
+    from boomerang.student import MANIFEST
+
     folder = Path(folder).expanduser()
-    return (folder / RECIPE).is_file() and not (folder / "boomerang.json").is_file()
+    return (folder / RECIPE).is_file() and not (folder / MANIFEST).is_file()
+
+
+def snapshots(run_folder: str | Path) -> list[Path]:
+    """The student folders `snapshot` wrote for a run, oldest step first."""
+    from boomerang.student import MANIFEST
+
+    found = Path(run_folder).expanduser().glob(f"{SNAPSHOTS}/step-*/{MANIFEST}")
+    return sorted((p.parent for p in found), key=lambda p: int(p.name.removeprefix("step-")))
 
 
 def snapshot(run_folder: str | Path, *, teacher=None, out: str | Path | None = None) -> Path:
@@ -49,7 +59,7 @@ def snapshot(run_folder: str | Path, *, teacher=None, out: str | Path | None = N
     returned as it is. `teacher`: the run's teacher already loaded (else loaded from its recipe)."""
     from boomerang.data import HELDOUT_FILE
     from boomerang.models import load_teacher
-    from boomerang.student import Manifest, cut_student, save_student
+    from boomerang.student import MANIFEST, Manifest, cut_student, save_student
     from boomerang.training.recipe import read_recipe
 
     run = Path(run_folder).expanduser().resolve()
@@ -60,7 +70,7 @@ def snapshot(run_folder: str | Path, *, teacher=None, out: str | Path | None = N
                              f"(or every checkpoint_every steps)")
     step = checkpoint_step(run / CHECKPOINT)
     folder = Path(out).expanduser() if out else run / SNAPSHOTS / f"step-{step}"
-    if (folder / "boomerang.json").is_file():
+    if (folder / MANIFEST).is_file():
         return folder
     if not out:
         folder.parent.mkdir(exist_ok=True)
