@@ -171,8 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compare", help="several evaluated families of one teacher on one chart, one Pareto frontier "
                        "over every series of every family")
-    p.add_argument("families", nargs="+", help="student folders (their eval/) or results folders")
-    p.add_argument("--name", action="append", default=None, help="a name per family, in order (default: run folder)")
+    p.add_argument("families", nargs="+", help="student folders (their eval/) or results folders; also an earlier "
+                   "comparison's families.csv (PATH.csv, or PATH.csv:NAME,NAME for some of its families)")
+    p.add_argument("--name", action="append", default=None,
+                   help="a name per folder, in order (default: its run folder; a table's families keep theirs)")
     p.add_argument("--out", required=True, help="folder for families.csv and charts/")
     p.add_argument("--chart-metric", default="acc", help="metric of the task charts (default acc)")
     p.set_defaults(func=cmd_compare)

@@ -250,6 +250,19 @@ def test_several_families_share_one_chart_and_one_pareto_frontier(place, tmp_pat
     assert (out / "charts" / "general-perplexity.png").stat().st_size > 1000
     assert main(["compare", str(place / "student"), str(place / "student"), "--out", str(out)]) == 2
     assert "two families have the same name" in capsys.readouterr().err
+    # a published table stands in for a family whose folder a user does not have: the same chart, the same frontier
+    again = tmp_path / "again"
+    assert main(["compare", str(place / "student"), f"{out / 'families.csv'}:cut", "--name", "mine",
+                 "--out", str(again)]) == 0
+    assert capsys.readouterr().out.split("table ")[0] == printed.split("table ")[0]
+    key = lambda r: (r["key"], r["task"], r["metric"])  # noqa: E731
+    assert sorted(map(key, read_csv(again / "families.csv"))) == sorted(map(key, rows))
+    assert {key(r): (float(r["value"]), r["pareto"]) for r in read_csv(again / "families.csv")} == \
+        {key(r): (float(r["value"]), r["pareto"]) for r in rows}
+    assert main(["compare", str(place / "student"), str(out / "families.csv"), "--name", "mine", "--out", str(again)]) == 2
+    assert "two families have the same name (mine)" in capsys.readouterr().err
+    assert main(["compare", f"{out / 'families.csv'}:nope", "--out", str(again)]) == 2
+    assert "has no family nope: it has mine, cut" in capsys.readouterr().err
 
 
 def test_a_plan_is_pinned_from_an_earlier_run_or_student(place, tmp_path, capsys):

@@ -124,6 +124,8 @@ CASES = [
      "was not distilled by this tool"),
     ("compare a family never evaluated", lambda p: ["compare", str(p / "student"), "--out", str(p / "cmp")], {},
      "no evaluation results in"),
+    ("compare a table that is not there", lambda p: ["compare", str(p / "nowhere.csv:a,b"), "--out", str(p / "cmp")],
+     {}, "no such table:"),
     ("eval an unknown task offline", lambda p: ["eval", str(p / "student"), "--tasks", "arc_easy", "--out", str(p / "ev")],
      {"HF_DATASETS_OFFLINE": "1"}, "no task 'arc_easy' in the shipped tasks"),
 ]

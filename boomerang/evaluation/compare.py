@@ -38,16 +38,64 @@ def family_name(folder: str | Path) -> str:
     return folder.parent.name if folder.name == "student" else folder.name
 
 
+def published(spec: str) -> dict[str, list[dict]]:
+    """The families of an earlier comparison's `families.csv` ("PATH.csv", or "PATH.csv:NAME,NAME" for some of
+    them), as rows like a results folder's: a user's run beside a published study's numbers (whose run folders
+    they do not have). The teacher's rows come with the first family; `chart.combine` keeps them once."""
+    head, _, wanted = spec.partition(".csv:")
+    path = Path(head + ".csv" if wanted else spec).expanduser()
+    if not path.is_file():
+        raise BoomerangError(f"no such table: {path} (a families.csv written by boomerang compare)")
+    with open(path, newline="") as f:
+        table = list(csv.DictReader(f))
+    needed = {"family", "key", "series", "n_layers", "params", "task", "metric", "value", "stderr", "cell"}
+    if not table or not needed <= set(table[0]):
+        raise BoomerangError(f"{path} is not a families.csv written by boomerang compare (columns {sorted(needed)})")
+    present = list(dict.fromkeys(r["family"] for r in table if r["family"]))
+    names = [n.strip() for n in wanted.split(",") if n.strip()] if wanted else present
+    missing = [n for n in names if n not in present]
+    if missing or not names:
+        raise BoomerangError(f"{path} has no family {', '.join(missing) or '(none named)'}: it has {', '.join(present)}")
+    families: dict[str, list[dict]] = {n: [] for n in names}
+    for line, r in enumerate(table, start=2):
+        if r["family"] and r["family"] not in families:
+            continue
+        try:
+            row = {**r, "n_layers": int(r["n_layers"]), "params": int(r["params"]), "value": float(r["value"]),
+                   "stderr": float(r["stderr"]) if r["stderr"] else None}
+        except (TypeError, ValueError):
+            raise BoomerangError(f"{path}, line {line}: n_layers, params, value and stderr must be numbers") from None
+        if r["family"]:
+            row["key"] = r["key"].removeprefix(f"{r['family']}:")
+        families[r["family"] or names[0]].append(row)
+    return families
+
+
+def is_table(spec: str) -> bool:
+    return spec.endswith(".csv") or ".csv:" in spec
+
+
 def compare_families(folders: list[str], out: str | Path, *, names: list[str] | None = None,
                      chart_metric: str = "acc") -> Comparison:
+    """Families (student or results folders, and `families.csv` tables of earlier comparisons: see `published`) on
+    one chart. `names` name the folders, in order (default: their run folders)."""
     if len(folders) < 1:
         raise BoomerangError("name at least one evaluated family")
+    tables = [f for f in folders if is_table(f)]
+    folders = [f for f in folders if not is_table(f)]
     names = list(names or [family_name(f) for f in folders])
     if len(names) != len(folders):
         raise BoomerangError(f"{len(folders)} families but {len(names)} names")
     if len(set(names)) != len(names):
         raise BoomerangError(f"two families have the same name ({', '.join(names)}): give --name for each")
-    rows = chart.combine({name: ResultStore(results_of(f)).rows() for name, f in zip(names, folders)})
+    families = {name: ResultStore(results_of(f)).rows() for name, f in zip(names, folders)}
+    for spec in tables:
+        for name, rows in published(spec).items():
+            if name in families:
+                raise BoomerangError(f"two families have the same name ({name}): give the folder another --name, "
+                                     f"or take only some of the table's families (PATH.csv:NAME,NAME)")
+            families[name] = rows
+    rows = chart.combine(families)
     out = Path(out).expanduser()
     tasks = sorted({r["task"] for r in rows} - {"cost"})
     lm = [t for t in tasks if t not in chart.NOT_AVERAGED]
