@@ -11,6 +11,10 @@ from boomerang.errors import BoomerangError
 from boomerang.evaluation import chart
 from boomerang.evaluation.results import ResultStore
 
+TABLE_FIELDS = ["family", "key", "series", "n_layers", "params", "task", "metric", "value", "stderr", "pareto", "cell"]
+"""The columns of `families.csv` (written by `compare_families`, read back by `published`)."""
+
+
 @dataclass
 class Comparison:
     rows: list[dict]
@@ -48,7 +52,7 @@ def published(spec: str) -> dict[str, list[dict]]:
         raise BoomerangError(f"no such table: {path} (a families.csv written by boomerang compare)")
     with open(path, newline="") as f:
         table = list(csv.DictReader(f))
-    needed = {"family", "key", "series", "n_layers", "params", "task", "metric", "value", "stderr", "cell"}
+    needed = set(TABLE_FIELDS) - {"pareto"}  # what a row needs; the Pareto column is computed again
     if not table or not needed <= set(table[0]):
         raise BoomerangError(f"{path} is not a families.csv written by boomerang compare (columns {sorted(needed)})")
     present = list(dict.fromkeys(r["family"] for r in table if r["family"]))
@@ -113,9 +117,8 @@ def compare_families(folders: list[str], out: str | Path, *, names: list[str] | 
         charts += chart.save(pts, task, metric, out / "charts")
     table = out / "families.csv"
     out.mkdir(parents=True, exist_ok=True)
-    fields = ["family", "key", "series", "n_layers", "params", "task", "metric", "value", "stderr", "pareto", "cell"]
     with open(table, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        writer = csv.DictWriter(f, fieldnames=TABLE_FIELDS, extrasaction="ignore")
         writer.writeheader()
         for r in rows:
             writer.writerow({**r, "pareto": pareto_of.get((r["key"], r["task"], r["metric"]), "")})
