@@ -512,19 +512,43 @@ def best_within_budget(rows: list[dict], task: str, metric: str, budget_kind: st
 
 
 MAX_COMPARED = 8
+MAX_TABLE_BYTES = 20 * 2**20
+"""Size of a published families.csv the Compare tab reads (the fidelity study's is 0.1 MB)."""
 
 
-def compare(services, student_id, task, metric, log_x, budget_kind, budget, others=None):
+def published_families(path) -> dict[str, list[dict]]:
+    """The families of a `families.csv` a user uploaded (written by `boomerang compare`: a published study, or
+    a run whose folders are on another machine), as result rows; {} when none is given."""
+    from boomerang.evaluation.compare import published
+
+    if not path:
+        return {}
+    path = Path(getattr(path, "name", path))
+    if path.suffix.lower() != ".csv":
+        raise BoomerangError(f"a published table is a families.csv written by boomerang compare, got {path.name}")
+    if path.is_file() and path.stat().st_size > MAX_TABLE_BYTES:
+        raise BoomerangError(f"{path.name} is {path.stat().st_size / 2**20:.0f} MB: a families.csv of at most "
+                             f"{MAX_TABLE_BYTES // 2**20} MB is read")
+    families = published(str(path))
+    if len(families) > MAX_COMPARED:
+        raise BoomerangError(f"compare at most {MAX_COMPARED} other families at once: {path.name} has {len(families)}")
+    return families
+
+
+def compare(services, student_id, task, metric, log_x, budget_kind, budget, others=None, table=None):
     """(plotly figure, table rows, CSV path, budget message) for one family, task and metric; with `others` (family
-    ids), their rows too on the same chart under one Pareto frontier (keys "#ID:model")."""
+    ids), their rows too on the same chart under one Pareto frontier (keys "#ID:model"); with `table` (a
+    `families.csv` of `boomerang compare`), its families too (keys "NAME:model")."""
     from boomerang.evaluation import chart
 
     rows = result_rows(services, student_id)
     others = [o for o in (others or []) if o and str(o) != str(student_id)]
     if len(others) > MAX_COMPARED:
         raise BoomerangError(f"compare at most {MAX_COMPARED} other families at once, got {len(others)}")
-    if rows and others:
-        rows = chart.combine({f"#{student_id}": rows, **{f"#{o}": result_rows(services, o) for o in others}})
+    tables = published_families(table)
+    if rows and (others or tables):
+        rows = chart.combine({f"#{student_id}": rows, **{f"#{o}": result_rows(services, o) for o in others},
+                              **{f"{n} (table)" if n.startswith("#") else n: r for n, r in tables.items()}})
     if not rows or not task or not metric:
         return None, [], None, "No results yet: evaluate a family from the Jobs tab."
     pts = chart.points(rows, task, metric)

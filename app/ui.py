@@ -248,6 +248,8 @@ def _compare_tab(services):
         others = gr.Dropdown(h.family_choices(services), value=[], multiselect=True, label="Compare with",
                              elem_id="compare-others", info="other families of the same teacher (recipes, budgets, "
                              "checkpoints): one chart, one Pareto frontier")
+        published = gr.File(None, file_types=[".csv"], type="filepath", label="…and a families.csv (boomerang compare)",
+                            elem_id="compare-published", height=120)
     budget_md = gr.Markdown(elem_id="budget-result")
     plot = gr.Plot(elem_id="compare-plot")
     table = gr.Dataframe(headers=["model", "series", "layers", "params", "task", "metric", "value", "stderr", "pareto"],
@@ -262,7 +264,7 @@ def _compare_tab(services):
         return (gr.update(choices=tasks, value=tasks[0] if tasks else None),
                 gr.update(choices=metrics, value=default_metric))
 
-    inputs = [family, task, metric, log_x, budget_kind, budget, others]
+    inputs = [family, task, metric, log_x, budget_kind, budget, others, published]
     outputs = [plot, table, csv_file, budget_md]
     # the chart follows the family's defaults at once, then every change the user makes
     def show_family(student_id, *rest):
@@ -272,11 +274,11 @@ def _compare_tab(services):
         others_update = gr.update(choices=[c for c in h.family_choices(services) if c[1] != student_id])
         return (task_update, metric_update, others_update, *h.compare(services, student_id, t, m, *rest))
 
-    show = (show_family, [family, log_x, budget_kind, budget, others], [task, metric, others, *outputs])
+    show = (show_family, [family, log_x, budget_kind, budget, others, published], [task, metric, others, *outputs])
     family.input(safe(show[0]), *show[1:])
     for control in (task, metric, budget):
         control.input(bind(h.compare, services), inputs, outputs)
-    for control in (log_x, budget_kind):
+    for control in (log_x, budget_kind, published):
         control.change(bind(h.compare, services), inputs, outputs)
     others.input(bind(h.compare, services), inputs, outputs)
     return family, show

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 import redis
@@ -463,3 +464,18 @@ def test_distilled_at_size_baselines_from_the_jobs_tab_and_families_compared_on_
     assert {f"interpolated · #{sid}", f"interpolated · #{snap}", "teacher", "Pareto frontier"} <= names, names
     assert {r[0].split(":")[0] for r in table if ":" in r[0]} == {f"#{sid}", f"#{snap}"}
     assert sum(1 for r in table if r[1] == "teacher" and r[4] == "general" and r[5] == "perplexity") == 1
+    # the same checkpoint's family from a families.csv (a published study's table), not from the database: the
+    # same chart, the same frontier marks, under the table's family name
+    from boomerang.evaluation.compare import compare_families
+
+    written = compare_families([folder], world["tmp"] / "published", names=["snapshot"]).table
+    fig2, table2, _, _ = h.compare(s, sid, "general", "perplexity", False, "parameters", None, [], str(written))
+    assert {f"interpolated · #{sid}", "interpolated · snapshot", "teacher"} <= {t.name for t in fig2.data}
+    def general(rows, name):
+        return sorted([str(c).replace(name, "FAMILY:") for c in r] for r in rows if r[4] == "general")
+
+    assert general(table2, "snapshot:") == general(table, f"#{snap}:") and len(general(table, "")) > 10
+    for bad, words in ((world["tmp"] / "nothing.csv", "no such table"), (world["tmp"] / "x.txt", "families.csv"),
+                       (Path(h.__file__), "families.csv")):
+        with pytest.raises(Exception, match=words):
+            h.compare(s, sid, "general", "perplexity", False, "parameters", None, [], str(bad))

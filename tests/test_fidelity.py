@@ -265,6 +265,26 @@ def test_several_families_share_one_chart_and_one_pareto_frontier(place, tmp_pat
     assert "has no family nope: it has mine, cut" in capsys.readouterr().err
 
 
+def test_a_baseline_measured_again_in_another_family_is_drawn_once():
+    from boomerang.evaluation.chart import combine, points
+
+    def row(key, series, value, cell="general.abc.json", n=6):
+        return {"key": key, "series": series, "n_layers": n, "params": n * 10, "task": "general", "metric": "perplexity",
+                "value": value, "stderr": None, "cell": cell}
+
+    run = [row("teacher-8", "teacher", 10.0, n=8), row("interpolated-6", "interpolated", 30.0),
+           row("drop-bi-6", "drop-bi", 50.0), row("distilled-6", "distilled", 20.0)]
+    # an ends variant of the run: its own interpolated size, the same drop-bi and distilled student measured again
+    cell = "general.abc@e1.json"
+    variant = [row("teacher-8", "teacher", 10.0, cell, n=8), row("interpolated-6", "interpolated", 28.0, cell),
+               row("drop-bi-6", "drop-bi", 50.0, cell), row("distilled-6", "distilled", 20.0, cell)]
+    other = [row("drop-bi-6", "drop-bi", 51.0), row("distilled-6", "distilled", 25.0)]  # another corpus: other models
+    keys = [p["key"] for p in points(combine({"run": run, "ends": variant, "other": other}), "general", "perplexity")]
+    assert sorted(k for k in keys if "interpolated" in k) == ["ends:interpolated-6", "run:interpolated-6"]
+    assert sorted(k for k in keys if "drop-bi" in k or "distilled" in k) == [
+        "other:distilled-6", "other:drop-bi-6", "run:distilled-6", "run:drop-bi-6"]
+
+
 def test_a_plan_is_pinned_from_an_earlier_run_or_student(place, tmp_path, capsys):
     from boomerang.cli import build_parser, distill_config_from_args
 

@@ -170,22 +170,34 @@ def _groups(pts: list[dict]) -> list[tuple[tuple[str, str], list[dict]]]:
     return out
 
 
+SHARED_BASELINES = ("drop-bi", "distilled", "reference")
+"""Series whose models do not depend on the family they were evaluated with (see `combine`)."""
+
+
 def combine(families: dict[str, list[dict]]) -> list[dict]:
     """Rows of several families of one teacher (name -> rows) as one set: each row gets `family` and a key unique
     across them ("NAME:interpolated-23"); the teacher, measured alike in every family, is kept once (no family).
     `points` then keeps each task measured one way (families evaluated on other held-out texts are left out of
-    that task's chart), and one Pareto frontier runs over every series of every family."""
-    out, teacher_seen = [], set()
+    that task's chart), and one Pareto frontier runs over every series of every family. A baseline that does not
+    depend on the family (a drop-bi model, a student distilled at a size, a reference) found in several families
+    with the same value on the same text is one model measured again (an ends variant of a run, two runs on one
+    corpus): it is kept once, under the first family that has it."""
+    out, seen = [], set()
     for name, rows in families.items():
         for r in rows:
             if r["series"] == "teacher":
                 ident = (r["key"], r["task"], r["metric"], r.get("cell"))
-                if ident in teacher_seen:
+                if ident in seen:
                     continue
-                teacher_seen.add(ident)
+                seen.add(ident)
                 out.append({**r, "family": ""})
-            else:
-                out.append({**r, "family": name, "key": f"{name}:{r['key']}"})
+                continue
+            if r["series"] in SHARED_BASELINES:
+                ident = (r["key"], r["params"], r["task"], r["metric"], measurement(r.get("cell")), r["value"])
+                if ident in seen:
+                    continue
+                seen.add(ident)
+            out.append({**r, "family": name, "key": f"{name}:{r['key']}"})
     return out
 
 
