@@ -132,6 +132,20 @@ def test_launch_watch_evaluate_compare_chat_stop(stack):
             expect(page.locator("#compare-plot .legendtext", has_text=series)).to_have_count(1)
         assert page.locator("#compare-plot .errorbar").count() >= 4 + 3 + 3  # one bar per point
         page.screenshot(path=str(shots / "compare.png"), full_page=True)
+        # a published families.csv (here: this family's own numbers, as `boomerang compare` writes them) joins
+        # the chart: its student and sizes and undistilled baselines are new points; its drop-bi models and
+        # teacher are the ones already drawn, measured alike, so they are drawn once
+        from sqlmodel import Session
+
+        from boomerang.evaluation.compare import compare_families
+        from db import crud
+
+        with Session(cluster.engine) as ses:
+            folder = crud.get_job(session=ses, job_id=1).result["student_dir"]
+        table = compare_families([folder], cluster.tmp / "published", names=["published"]).table
+        page.locator("#compare-published input[type=file]").set_input_files(str(table))
+        expect(page.locator("#compare-plot .legendtext", has_text="interpolated · published")).to_have_count(1)
+        expect(page.locator("#compare-plot .scatterlayer .point")).to_have_count(4 + 3 + 3 + 3 + 3)
 
         # Chat: both sides stream at once; Stop ends both
         page.get_by_role("tab", name="Chat").click()
