@@ -523,7 +523,7 @@ def published_families(path) -> dict[str, list[dict]]:
 
     if not path:
         return {}
-    path = Path(getattr(path, "name", path))
+    path = Path(path)  # the Compare tab's gr.File(type="filepath") gives a path
     if path.suffix.lower() != ".csv":
         raise BoomerangError(f"a published table is a families.csv written by boomerang compare, got {path.name}")
     if path.is_file() and path.stat().st_size > MAX_TABLE_BYTES:
