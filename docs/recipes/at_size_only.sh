@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Students distilled at sizes of a fidelity family whose run folder is gone (its numbers kept in families.csv):
+# start the family's run again and stop it after its first step (the same seed, data and recipe give the same
+# plan, which is measured before the first step), open that checkpoint as a student folder, and distill the
+# sizes it implies with the run's own recipe, data and budget. Then evaluate only them (and the teacher, the
+# shared reference): the one-step family itself is not a result and is never evaluated.
+# Usage: docs/recipes/at_size_only.sh NAME RECIPE STEPS SIZE [SIZE...]      (run folder $RUNS/NAME, default /tmp/fid)
+#   e.g. docs/recipes/at_size_only.sh cpu-4x cpu 600 23 20
+set -euo pipefail
+name=$1 recipe=$2 steps=$3; shift 3
+data=${DATA:-../shared/data/lm/wikitext2_valid.tokens.txt}
+run=${RUNS:-/tmp/fid}/$name
+B=.venv/bin/boomerang
+mkdir -p "$run"
+touch "$run.stop"
+$B distill --recipe "$recipe" --data "$data" --out "$run" --steps "$steps" --batch-size 8 --seq-len 128 \
+  --checkpoint-every 50 --stop-file "$run.stop" 2>&1 | tr '\r' '\n' | grep -v '^distill: ' || true
+rm -f "$run.stop"
+$B snapshot "$run" --out "$run/student"
+cat "$run/plan.json"; echo
+for n in "$@"; do  # one at a time, so the first size's numbers come first
+  start=$(date +%s)
+  $B baselines "$run/student" --sizes "$n" 2>&1 | tr '\r' '\n' | grep -v '^distill: ' || true
+  echo "== $name at $n layers: wall time $(( $(date +%s) - start )) s"
+done
+teacher=$(.venv/bin/python -c "import json,sys; print(json.load(open(sys.argv[1]))['n_teacher'])" "$run/plan.json")
+start=$(date +%s)
+$B eval "$run/student" --sizes "$teacher" --heldout-data "$run/student/heldout-tokens.pt" --general-data shipped \
+  --out "$run-at-size" 2>&1 | grep -v '^eval' || true
+echo "== evaluation of the teacher and the students at $*: $(( $(date +%s) - start )) s"
