@@ -11,7 +11,7 @@ name=$1 recipe=$2 steps=$3; shift 3
 data=${DATA:-../shared/data/lm/wikitext2_valid.tokens.txt}
 run=${RUNS:-/tmp/fid}/$name
 B=.venv/bin/boomerang
-mkdir -p "$run"
+mkdir -p "$(dirname "$run")"
 touch "$run.stop"
 $B distill --recipe "$recipe" --data "$data" --out "$run" --steps "$steps" --batch-size 8 --seq-len 128 \
   --checkpoint-every 50 --stop-file "$run.stop" 2>&1 | tr '\r' '\n' | grep -v '^distill: ' || true
