@@ -5,16 +5,15 @@
 # sizes it implies with the run's own recipe, data and budget. Then evaluate only them (and the teacher, the
 # shared reference): the one-step family itself is not a result and is never evaluated.
 # Usage: docs/recipes/at_size_only.sh NAME RECIPE STEPS SIZE [SIZE...]      (run folder $RUNS/NAME, default /tmp/fid)
-#   e.g. docs/recipes/at_size_only.sh cpu-4x cpu 600 23 20
+#   e.g. docs/recipes/at_size_only.sh cpu-4x cpu 600 23 27
 set -euo pipefail
 name=$1 recipe=$2 steps=$3; shift 3
-data=${DATA:-../shared/data/lm/wikitext2_valid.tokens.txt}
 run=${RUNS:-/tmp/fid}/$name
 B=.venv/bin/boomerang
 mkdir -p "$(dirname "$run")"
 touch "$run.stop"
-$B distill --recipe "$recipe" --data "$data" --out "$run" --steps "$steps" --batch-size 8 --seq-len 128 \
-  --checkpoint-every 50 --stop-file "$run.stop" 2>&1 | tr '\r' '\n' | grep -v '^distill: ' || true
+# the family's own run (fidelity.sh: same data, batch, length, checkpoints), stopped by the stop file at step 1
+"$(dirname "$0")/fidelity.sh" "$name" "$recipe" "$steps" --stop-file "$run.stop"
 rm -f "$run.stop"
 $B snapshot "$run" --out "$run/student"
 cat "$run/plan.json"; echo
