@@ -302,7 +302,7 @@ def _chat_tab(services):
         # greedy by default: side by side, the same prompt should get each model's most likely answer
         temperature = gr.Slider(0, 1.5, value=0.0, step=0.05, label="Temperature (0 = greedy)", elem_id="temperature")
         top_p = gr.Slider(0.1, 1.0, value=0.9, step=0.05, label="Top-p")
-        max_new = gr.Slider(8, 512, value=128, step=8, label="Max new tokens", elem_id="max-new")
+        max_new = gr.Slider(8, 4096, value=128, step=8, label="Max new tokens", elem_id="max-new")
     with gr.Row():
         with gr.Column():
             left = gr.Chatbot(label="This size", elem_id="chat-size-bot", height=360)

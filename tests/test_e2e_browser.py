@@ -156,7 +156,8 @@ def test_launch_watch_evaluate_compare_chat_stop(stack):
         assert [o.split()[-1] for o in options.all_inner_texts()] == ["5", "6", "7", "8"]  # "✓ 7": the picked one
         page.keyboard.press("Escape")
         expect(page.locator("#temperature input[type=number]")).to_have_value("0")  # greedy by default
-        page.locator("#max-new input[type=number]").fill("512")  # long enough to be stopped half-way
+        page.locator("#max-new input[type=number]").fill("4096")  # long enough to be stopped half-way
+        # (at ~50 tokens/s a tiny size needs over a minute for 4,096 tokens; 512 once ran out before the Stop click landed)
         page.locator("#max-new input[type=number]").press("Enter")
         page.locator("#chat-input textarea").fill("Tell me a long story.")
         page.locator("#send-btn").click()
@@ -169,7 +170,7 @@ def test_launch_watch_evaluate_compare_chat_stop(stack):
         expect(page.locator("#send-btn")).to_be_enabled()
         stats = page.locator("#size-stats").inner_text()
         tokens = int(re.search(r"(\d+) tokens", stats).group(1))
-        assert 0 < tokens < 512, stats
+        assert 0 < tokens < 4096, stats
         assert page.locator("#chat-size-bot").inner_text().strip() and page.locator("#chat-teacher-bot").inner_text().strip()
         assert "common." not in page.locator("body").inner_text()  # no untranslated Gradio key in the page
         browser.close()
