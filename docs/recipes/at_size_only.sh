@@ -7,6 +7,7 @@
 # Usage: docs/recipes/at_size_only.sh NAME RECIPE STEPS SIZE [SIZE...]      (run folder $RUNS/NAME, default /tmp/fid)
 #   e.g. docs/recipes/at_size_only.sh cpu-4x cpu 600 23 27
 set -euo pipefail
+. "$(dirname "$0")/quiet.sh"
 name=$1 recipe=$2 steps=$3; shift 3
 run=${RUNS:-/tmp/fid}/$name
 B=.venv/bin/boomerang
@@ -19,11 +20,11 @@ $B snapshot "$run" --out "$run/student"
 cat "$run/plan.json"; echo
 for n in "$@"; do  # one at a time, so the first size's numbers come first
   start=$(date +%s)
-  $B baselines "$run/student" --sizes "$n" 2>&1 | tr '\r' '\n' | grep -v '^distill: ' || true
+  quiet 'distill: ' $B baselines "$run/student" --sizes "$n"
   echo "== $name at $n layers: wall time $(( $(date +%s) - start )) s"
 done
 teacher=$(.venv/bin/python -c "import json,sys; print(json.load(open(sys.argv[1]))['n_teacher'])" "$run/plan.json")
 start=$(date +%s)
-$B eval "$run/student" --sizes "$teacher" --heldout-data "$run/student/heldout-tokens.pt" --general-data shipped \
-  --out "$run-at-size" 2>&1 | grep -v '^eval' || true
+quiet eval $B eval "$run/student" --sizes "$teacher" --heldout-data "$run/student/heldout-tokens.pt" \
+  --general-data shipped --out "$run-at-size"
 echo "== evaluation of the teacher and the students at $*: $(( $(date +%s) - start )) s"

@@ -4,10 +4,11 @@
 # Usage: docs/recipes/fidelity.sh NAME RECIPE STEPS [distill flags...]
 #   1x budget = 150 steps of 8 x 128 tokens (153,600 tokens, the distillation notes' CPU budget); 4x = 600.
 set -euo pipefail
+. "$(dirname "$0")/quiet.sh"
 name=$1 recipe=$2 steps=$3; shift 3
 data=${DATA:-../shared/data/lm/wikitext2_valid.tokens.txt}
 out=${RUNS:-/tmp/fid}/$name
 start=$(date +%s)
-.venv/bin/boomerang distill --recipe "$recipe" --data "$data" --out "$out" --steps "$steps" --batch-size 8 \
-  --seq-len 128 --checkpoint-every 50 "$@" 2>&1 | tr '\r' '\n' | grep -v '^distill: ' || true
+quiet 'distill: ' .venv/bin/boomerang distill --recipe "$recipe" --data "$data" --out "$out" --steps "$steps" \
+  --batch-size 8 --seq-len 128 --checkpoint-every 50 "$@"
 echo "== $name: wall time $(( $(date +%s) - start )) s"

@@ -5,23 +5,24 @@
 # Usage: docs/recipes/fidelity_eval.sh BASELINE_RUN RUN [RUN...]     (runs under $RUNS, default /tmp/fid)
 #        SIZES=20,23 for other distilled-at-size sizes; SKIP_BASELINES=1 to use the ones already made
 set -euo pipefail
+. "$(dirname "$0")/quiet.sh"
 runs=${RUNS:-/tmp/fid}
 base=$1; shift
 t() { local s=$(date +%s); "$@"; echo "   ($(( $(date +%s) - s )) s: $*)"; }
 if [ "${SKIP_BASELINES:-0}" != 1 ]; then
-  t .venv/bin/boomerang baselines "$runs/$base/student" ${SIZES:+--sizes $SIZES} 2>&1 | tr '\r' '\n' | grep -v '^distill: ' || true
+  quiet 'distill: ' t .venv/bin/boomerang baselines "$runs/$base/student" ${SIZES:+--sizes $SIZES}
 fi
 names=()
 for run in "$base" "$@"; do
   st=$runs/$run/student
-  t .venv/bin/boomerang eval "$st" --heldout-data "$st/heldout-tokens.pt" --general-data shipped \
-    --baselines undistilled,drop-bi --out "$st/eval" 2>&1 | grep -v '^eval' || true
+  quiet eval t .venv/bin/boomerang eval "$st" --heldout-data "$st/heldout-tokens.pt" --general-data shipped \
+    --baselines undistilled,drop-bi --out "$st/eval"
   names+=("$st")
 done
 for ends in auto teacher; do
   st=$runs/$base/student
-  t .venv/bin/boomerang eval "$st" --heldout-data "$st/heldout-tokens.pt" --general-data shipped --ends "$ends" \
-    --out "$runs/$base-ends-$ends" 2>&1 | grep -v '^eval' || true
+  quiet eval t .venv/bin/boomerang eval "$st" --heldout-data "$st/heldout-tokens.pt" --general-data shipped \
+    --ends "$ends" --out "$runs/$base-ends-$ends"
   names+=("$runs/$base-ends-$ends")
 done
 .venv/bin/boomerang compare "${names[@]}" --out "$runs/compare"

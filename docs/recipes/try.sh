@@ -4,13 +4,14 @@
 # 4,096 tokens of another domain (TinyStories valid). The flags change the paper's recipe.
 # Usage: docs/recipes/try.sh NAME [distill flags...]      (SKIP_OTHER=1: the training domain only)
 set -euo pipefail
+. "$(dirname "$0")/quiet.sh"
 name=$1; shift
 data=${DATA:-../shared/data/lm/tinyshakespeare_input.txt}
 other=${OTHER:-../shared/data/lm/tinystories_valid_sample.txt}
 out=${TRIES:-/tmp/tries}/$name
 start=$(date +%s)
-.venv/bin/boomerang distill --recipe paper --data "$data" --out "$out" --steps 150 --batch-size 8 --seq-len 128 \
-  --checkpoint-every 50 "$@" 2>&1 | tr '\r' '\n' | grep -v '^distill: ' || true
+quiet 'distill: ' .venv/bin/boomerang distill --recipe paper --data "$data" --out "$out" --steps 150 --batch-size 8 \
+  --seq-len 128 --checkpoint-every 50 "$@"
 echo "wall time: $(( $(date +%s) - start )) s"
 echo "== $name: held-out (same domain)"
 .venv/bin/boomerang heldout --student "$out/student" --data "$data" --tokens 4096
