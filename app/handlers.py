@@ -581,7 +581,10 @@ def compare(services, student_id, task, metric, log_x, budget_kind, budget, othe
     hidden = 0 if task == "average" else chart.one_measurement(rows, task, metric)[1]
     mixed = (f"{hidden} results of {task} measured with other settings (limit, held-out text, patch order or "
              f"ends) are left out of the chart." if hidden else "")
-    message = "\n\n".join(m for m in (message, noise, mixed) if m)
+    gaps = chart.at_size_gaps(pts, metric)  # the paper's central comparison, for the charted task and metric
+    at_size = ("**Interpolated sizes beside students distilled at the size** (more than 2 standard errors apart "
+               "to count):\n" + "\n".join(f"- {chart.gap_line(g, metric)}" for g in gaps)) if gaps else ""
+    message = "\n\n".join(m for m in (message, noise, mixed, at_size) if m)
     return fig, table, str(path), message
 
 

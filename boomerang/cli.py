@@ -307,9 +307,20 @@ def cmd_compare(args) -> int:
     from boomerang.evaluation.compare import compare_families
 
     report = compare_families(args.families, args.out, names=args.name, chart_metric=args.chart_metric)
+    from boomerang.evaluation.chart import gap_line
+
     for (task, metric), keys in report.frontiers.items():
         print(f"{task} {metric}: Pareto frontier {', '.join(keys)}")
+    for (task, metric), pairs in report.gaps.items():  # the paper's central comparison, size by size
+        for g in pairs:
+            print(f"{task} at-size {gap_line(g, metric)}")
+        won = {w: sum(g["winner"] == w for g in pairs) for w in ("distilled", "interpolated", "within noise")}
+        print(f"{task} {metric}: of {len(pairs)} sizes with a student distilled at the size, the distilled student is "
+              f"better at {won['distilled']}, the interpolated size at {won['interpolated']}, "
+              f"{won['within noise']} within noise")
     print(f"table {report.table}")
+    if report.gaps:
+        print(f"table {report.table.with_name('at-size.csv')}")
     for path in report.charts:
         print(f"chart {path}")
     return 0

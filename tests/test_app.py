@@ -450,8 +450,14 @@ def test_distilled_at_size_baselines_from_the_jobs_tab_and_families_compared_on_
 
         folders = {str(st.id): st.folder for st in ses.exec(select(Student))}
     sid = next(v for _, v in choices if folders[v] == crud.get_job(session=Session(s.engine), job_id=job).result["student_dir"])
-    fig, table, _, _ = h.compare(s, sid, "quiz", "acc", False, "parameters", None)
+    fig, table, _, msg = h.compare(s, sid, "quiz", "acc", False, "parameters", None)
     assert sum(len(t.x) for t in fig.data if t.name == "distilled") == 2
+    # the paper's central comparison in words, size by size, with the table's own numbers
+    assert "**Interpolated sizes beside students distilled at the size**" in msg, msg
+    for n in (6, 7):
+        value = {r[1]: r[6] for r in table if r[2] == n and r[4] == "quiz" and r[5] == "acc"}
+        assert f"- {n} layers: acc interpolated {value['interpolated']:.4g}, distilled at the size " \
+               f"{value['distilled']:.4g} (" in msg, msg
     assert {r[0] for r in table if r[1] == "distilled"} == {"distilled-6", "distilled-7"}
     # a second family (the run's step-8 checkpoint), evaluated, on the same chart under one frontier
     snap = next(v for _, v in choices if folders[v].endswith("snapshots/step-8"))

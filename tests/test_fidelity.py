@@ -349,3 +349,57 @@ def test_variants_of_a_family_share_a_chart_when_measured_alike_and_never_mix_wi
     assert sorted((r["key"], r["value"]) for r in kept) == [("auto:i-6", 8.0), ("auto:i-7", 7.5),
                                                            ("plain:i-6", 10.0), ("plain:i-7", 9.0)]
     assert hidden == 2
+
+
+def test_each_interpolated_size_is_set_beside_the_student_distilled_at_that_size(tmp_path, capsys):
+    """The paper's central comparison, size by size, from a table: pairs in a family and with NAME-at-size, never
+    across families; the verdict needs two standard errors of the difference."""
+    from boomerang.evaluation.compare import GAP_FIELDS, TABLE_FIELDS
+
+    def row(family, series, n, value, stderr):
+        return {"family": family, "key": f"{family}:{series}-{n}" if family else f"{series}-{n}", "series": series,
+                "n_layers": n, "params": n * 1000, "task": "general", "metric": "kl_to_teacher", "value": value,
+                "stderr": stderr, "pareto": "", "cell": "general.m1.json"}
+
+    rows = [row("", "teacher", 8, 0.0, 0.0),
+            row("run", "interpolated", 6, 0.50, 0.03), row("run", "interpolated", 7, 0.30, 0.03),
+            row("run", "distilled", 6, 0.39, 0.04),            # 0.11 apart, stderr 0.05: beyond 2 of them
+            row("run-at-size", "distilled", 7, 0.25, 0.04),    # 0.05 apart: within noise
+            row("other", "interpolated", 6, 0.60, None), row("other", "distilled", 7, 0.10, None)]  # no 6 of its own
+    table = tmp_path / "families.csv"
+    with open(table, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=TABLE_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    out = tmp_path / "cmp"
+    assert main(["compare", str(table), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    gaps = read_csv(out / "at-size.csv")
+    assert list(gaps[0]) == GAP_FIELDS
+    assert [(g["family"], g["n_layers"], g["winner"]) for g in gaps] == [
+        ("run", "6", "distilled"), ("run", "7", "within noise")]
+    assert float(gaps[0]["difference"]) == pytest.approx(0.11) and float(gaps[0]["stderr"]) == pytest.approx(0.05)
+    assert float(gaps[0]["relative"]) == pytest.approx(0.11 / 0.39)
+    assert ("general at-size run at 6 layers: kl_to_teacher interpolated 0.5, distilled at the size 0.39 (+28%, 2.2 "
+            "standard errors): the student distilled at the size is better") in printed
+    assert "run at 7 layers: kl_to_teacher interpolated 0.3, distilled at the size 0.25 (+20%, 1.0 standard errors): " \
+           "within noise of each other" in printed
+    assert ("general kl_to_teacher: of 2 sizes with a student distilled at the size, the distilled student is better "
+            "at 1, the interpolated size at 0, 1 within noise") in printed
+    # a comparison with no pair leaves no at-size.csv of an earlier one in its folder
+    assert main(["compare", f"{table}:other", "--out", str(out)]) == 0
+    assert "at-size" not in capsys.readouterr().out and not (out / "at-size.csv").exists()
+
+
+def test_a_better_interpolated_size_and_a_gap_without_standard_errors_are_called_by_their_sign():
+    from boomerang.evaluation.chart import at_size_gaps
+
+    def pt(series, n, value, stderr=None):
+        return {"key": f"{series}-{n}", "series": series, "n_layers": n, "params": n, "value": value, "stderr": stderr}
+
+    top1 = [pt("interpolated", 6, 0.70, 0.01), pt("distilled", 6, 0.60, 0.01), pt("interpolated", 7, 0.8),
+            pt("distilled", 7, 0.9), pt("student", 5, 0.5), pt("distilled", 5, 0.55)]
+    gaps = at_size_gaps(top1, "top1_agreement")  # higher is better; the student is no interpolated size
+    assert [(g["n_layers"], g["winner"], g["stderr"]) for g in gaps] == [(6, "interpolated", pytest.approx(0.01 * 2 ** 0.5)),
+                                                                         (7, "distilled", None)]
+    assert at_size_gaps([pt("interpolated", 6, 1.0), pt("distilled", 6, 1.0)], "perplexity")[0]["winner"] == "within noise"

@@ -174,6 +174,52 @@ SHARED_BASELINES = ("drop-bi", "distilled", "reference")
 """Series whose models do not depend on the family they were evaluated with (see `combine`)."""
 
 
+AT_SIZE_SUFFIX = "-at-size"
+"""A family named NAME-at-size holds students distilled at sizes of the family NAME whose run folder was gone
+(`docs/recipes/at_size_only.sh`): `at_size_gaps` pairs them with NAME's sizes."""
+
+
+def at_size_gaps(pts: list[dict], metric: str) -> list[dict]:
+    """The paper's central comparison, size by size: every interpolated size beside the student distilled at that
+    size (series `distilled`, same layer count, same family or the family NAME-at-size), from `points`.
+
+    One dict per pair, by family then size: family, n_layers, interpolated and distilled (values), difference
+    (interpolated - distilled), stderr of the difference (the two standard errors as independent, which overstates
+    it for models scored on the same text: the verdict errs towards "within noise"; None when either lacks one),
+    relative (difference / distilled) and winner: "distilled" or "interpolated" when the difference is over twice
+    its standard error (or, without standard errors, when it is not zero), else "within noise"."""
+    higher = metric not in LOWER_IS_BETTER
+    distilled = {((p.get("family") or "").removesuffix(AT_SIZE_SUFFIX), p["n_layers"]): p
+                 for p in pts if p["series"] == "distilled"}
+    out = []
+    for p in sorted((p for p in pts if p["series"] == "interpolated"), key=lambda p: (p.get("family") or "", p["n_layers"])):
+        q = distilled.get((p.get("family") or "", p["n_layers"]))
+        if q is None:
+            continue
+        diff = p["value"] - q["value"]
+        errs = (p.get("stderr"), q.get("stderr"))
+        stderr = (errs[0] ** 2 + errs[1] ** 2) ** 0.5 if None not in errs else None
+        beyond = abs(diff) > 2 * stderr if stderr is not None else diff != 0
+        better = "interpolated" if (diff > 0) == higher else "distilled"
+        out.append({"family": p.get("family") or "", "n_layers": p["n_layers"], "interpolated": p["value"],
+                    "distilled": q["value"], "difference": diff, "stderr": stderr,
+                    "relative": diff / q["value"] if q["value"] else None,
+                    "winner": better if beyond else "within noise"})
+    return out
+
+
+def gap_line(gap: dict, metric: str) -> str:
+    """One sentence for an `at_size_gaps` pair: "20 layers: interpolated 0.646, distilled at the size 0.556 (+16 %,
+    4.3 standard errors): the distilled student is better"."""
+    where = f"{gap['family']} at {gap['n_layers']} layers" if gap["family"] else f"{gap['n_layers']} layers"
+    rel = f"{gap['relative']:+.0%}" if gap["relative"] is not None else f"{gap['difference']:+.4g}"
+    noise = f", {abs(gap['difference']) / gap['stderr']:.1f} standard errors" if gap["stderr"] else ""
+    verdict = {"distilled": "the student distilled at the size is better",
+               "interpolated": "the interpolated size is better"}.get(gap["winner"], "within noise of each other")
+    return (f"{where}: {metric} interpolated {gap['interpolated']:.4g}, distilled at the size {gap['distilled']:.4g} "
+            f"({rel}{noise}): {verdict}")
+
+
 def combine(families: dict[str, list[dict]]) -> list[dict]:
     """Rows of several families of one teacher (name -> rows) as one set: each row gets `family` and a key unique
     across them ("NAME:interpolated-23"); the teacher, measured alike in every family, is kept once (no family).

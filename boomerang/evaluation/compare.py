@@ -11,6 +11,9 @@ from boomerang.errors import BoomerangError
 from boomerang.evaluation import chart
 from boomerang.evaluation.results import ResultStore
 
+GAP_FIELDS = ["family", "n_layers", "task", "metric", "interpolated", "distilled", "difference", "stderr", "relative",
+              "winner"]
+"""The columns of `at-size.csv`: the paper's central comparison, one row per size and metric."""
 TABLE_FIELDS = ["family", "key", "series", "n_layers", "params", "task", "metric", "value", "stderr", "pareto", "cell"]
 """The columns of `families.csv` (written by `compare_families`, read back by `published`)."""
 
@@ -23,6 +26,9 @@ class Comparison:
     """(task, metric) -> keys on the Pareto frontier, smallest first."""
     table: Path
     charts: list[Path]
+    gaps: dict[tuple[str, str], list[dict]]
+    """(task, metric) -> every interpolated size beside the student distilled at that size (`chart.at_size_gaps`),
+    for the charts that have such pairs; also written to `at-size.csv`."""
 
 
 def results_of(folder: str | Path) -> Path:
@@ -105,11 +111,13 @@ def compare_families(folders: list[str], out: str | Path, *, names: list[str] | 
     lm = [t for t in tasks if t not in chart.NOT_AVERAGED]
     wanted = [(t, chart_metric) for t in lm] + ([("average", chart_metric)] if len(lm) > 1 else [])
     wanted += [(t, m) for t in tasks if t in chart.LABEL_FREE for m in chart.LABEL_FREE_METRICS]
-    frontiers, charts, pareto_of = {}, [], {}
+    frontiers, charts, pareto_of, gaps = {}, [], {}, {}
     for task, metric in wanted:
         pts = chart.points(rows, task, metric)
         if not pts:
             continue
+        if pairs := chart.at_size_gaps(pts, metric):
+            gaps[(task, metric)] = pairs
         higher = metric not in chart.LOWER_IS_BETTER
         frontiers[(task, metric)] = [p["key"] for p in chart.pareto(pts, higher)]
         for key, by in chart.dominated_by(pts, higher).items():
@@ -122,4 +130,19 @@ def compare_families(folders: list[str], out: str | Path, *, names: list[str] | 
         writer.writeheader()
         for r in rows:
             writer.writerow({**r, "pareto": pareto_of.get((r["key"], r["task"], r["metric"]), "")})
-    return Comparison(rows, frontiers, table, charts)
+    _write_gaps(gaps, out / "at-size.csv")
+    return Comparison(rows, frontiers, table, charts, gaps)
+
+
+def _write_gaps(gaps: dict[tuple[str, str], list[dict]], path: Path) -> None:
+    """`at-size.csv` (GAP_FIELDS); an earlier comparison's file is removed when these families have no pair, so a
+    folder never shows the gaps of families it no longer compares."""
+    if not gaps:
+        path.unlink(missing_ok=True)
+        return
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=GAP_FIELDS)
+        writer.writeheader()
+        for (task, metric), pairs in gaps.items():
+            for g in pairs:
+                writer.writerow({**g, "task": task, "metric": metric})
