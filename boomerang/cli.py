@@ -304,11 +304,10 @@ def _student_folder(path: str) -> str:
 
 
 def cmd_compare(args) -> int:
+    from boomerang.evaluation.chart import gap_line
     from boomerang.evaluation.compare import compare_families
 
     report = compare_families(args.families, args.out, names=args.name, chart_metric=args.chart_metric)
-    from boomerang.evaluation.chart import gap_line
-
     for (task, metric), keys in report.frontiers.items():
         print(f"{task} {metric}: Pareto frontier {', '.join(keys)}")
     for (task, metric), pairs in report.gaps.items():  # the paper's central comparison, size by size
