@@ -403,3 +403,17 @@ def test_a_better_interpolated_size_and_a_gap_without_standard_errors_are_called
     assert [(g["n_layers"], g["winner"], g["stderr"]) for g in gaps] == [(6, "interpolated", pytest.approx(0.01 * 2 ** 0.5)),
                                                                          (7, "distilled", None)]
     assert at_size_gaps([pt("interpolated", 6, 1.0), pt("distilled", 6, 1.0)], "perplexity")[0]["winner"] == "within noise"
+
+
+def test_a_familys_own_student_distilled_at_the_size_is_paired_before_one_of_its_at_size_family():
+    from boomerang.evaluation.chart import AT_SIZE_SUFFIX, at_size_gaps
+
+    def pt(family, series, value):
+        return {"family": family, "key": f"{family}:{series}-6", "series": series, "n_layers": 6, "params": 6,
+                "value": value, "stderr": 0.01}
+
+    own, other = pt("run", "distilled", 0.40), pt("run" + AT_SIZE_SUFFIX, "distilled", 0.20)
+    interp = pt("run", "interpolated", 0.50)
+    for order in ([interp, own, other], [interp, other, own]):  # whichever family the table lists first
+        assert [g["distilled"] for g in at_size_gaps(order, "kl_to_teacher")] == [0.40]
+    assert [g["distilled"] for g in at_size_gaps([interp, other], "kl_to_teacher")] == [0.20]

@@ -181,7 +181,7 @@ AT_SIZE_SUFFIX = "-at-size"
 
 def at_size_gaps(pts: list[dict], metric: str) -> list[dict]:
     """The paper's central comparison, size by size: every interpolated size beside the student distilled at that
-    size (series `distilled`, same layer count, same family or the family NAME-at-size), from `points`.
+    size (series `distilled`, same layer count, same family or else the family NAME-at-size), from `points`.
 
     One dict per pair, by family then size: family, n_layers, interpolated and distilled (values), difference
     (interpolated - distilled), stderr of the difference (the two standard errors as independent, which overstates
@@ -189,8 +189,10 @@ def at_size_gaps(pts: list[dict], metric: str) -> list[dict]:
     relative (difference / distilled) and winner: "distilled" or "interpolated" when the difference is over twice
     its standard error (or, without standard errors, when it is not zero), else "within noise"."""
     higher = metric not in LOWER_IS_BETTER
+    # a family's own student distilled at a size wins over NAME-at-size's at the same size (sorted to come last)
     distilled = {((p.get("family") or "").removesuffix(AT_SIZE_SUFFIX), p["n_layers"]): p
-                 for p in pts if p["series"] == "distilled"}
+                 for p in sorted((p for p in pts if p["series"] == "distilled"),
+                                 key=lambda p: not (p.get("family") or "").endswith(AT_SIZE_SUFFIX))}
     out = []
     for p in sorted((p for p in pts if p["series"] == "interpolated"), key=lambda p: (p.get("family") or "", p["n_layers"])):
         q = distilled.get((p.get("family") or "", p["n_layers"]))

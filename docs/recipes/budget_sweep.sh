@@ -7,6 +7,7 @@
 # Usage: docs/recipes/budget_sweep.sh RECIPE STEPS_AT_1X MULT [MULT...]
 #   e.g. on one GPU:  BATCH=32 SEQ=512 DEVICE=cuda docs/recipes/budget_sweep.sh paper 1000 1 4 16
 #        on this CPU: docs/recipes/budget_sweep.sh cpu 150 1 4     (the fidelity study's 1x and 4x: hours)
+#                     docs/recipes/budget_sweep.sh cpu 150 0.25 0.5  (below 1x: under an hour)
 #   env: RUNS (default /tmp/sweep), DATA (default WikiText-2 valid of ../shared), BATCH (8), SEQ (128),
 #        SIZES (comma-separated; default three spread over the family), DEVICE (cpu) for the evaluations, and
 #        TEACHER (default: the packaged one), FLAGS (more distill flags, e.g. "--dtype bfloat16"). A run already done is not run again (distill
@@ -20,20 +21,23 @@ data=${DATA:-../shared/data/lm/wikitext2_valid.tokens.txt}
 B=.venv/bin/boomerang
 students=()
 for mult in "$@"; do
+  # a multiple may be a fraction (0.25: a quarter of the 1x steps, rounded), to see a trend below 1x on a CPU
+  n=$(awk -v s="$steps" -v m="$mult" 'BEGIN { n = int(s * m + 0.5); if (m !~ /^[0-9]*\.?[0-9]+$/ || n < 1) exit 1; print n }') \
+    || { echo "error: MULT must be a positive number giving at least one step (got '$mult')" >&2; exit 2; }
   run=$runs/$recipe-${mult}x
   start=$(date +%s)
   if [ ! -f "$run/student/manifest.json" ]; then
     resume=(); [ -f "$run/recipe.json" ] && resume=(--resume)  # a stopped run goes on from its checkpoint
     # shellcheck disable=SC2086  # FLAGS is a list of flags
-    quiet 'distill: ' $B distill --recipe "$recipe" --data "$data" --out "$run" --steps $((steps * mult)) \
+    quiet 'distill: ' $B distill --recipe "$recipe" --data "$data" --out "$run" --steps "$n" \
       --batch-size "${BATCH:-8}" --seq-len "${SEQ:-128}" --checkpoint-every 50 ${TEACHER:+--teacher "$TEACHER"} \
       "${resume[@]}" ${FLAGS:-}
   fi
   quiet 'distill: ' $B baselines "$run/student" ${SIZES:+--sizes "$SIZES"}
   quiet eval $B eval "$run/student" --heldout-data "$run/student/heldout-tokens.pt" --general-data shipped \
     --device "${DEVICE:-cpu}" --out "$run/student/eval"
-  echo "== $recipe at ${mult}x ($((steps * mult)) steps): $(( $(date +%s) - start )) s"
+  echo "== $recipe at ${mult}x ($n steps): $(( $(date +%s) - start )) s"
   students+=("$run/student")
 done
-$B compare "${students[@]}" --out "$runs/compare" | { grep -E "^(general|heldout) (at-size|kl_to_teacher: of)|^table" || true; }
+$B compare "${students[@]}" --out "$runs/compare" | { grep -E "^(general|heldout) (at-size|[a-z0-9_]+: of )|^table" || true; }
 .venv/bin/python "$(dirname "$0")/summarize_gaps.py" "$runs/compare/at-size.csv"
