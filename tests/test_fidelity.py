@@ -417,3 +417,22 @@ def test_a_familys_own_student_distilled_at_the_size_is_paired_before_one_of_its
     for order in ([interp, own, other], [interp, other, own]):  # whichever family the table lists first
         assert [g["distilled"] for g in at_size_gaps(order, "kl_to_teacher")] == [0.40]
     assert [g["distilled"] for g in at_size_gaps([interp, other], "kl_to_teacher")] == [0.20]
+
+
+def test_a_later_batch_of_students_distilled_at_sizes_named_name_at_size_tag_pairs_with_name():
+    """A table already holding NAME-at-size refuses a folder of that name, so a second batch is NAME-at-size-TAG;
+    names that only contain the suffix inside a word, or are nothing but it, pair with no family."""
+    from boomerang.evaluation.chart import at_size_gaps, at_size_of
+
+    assert [at_size_of(n) for n in ("paper-4x-at-size", "paper-4x-at-size-23", "paper-4x", "run-at-sizes",
+                                    "-at-size", "a-at-size-b-at-size")] == [
+        "paper-4x", "paper-4x", None, None, None, "a-at-size-b"]
+
+    def pt(family, series, n, value):
+        return {"family": family, "key": f"{family}:{series}-{n}", "series": series, "n_layers": n, "params": n,
+                "value": value, "stderr": 0.01}
+
+    pts = [pt("run", "interpolated", 6, 0.50), pt("run", "interpolated", 7, 0.30),
+           pt("run-at-size", "distilled", 6, 0.40), pt("run-at-size-7", "distilled", 7, 0.20),
+           pt("run-at-sizes", "distilled", 6, 0.10)]  # not an at-size family: never paired
+    assert [(g["n_layers"], g["distilled"]) for g in at_size_gaps(pts, "kl_to_teacher")] == [(6, 0.40), (7, 0.20)]

@@ -176,12 +176,19 @@ SHARED_BASELINES = ("drop-bi", "distilled", "reference")
 
 AT_SIZE_SUFFIX = "-at-size"
 """A family named NAME-at-size holds students distilled at sizes of the family NAME whose run folder was gone
-(`docs/recipes/at_size_only.sh`): `at_size_gaps` pairs them with NAME's sizes."""
+(`docs/recipes/at_size_only.sh`): `at_size_gaps` pairs them with NAME's sizes. A later batch of them, whose
+evaluation folder cannot share the name of a family already in a table, is NAME-at-size-TAG (paper-4x-at-size-23)."""
+
+
+def at_size_of(family: str) -> str | None:
+    """NAME for a family named NAME-at-size or NAME-at-size-TAG (see AT_SIZE_SUFFIX), else None."""
+    head, sep, tail = family.rpartition(AT_SIZE_SUFFIX)
+    return head if sep and head and (not tail or tail.startswith("-")) else None
 
 
 def at_size_gaps(pts: list[dict], metric: str) -> list[dict]:
     """The paper's central comparison, size by size: every interpolated size beside the student distilled at that
-    size (series `distilled`, same layer count, same family or else the family NAME-at-size), from `points`.
+    size (series `distilled`, same layer count, same family or else NAME-at-size[-TAG]), from `points`.
 
     One dict per pair, by family then size: family, n_layers, interpolated and distilled (values), difference
     (interpolated - distilled), stderr of the difference (the two standard errors as independent, which overstates
@@ -190,9 +197,9 @@ def at_size_gaps(pts: list[dict], metric: str) -> list[dict]:
     its standard error (or, without standard errors, when it is not zero), else "within noise"."""
     higher = metric not in LOWER_IS_BETTER
     # a family's own student distilled at a size wins over NAME-at-size's at the same size (sorted to come last)
-    distilled = {((p.get("family") or "").removesuffix(AT_SIZE_SUFFIX), p["n_layers"]): p
+    distilled = {(at_size_of(p.get("family") or "") or p.get("family") or "", p["n_layers"]): p
                  for p in sorted((p for p in pts if p["series"] == "distilled"),
-                                 key=lambda p: not (p.get("family") or "").endswith(AT_SIZE_SUFFIX))}
+                                 key=lambda p: at_size_of(p.get("family") or "") is None)}
     out = []
     for p in sorted((p for p in pts if p["series"] == "interpolated"), key=lambda p: (p.get("family") or "", p["n_layers"])):
         q = distilled.get((p.get("family") or "", p["n_layers"]))

@@ -6,6 +6,8 @@
 # shared reference): the one-step family itself is not a result and is never evaluated.
 # Usage: docs/recipes/at_size_only.sh NAME RECIPE STEPS SIZE [SIZE...]      (run folder $RUNS/NAME, default /tmp/fid)
 #   e.g. docs/recipes/at_size_only.sh cpu-4x cpu 600 23 27
+# Results go to $RUNS/NAME-at-size, which compare pairs with NAME's sizes; TAG=23 writes NAME-at-size-23 instead,
+# for a later batch when a table already holds a NAME-at-size family (compare refuses two families of one name).
 set -euo pipefail
 . "$(dirname "$0")/quiet.sh"
 name=$1 recipe=$2 steps=$3; shift 3
@@ -26,5 +28,5 @@ done
 teacher=$(.venv/bin/python -c "import json,sys; print(json.load(open(sys.argv[1]))['n_teacher'])" "$run/plan.json")
 start=$(date +%s)
 quiet eval $B eval "$run/student" --sizes "$teacher" --heldout-data "$run/student/heldout-tokens.pt" \
-  --general-data shipped --out "$run-at-size"
+  --general-data shipped --out "$run-at-size${TAG:+-$TAG}"
 echo "== evaluation of the teacher and the students at $*: $(( $(date +%s) - start )) s"
