@@ -284,6 +284,16 @@ def _compare_tab(services):
     return family, show
 
 
+def reply_pane(label: str, elem_id: str) -> gr.Chatbot:
+    """A chat pane that shows each reply's text as the model wrote it: no Markdown, no LaTeX.
+
+    Small sizes write degenerate text ("1. 1. 1. …", "> > > …", "$$$…") whose Markdown or LaTeX parse
+    grows much faster than its length; re-parsed at every streamed update, it froze the page (a Stop
+    click waited over a minute). Plain text also shows a size's output exactly, markup and all.
+    """
+    return gr.Chatbot(label=label, elem_id=elem_id, height=360, render_markdown=False, latex_delimiters=[])
+
+
 def _chat_tab(services):
     from boomerang.family import ENDS
 
@@ -305,10 +315,10 @@ def _chat_tab(services):
         max_new = gr.Slider(8, 4096, value=128, step=8, label="Max new tokens", elem_id="max-new")
     with gr.Row():
         with gr.Column():
-            left = gr.Chatbot(label="This size", elem_id="chat-size-bot", height=360)
+            left = reply_pane("This size", "chat-size-bot")
             left_stats = gr.Markdown(elem_id="size-stats", elem_classes="stats")
         with gr.Column():
-            right = gr.Chatbot(label="Teacher", elem_id="chat-teacher-bot", height=360)
+            right = reply_pane("Teacher", "chat-teacher-bot")
             right_stats = gr.Markdown(elem_id="teacher-stats", elem_classes="stats")
     message = gr.Textbox(label="Message", placeholder="Ask both at once", elem_id="chat-input")
     with gr.Row():

@@ -207,3 +207,44 @@ def test_no_untranslated_gradio_key_is_announced(tmp_path):
         seen[name] = " ".join(texts)
     assert "common.complete" in seen["plain"]  # the check can see the bug
     assert "common.complete" not in seen["ours"] and "Complete" in seen["ours"]
+
+
+def test_a_degenerate_reply_streaming_into_the_chat_panes_leaves_the_page_responsive():
+    """Small sizes write text like "1. 1. 1. …" or "> > > …" or "$$$…"; rendered as Markdown or LaTeX and
+    re-parsed at every streamed update, such a reply froze the page for over a minute (a Stop click
+    timed out in CI). The chat panes (`reply_pane`) show text as written: a click still lands at once."""
+    import time
+
+    import gradio as gr
+    from playwright.sync_api import expect, sync_playwright
+
+    from app.ui import reply_pane
+
+    def stream():
+        text = ""
+        for i in range(600):  # 30 s at most; the test stops it long before
+            text += ("1. " * 60, "> " * 90, "$" * 180)[i % 3]
+            reply = [{"role": "user", "content": "go"}, {"role": "assistant", "content": text}]
+            yield reply, reply
+            time.sleep(0.05)
+
+    with gr.Blocks() as demo:
+        left, right = reply_pane("This size", "left"), reply_pane("Teacher", "right")
+        go, ping, pings = gr.Button("go", elem_id="go"), gr.Button("ping", elem_id="ping"), gr.Number(0, elem_id="pings")
+        streaming = go.click(stream, None, [left, right])
+        ping.click(lambda n: n + 1, pings, pings, queue=False, cancels=[streaming])
+    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True)
+    try:
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+            page = browser.new_page()
+            page.goto(url)
+            page.locator("#go").click()
+            # ~10,000 characters of each pattern's text in each pane (the Markdown panes froze by then)
+            page.wait_for_function("document.querySelector('#left').innerText.length > 30000", timeout=60_000)
+            page.locator("#ping").click(timeout=10_000)
+            expect(page.locator("#pings input")).to_have_value("1", timeout=10_000)
+            assert "1. 1. 1." in page.locator("#left").inner_text()  # shown as written, not as nested lists
+            browser.close()
+    finally:
+        demo.close()
