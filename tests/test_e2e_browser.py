@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -176,11 +177,27 @@ def test_launch_watch_evaluate_compare_chat_stop(stack):
         browser.close()
 
 
+@contextmanager
+def opened(demo, **options):
+    """A small Blocks served on localhost and opened in chromium: yields the page; closes both after."""
+    from playwright.sync_api import sync_playwright
+
+    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True, **options)
+    try:
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+            page = browser.new_page()
+            page.goto(url)
+            yield page
+            browser.close()
+    finally:
+        demo.close()
+
+
 def test_no_untranslated_gradio_key_is_announced(tmp_path):
     """Gradio announces a finished event as `common.complete`, a key its English strings lack; the
     dashboard's I18N (what `boomerang app` launches with) supplies it. Without it the raw key shows."""
     import gradio as gr
-    from playwright.sync_api import sync_playwright
 
     from app.ui import I18N
 
@@ -189,21 +206,13 @@ def test_no_untranslated_gradio_key_is_announced(tmp_path):
         with gr.Blocks() as demo:
             button, out = gr.Button("go"), gr.Textbox(elem_id="out")
             button.click(lambda: "done", None, out)
-        _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True, **options)
-        try:
-            with sync_playwright() as pw:
-                browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
-                page = browser.new_page()
-                page.goto(url)
-                page.get_by_text("go").click()
-                page.wait_for_function("document.querySelector('#out textarea').value == 'done'")
-                texts = set()
-                for _ in range(70):  # the announcement comes within 5 s and lasts about 1 s
-                    texts.add(page.locator("body").inner_text())
-                    page.wait_for_timeout(100)
-                browser.close()
-        finally:
-            demo.close()
+        with opened(demo, **options) as page:
+            page.get_by_text("go").click()
+            page.wait_for_function("document.querySelector('#out textarea').value == 'done'")
+            texts = set()
+            for _ in range(70):  # the announcement comes within 5 s and lasts about 1 s
+                texts.add(page.locator("body").inner_text())
+                page.wait_for_timeout(100)
         seen[name] = " ".join(texts)
     assert "common.complete" in seen["plain"]  # the check can see the bug
     assert "common.complete" not in seen["ours"] and "Complete" in seen["ours"]
@@ -216,7 +225,7 @@ def test_a_degenerate_reply_streaming_into_the_chat_panes_leaves_the_page_respon
     import time
 
     import gradio as gr
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
     from app.ui import reply_pane
 
@@ -233,18 +242,10 @@ def test_a_degenerate_reply_streaming_into_the_chat_panes_leaves_the_page_respon
         go, ping, pings = gr.Button("go", elem_id="go"), gr.Button("ping", elem_id="ping"), gr.Number(0, elem_id="pings")
         streaming = go.click(stream, None, [left, right])
         ping.click(lambda n: n + 1, pings, pings, queue=False, cancels=[streaming])
-    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True)
-    try:
-        with sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
-            page = browser.new_page()
-            page.goto(url)
-            page.locator("#go").click()
-            # ~10,000 characters of each pattern's text in each pane (the Markdown panes froze by then)
-            page.wait_for_function("document.querySelector('#left').innerText.length > 30000", timeout=60_000)
-            page.locator("#ping").click(timeout=10_000)
-            expect(page.locator("#pings input")).to_have_value("1", timeout=10_000)
-            assert "1. 1. 1." in page.locator("#left").inner_text()  # shown as written, not as nested lists
-            browser.close()
-    finally:
-        demo.close()
+    with opened(demo) as page:
+        page.locator("#go").click()
+        # ~10,000 characters of each pattern's text in each pane (the Markdown panes froze by then)
+        page.wait_for_function("document.querySelector('#left').innerText.length > 30000", timeout=60_000)
+        page.locator("#ping").click(timeout=10_000)
+        expect(page.locator("#pings input")).to_have_value("1", timeout=10_000)
+        assert "1. 1. 1." in page.locator("#left").inner_text()  # shown as written, not as nested lists
