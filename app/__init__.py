@@ -1,5 +1,6 @@
 """The Gradio dashboard: launch distillation, watch jobs, compare sizes on a chart, chat side by side.
 
-`build_app(services)` returns the Blocks; every handler is a plain function of `app.handlers`
-that a test can call without a browser. Nothing here holds module-level state.
+`app.ui.build_app(services)` returns the Blocks; each tab is a module (`launch`, `jobs`, `compare`, `chat`)
+whose handlers are plain functions a test can call without a browser, and `common` holds what they
+share. Nothing here holds module-level state.
 """

@@ -99,8 +99,8 @@ def make_services(*, database_url: str | None = None, redis_url: str | None = No
                   eval_tasks: str = "", device: str = "cpu", allowed_roots: tuple = ()) -> Services:
     from boomerang.models import boomerang_home
     from db.engine import make_engine
-    from workers.app import make_celery
+    from workers.broker import make_sender
 
-    return Services(engine=make_engine(database_url), celery=make_celery(redis_url), models=ModelCache(device),
+    return Services(engine=make_engine(database_url), celery=make_sender(redis_url), models=ModelCache(device),
                     eval_data_dir=eval_data_dir, eval_tasks=eval_tasks, exports_dir=boomerang_home() / "exports",
                     allowed_roots=tuple(allowed_roots))

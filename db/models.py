@@ -17,12 +17,6 @@ def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
 
-class JobKind(str, Enum):
-    DISTILL = "distill"
-    EVAL = "eval"
-    EXPORT = "export"
-
-
 class JobStatus(str, Enum):
     QUEUED = "QUEUED"
     RUNNING = "RUNNING"
@@ -49,7 +43,7 @@ class TeacherRecord(TeacherBase, table=True):
 
 
 class JobBase(SQLModel):
-    kind: JobKind
+    kind: str = Field(description="a kind of the job registry (workers.kinds.KINDS): distill, eval, export")
     settings: dict = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     queue: str = Field(default="default", description="Celery queue the job is routed to")
 

@@ -42,7 +42,7 @@ def student_of_job(job_id: int) -> str:
     if job is None:
         raise BoomerangError(f"no job {job_id}")
     if not job.result.get("student_dir"):
-        raise BoomerangError(f"job {job_id} is a {job.kind.value} job that is {job.status.value}: serve a SUCCEEDED "
+        raise BoomerangError(f"job {job_id} is a {job.kind} job that is {job.status.value}: serve a SUCCEEDED "
                              "distillation job, or give --student DIR")
     return job.result["student_dir"]
 

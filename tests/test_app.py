@@ -10,8 +10,10 @@ import pytest
 import redis
 from sqlmodel import Session, select
 
-from app import handlers as h
+from app import chat, common, compare, jobs, launch
+from app.common import reported
 from app.services import ModelCache, Services
+from boomerang.errors import BoomerangError
 from db import crud
 from db.engine import make_engine
 from test_eval import write_eval_files
@@ -19,6 +21,11 @@ from test_jobs import REDIS_URL
 from tiny import save_tiny_teacher
 from workers.app import make_celery
 from workers.runner import run_job
+
+# the handlers as the page wires them: a user's error comes back as the page's one-line message
+launched = reported(launch.launch_job, "Not launched")
+previewed = reported(launch.preview_plan, launch.PLAN_REFUSED, ([],))
+evaluated = reported(jobs.evaluate_job, "Not queued")
 
 TEXT = "A small corpus for a tiny teacher, repeated so there are enough blocks. " * 200
 
@@ -41,10 +48,10 @@ def world(tmp_path_factory):
     services = Services(engine=engine, celery=make_celery(REDIS_URL), models=ModelCache(), eval_data_dir=str(data),
                         eval_tasks="quiz,fill", exports_dir=tmp / "exports", allowed_roots=(tmp,))
     services.queue = queue
-    msg = h.launch_job(services, form(tmp))
+    msg = launched(services, form(tmp))
     job_id = int(msg.split("Job ")[1].split(" ")[0])
     assert run_job(job_id, engine=engine, worker="test") == "SUCCEEDED"
-    msg = h.evaluate_job(services, job_id, "quiz,fill", str(data), 5)
+    msg = evaluated(services, job_id, "quiz,fill", str(data), 5)
     eval_id = int(msg.split("job ")[1].split(" ")[0])
     assert run_job(eval_id, engine=engine, worker="test") == "SUCCEEDED"
     yield {"services": services, "tmp": tmp, "job": job_id, "eval": eval_id}
@@ -53,31 +60,31 @@ def world(tmp_path_factory):
 
 def form(tmp, **changes) -> dict:
     """The launch form as the page sends it: the paper recipe's values, a tiny teacher and corpus, a short run."""
-    values = {**h.form_values("paper"), "teacher": str(tmp / "teacher"), "data": str(tmp / "corpus.txt"), "steps": 8,
+    values = {**launch.form_values("paper"), "teacher": str(tmp / "teacher"), "data": str(tmp / "corpus.txt"), "steps": 8,
               "batch_size": 2, "seq_len": 16, "lr": 1e-3, "recipe": "paper", "evaluate": False}
     return {**values, **changes}
 
 
 def test_the_launch_form_says_how_long_a_job_takes_from_this_machines_rates(world, monkeypatch, tmp_path):
     s, tmp = world["services"], world["tmp"]
-    text = h.launch_estimate(s, str(tmp / "teacher"), str(tmp / "corpus.txt"), 80, 2, 16, 0, "rule")
+    text = launch.launch_estimate(s, str(tmp / "teacher"), str(tmp / "corpus.txt"), 80, 2, 16, 0, "rule")
     assert text.startswith("**About ") and " on cpu**" in text and "training" in text  # the world's run measured it
-    slower = h.launch_estimate(s, str(tmp / "teacher"), str(tmp / "corpus.txt"), 800, 2, 16, 0, "rule")
+    slower = launch.launch_estimate(s, str(tmp / "teacher"), str(tmp / "corpus.txt"), 800, 2, 16, 0, "rule")
     assert slower != text  # ten times the steps: another number
     monkeypatch.setenv("BOOMERANG_HOME", str(tmp_path / "fresh"))  # a machine where nothing ran
-    assert "no run of this teacher has been timed" in h.launch_estimate(s, str(tmp / "teacher"), "", 80, 2, 16, 0)
-    assert h.launch_estimate(s, "./no/such/teacher", "", 80, 2, 16, 0) == ""  # the launch says what is wrong
+    assert "no run of this teacher has been timed" in launch.launch_estimate(s, str(tmp / "teacher"), "", 80, 2, 16, 0)
+    assert launch.launch_estimate(s, "./no/such/teacher", "", 80, 2, 16, 0) == ""  # the launch says what is wrong
 
 
 def test_preview_shows_the_plan_and_every_size(world):
     s, tmp = world["services"], world["tmp"]
-    text, rows = h.preview_plan(s, str(tmp / "teacher"), 1, 2, 2, "")
+    text, rows = previewed(s, str(tmp / "teacher"), 1, 2, 2, "")
     assert "`[0, 2, 4, 6, 7]`" in text and "5 layers" in text and [r[0] for r in rows] == [5, 6, 7, 8]
-    text, rows = h.preview_plan(s, str(tmp / "teacher"), 1, 2, 2, "2,4")
+    text, rows = previewed(s, str(tmp / "teacher"), 1, 2, 2, "2,4")
     assert text.startswith("**Cannot use this plan:**") and "must keep layer 0" in text and rows == []
-    text, rows = h.preview_plan(s, str(tmp / "teacher"), 1, 2, 2, "", "importance")  # what the cpu recipe uses
+    text, rows = previewed(s, str(tmp / "teacher"), 1, 2, 2, "", "importance")  # what the cpu recipe uses
     assert "**Importance plan:** the job keeps 5 layers" in text and "known then" in text and len(rows) == 4
-    text, rows = h.preview_plan(s, str(tmp / "teacher"), 1, 2, 2, "2,4")
+    text, rows = previewed(s, str(tmp / "teacher"), 1, 2, 2, "2,4")
     assert text.startswith("**Cannot use this plan:**") and "must keep layer 0" in text and rows == []
 
 
@@ -85,17 +92,17 @@ def test_the_recipe_choice_fills_the_form_and_goes_with_the_job(world):
     from boomerang.training.recipe import DistillConfig, named_recipe
 
     s, tmp = world["services"], world["tmp"]
-    paper, cpu = h.form_values("paper"), h.form_values("cpu")
+    paper, cpu = launch.form_values("paper"), launch.form_values("cpu")
     assert paper["kl_weight"] == 0.1 and paper["plan"] == "rule" and paper["keep"] == ""
     reference = DistillConfig.from_dict(named_recipe("cpu"))
-    for name in h.LAUNCH_FIELDS:  # every field the recipe sets is on the form with the recipe's value
+    for name in launch.LAUNCH_FIELDS:  # every field the recipe sets is on the form with the recipe's value
         if name not in ("keep", "evaluate"):
             assert cpu[name] == getattr(reference, name), name
     assert cpu["evaluate"] is True and paper["evaluate"] is True  # not a recipe's: a dashboard job is evaluated when done
-    assert "Paper defaults" in h.recipe_summary("paper") and "kl 0.1" in h.recipe_summary("paper")
-    summary = h.recipe_summary("cpu")
+    assert "Paper defaults" in launch.recipe_summary("paper") and "kl 0.1" in launch.recipe_summary("paper")
+    summary = launch.recipe_summary("cpu")
     assert "CPU recipe" in summary and "kl 1" in summary and "ce" not in summary.split("loss terms")[1].split(";")[0]
-    msg = h.launch_job(s, form(tmp, **{**cpu, "teacher": str(tmp / "teacher"), "data": str(tmp / "corpus.txt"),
+    msg = launched(s, form(tmp, **{**cpu, "teacher": str(tmp / "teacher"), "data": str(tmp / "corpus.txt"),
                                        "recipe": "cpu"}))
     job_id = int(msg.split("Job ")[1].split(" ")[0])
     with Session(s.engine) as ses:
@@ -109,42 +116,45 @@ def test_launch_flags_bad_input_with_the_library_message(world):
     s, tmp = world["services"], world["tmp"]
     with Session(s.engine) as ses:
         before = len(crud.list_jobs(session=ses))
-    msg = h.launch_job(s, form(tmp, data=str(tmp / "nope.txt")))
+    msg = launched(s, form(tmp, data=str(tmp / "nope.txt")))
     assert msg.startswith("**Not launched:**") and "data not found" in msg
-    msg = h.launch_job(s, form(tmp, teacher="./no/teacher", data="teacher"))
+    msg = launched(s, form(tmp, teacher="./no/teacher", data="teacher"))
     assert "teacher folder not found" in msg
-    msg = h.launch_job(s, form(tmp, data="teacher", local_weight=0.5, processes=0))
+    msg = launched(s, form(tmp, data="teacher", local_weight=0.5, processes=0))
     assert msg.startswith("**Not launched:**") and "processes must be at least 1" in msg
     with Session(s.engine) as ses:
         assert len(crud.list_jobs(session=ses)) == before
-    assert "default" in h.teacher_choices(s) and str(tmp / "teacher") in h.teacher_choices(s)
+    assert "default" in common.teacher_choices(s) and str(tmp / "teacher") in common.teacher_choices(s)
 
 
 def test_jobs_table_and_detail(world):
     s = world["services"]
-    rows = h.jobs_table(s)
+    rows = jobs.jobs_table(s)
     done = [r for r in rows if r[0] == world["job"]][0]
     assert done[1:4] == ["distill", "SUCCEEDED", "8/8"]
-    status, curves, log = h.job_detail(s, world["job"])
+    status, curves, log = jobs.job_detail(s, world["job"])
     assert "data-status='SUCCEEDED'" in status and "student:" in status
     assert {c["term"] for c in curves} == {"ce", "kl", "cosine", "total"} and len(curves) == 4 * 8
     assert "step 8/8" in log
-    fig = h.loss_figure(curves)
+    fig = jobs.loss_figure(curves)
     assert [t.name for t in fig.data] == ["total", "ce", "kl", "cosine"] and list(fig.data[0].x) == list(range(1, 9))
-    assert h.loss_figure([]) is None
-    assert "No job 999" in h.job_detail(s, 999)[0]
-    assert "Cannot cancel" in h.cancel_job(s, 999)
-    assert "Cannot retry" in h.retry_job(s, world["job"])  # SUCCEEDED jobs are not retried
+    assert jobs.loss_figure([]) is None
+    assert "No job 999" in jobs.job_detail(s, 999)[0]
+    with pytest.raises(LookupError, match="999"):
+        jobs.cancel_job(s, 999)
+    assert "Cannot cancel" in reported(jobs.cancel_job, "Cannot cancel")(s, 999)
+    with pytest.raises(ValueError, match="only FAILED or CANCELLED"):  # SUCCEEDED jobs are not retried
+        jobs.retry_job(s, world["job"])
 
 
 def test_compare_chart_table_csv_and_budget(world):
     s = world["services"]
-    (label, sid), = h.family_choices(s)
-    tasks, metrics = h.task_metric_choices(s, sid)
+    (label, sid), = common.family_choices(s)
+    tasks, metrics = compare.task_metric_choices(s, sid)
     # Evaluate runs the standard evaluation with the form's tasks: the run's held-out text, the shipped general
     # text, cost, both baselines
     assert tasks == ["average", "cost", "fill", "general", "heldout", "quiz"] and "acc" in metrics
-    fig, table, csv_path, msg = h.compare(s, sid, "quiz", "acc", True, "parameters", None)
+    fig, table, csv_path, msg = compare.compare(s, sid, "quiz", "acc", True, "parameters", None)
     names = {t.name for t in fig.data}
     assert {"student", "interpolated", "teacher", "undistilled", "drop-bi", "Pareto frontier"} <= names
     assert sum(len(t.x) for t in fig.data if t.name in ("student", "interpolated", "teacher")) == 4
@@ -152,7 +162,7 @@ def test_compare_chart_table_csv_and_budget(world):
     assert all(t.error_y.visible for t in fig.data if t.name in ("student", "interpolated", "undistilled"))
     from boomerang.evaluation.chart import noise_note, points
 
-    assert noise_note(points(h.result_rows(s, sid), "quiz", "acc")) in msg  # the error bars, explained
+    assert noise_note(points(compare.result_rows(s, sid), "quiz", "acc")) in msg  # the error bars, explained
     assert fig.layout.xaxis.type == "log"
     lm_rows = [r for r in table if r[4] in ("quiz", "fill")]
     assert len(lm_rows) == 10 * 3 and all(r[7] != "" for r in lm_rows)  # 10 models x (quiz acc, acc_norm, fill acc)
@@ -160,25 +170,25 @@ def test_compare_chart_table_csv_and_budget(world):
     assert {r[5] for r in table if r[4] == "general"} == {"perplexity", "kl_to_teacher", "top1_agreement"}
     assert {r[5] for r in table if r[4] == "cost"} == {"weights_mb", "prefill_ms", "decode_tokens_per_s"}
     assert open(csv_path).read().startswith("model,series,layers,params,task,metric,value,stderr")
-    rows = h.result_rows(s, sid)
+    rows = compare.result_rows(s, sid)
     smallest = min(r["params"] for r in rows)
-    fig, _, _, msg = h.compare(s, sid, "quiz", "acc", False, "parameters", smallest)
+    fig, _, _, msg = compare.compare(s, sid, "quiz", "acc", False, "parameters", smallest)
     assert "Best within the budget:**" in msg and "(5 layers," in msg and any(t.name == "fits the budget" for t in fig.data)
-    assert "Nothing fits" in h.compare(s, sid, "quiz", "acc", False, "parameters", 10)[3]
-    assert "Best within the budget:**" in h.compare(s, sid, "quiz", "acc", False, "latency (ms)", 1e6)[3]
+    assert "Nothing fits" in compare.compare(s, sid, "quiz", "acc", False, "parameters", 10)[3]
+    assert "Best within the budget:**" in compare.compare(s, sid, "quiz", "acc", False, "latency (ms)", 1e6)[3]
 
 
 def test_chat_streams_both_sides_and_stop_ends_both(world):
     s = world["services"]
-    (_, sid), = h.family_choices(s)
-    counts, middle = h.size_choices(s, sid)
-    assert counts == [5, 6, 7, 8] and middle == 7 and "layers" in h.size_label(s, sid, 6)
-    assert "1 block patched" in h.size_label(s, sid, 6)
-    snapshots = list(h.chat_turn(s, sid, 6, "hello", [], [], "be brief", 0, 1.0, 12, "session-a"))
+    (_, sid), = common.family_choices(s)
+    counts, middle = chat.size_choices(s, sid)
+    assert counts == [5, 6, 7, 8] and middle == 7 and "layers" in chat.size_label(s, sid, 6)
+    assert "1 block patched" in chat.size_label(s, sid, 6)
+    snapshots = list(chat.chat_turn(s, sid, 6, "hello", [], [], "be brief", 0, 1.0, 12, "session-a"))
     left, right, lstats, rstats = snapshots[-1]
     assert left[-1]["role"] == "assistant" and right[-1]["role"] == "assistant"
     assert "12 tokens" in lstats and "12 tokens" in rstats and "first token" in lstats
-    gen = h.chat_turn(s, sid, 6, "hello", [], [], "", 0, 1.0, 400, "session-b")
+    gen = chat.chat_turn(s, sid, 6, "hello", [], [], "", 0, 1.0, 400, "session-b")
     next(gen)
     s.stop_event("session-b").set()  # what the Stop button does for its session
     *_, (left, right, lstats, rstats) = gen
@@ -189,11 +199,11 @@ def test_export_the_chosen_size(world):
     from transformers import AutoModelForCausalLM
 
     s = world["services"]
-    (_, sid), = h.family_choices(s)
-    msg = h.export_chosen(s, sid, 7)
+    (_, sid), = common.family_choices(s)
+    msg = chat.export_chosen(s, sid, 7)
     folder = msg.split("`")[1]
     assert AutoModelForCausalLM.from_pretrained(folder).config.num_hidden_layers == 7
-    assert "Exported" in h.export_chosen(s, sid, 7)  # exporting again replaces the folder
+    assert "Exported" in chat.export_chosen(s, sid, 7)  # exporting again replaces the folder
 
 
 def test_gradio_client_against_the_launched_app(world):
@@ -263,15 +273,15 @@ def test_paths_outside_the_allowed_folders_are_refused_alike_whether_they_exist_
     s, tmp = world["services"], world["tmp"]
     with Session(s.engine) as ses:
         before = len(crud.list_jobs(session=ses))
-    answers = [h.launch_job(s, form(tmp, data=path)) for path in ("/etc/hostname", "/etc", "/no/such/file", "/")]
-    answers += [h.launch_job(s, form(tmp, teacher=path)) for path in ("/usr", "/no/such/folder", "../../..")]
+    answers = [launched(s, form(tmp, data=path)) for path in ("/etc/hostname", "/etc", "/no/such/file", "/")]
+    answers += [launched(s, form(tmp, teacher=path)) for path in ("/usr", "/no/such/folder", "../../..")]
     for msg in answers:
         assert msg.startswith("**Not launched:**") and "must be inside a folder this dashboard may read" in msg, msg
         assert "not found" not in msg and "is a file" not in msg and "config.json" not in msg
     assert len({m.split(":**")[1].split(" must")[0] for m in answers[:4]}) == 1  # one wording for every data path
-    preview, _ = h.preview_plan(s, "/usr", 1, 2, 2, "")
+    preview, _ = previewed(s, "/usr", 1, 2, 2, "")
     assert "must be inside a folder" in preview
-    assert "must be inside a folder" in h.evaluate_job(s, world["job"], "quiz", "/etc", 5)
+    assert "must be inside a folder" in evaluated(s, world["job"], "quiz", "/etc", 5)
     with Session(s.engine) as ses:
         assert len(crud.list_jobs(session=ses)) == before
     assert s.path_allowed(str(tmp / "teacher")) and not s.path_allowed(str(tmp / ".." / "elsewhere"))
@@ -281,10 +291,10 @@ def test_free_text_is_bounded_before_it_is_parsed(world):
     s, tmp = world["services"], world["tmp"]
     for keep in ("0-3000000", "0-100000000", "1," * 3000):
         start = time.perf_counter()
-        text, rows = h.preview_plan(s, str(tmp / "teacher"), 1, 2, 2, keep)
+        text, rows = previewed(s, str(tmp / "teacher"), 1, 2, 2, keep)
         assert time.perf_counter() - start < 1.0 and rows == []
         assert text.startswith("**Cannot use this plan:**") and len(text) < 400, text
-    msg = h.launch_job(s, form(tmp, data="x" * 200_000))
+    msg = launched(s, form(tmp, data="x" * 200_000))
     assert msg.startswith("**Not launched:**") and "too long (200,000 characters" in msg and len(msg) < 300
 
 
@@ -295,7 +305,7 @@ def test_the_chat_can_be_driven_and_stopped_through_the_api(world):
     from app.ui import build_app
 
     s = world["services"]
-    (_, sid), = h.family_choices(s)
+    (_, sid), = common.family_choices(s)
     demo = build_app(s)
     demo.queue(max_size=4)
     _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True, show_error=False)
@@ -318,17 +328,17 @@ def test_the_chat_tab_shows_how_to_call_the_size_from_code(world):
     from boomerang.servers import register_server
 
     s = world["services"]
-    (_, sid), = h.family_choices(s)
+    (_, sid), = common.family_choices(s)
     with Session(s.engine) as ses:
         folder = crud.list_students(session=ses)[0].folder
-    assert "boomerang serve --student" in h.serving_snippet(s, sid, 6)
+    assert "boomerang serve --student" in chat.serving_snippet(s, sid, 6)
     path = register_server({"url": "http://127.0.0.1:8123/v1", "family": "fam", "student": str(folder),
                             "sizes": {"5": "fam-5L", "6": "fam-6L"}, "auth": True})
     try:
-        snippet = h.serving_snippet(s, sid, 6)
+        snippet = chat.serving_snippet(s, sid, 6)
         assert "http://127.0.0.1:8123/v1" in snippet and '"model": "fam-6L"' in snippet
         assert "Authorization: Bearer $BOOMERANG_API_KEY" in snippet and "from openai import OpenAI" in snippet
-        assert "has no 7-layer size" in h.serving_snippet(s, sid, 7)
+        assert "has no 7-layer size" in chat.serving_snippet(s, sid, 7)
     finally:
         path.unlink()
 
@@ -345,7 +355,7 @@ def test_bad_input_through_the_api_is_answered_fast_and_short_and_changes_nothin
     demo = build_app(s)
     demo.queue(max_size=8)
     _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True, show_error=False)
-    names = list(h.LAUNCH_FIELDS)
+    names = list(launch.LAUNCH_FIELDS)
     cases = [  # (changes to the form, words of the answer)
         ({"steps": 10**15}, "steps must be at most 10,000,000"),
         ({"warmup": 1.5}, "warmup is a fraction"),
@@ -370,63 +380,64 @@ def test_bad_input_through_the_api_is_answered_fast_and_short_and_changes_nothin
     finally:
         demo.close()
     for bad in (float("nan"), float("inf")):  # JSON cannot carry these; a handler can still be given them
-        assert "lr must be a finite number" in h.launch_job(s, form(tmp, lr=bad))
+        assert "lr must be a finite number" in launched(s, form(tmp, lr=bad))
     with Session(s.engine) as ses:
         assert len(crud.list_jobs(session=ses)) == before
-    fig, table, _, message = h.compare(s, h.family_choices(s)[0][1], "quiz", "acc", False, "parameters", float("inf"))
+    fig, table, _, message = compare.compare(s, common.family_choices(s)[0][1], "quiz", "acc", False, "parameters", float("inf"))
     assert message.startswith("**Budget refused:**") and table
     with pytest.raises(Exception, match="compare at most 8 other families at once, got 100000"):
-        h.compare(s, h.family_choices(s)[0][1], "quiz", "acc", False, "parameters", None,
+        compare.compare(s, common.family_choices(s)[0][1], "quiz", "acc", False, "parameters", None,
                   [str(i) for i in range(10**6, 10**6 + 10**5)])
     with pytest.raises(ValueError):
-        h.compare(s, h.family_choices(s)[0][1], "quiz", "acc", False, "parameters", None, ["abc"])
+        compare.compare(s, common.family_choices(s)[0][1], "quiz", "acc", False, "parameters", None, ["abc"])
 
 
 def test_fit_my_budget_computes_memory_and_says_when_latency_was_not_measured():
-    from boomerang.errors import BoomerangError
-
     rows = [{"key": f"interpolated-{n}", "series": "interpolated", "n_layers": n, "params": n * 1_000_000,
              "params_no_embed": 0, "task": "quiz", "metric": "acc", "value": n / 100, "stderr": None, "blocks": ""}
             for n in (5, 6, 7)]
-    best = h.best_within_budget(rows, "quiz", "acc", "memory (MB)", 6 * 4 / 1.048576 + 0.01)  # 6M float32 weights
+    best = compare.best_within_budget(rows, "quiz", "acc", "memory (MB)", 6 * 4 / 1.048576 + 0.01)  # 6M float32 weights
     assert best["n_layers"] == 6
     with pytest.raises(BoomerangError, match="latency was not measured for this family"):
-        h.best_within_budget(rows, "quiz", "acc", "latency (ms)", 100)
+        compare.best_within_budget(rows, "quiz", "acc", "latency (ms)", 100)
     measured = rows + [{**rows[0], "task": "cost", "metric": "prefill_ms", "value": 3.0}]
-    assert h.best_within_budget(measured, "quiz", "acc", "latency (ms)", 5)["n_layers"] == 5
+    assert compare.best_within_budget(measured, "quiz", "acc", "latency (ms)", 5)["n_layers"] == 5
 
 
 def test_a_teacher_is_chattable_before_any_family_is_distilled(world):
     s, tmp = world["services"], world["tmp"]
     teacher = str(tmp / "teacher")
-    value = dict((v, k) for k, v in h.chat_family_choices(s))
+    value = dict((v, k) for k, v in chat.chat_family_choices(s))
     assert f"cut:{teacher}" in value and "undistilled" in value[f"cut:{teacher}"]
-    counts, middle = h.size_choices(s, f"cut:{teacher}")
+    counts, middle = chat.size_choices(s, f"cut:{teacher}")
     assert counts == [5, 6, 7, 8]
-    assert "undistilled" in h.size_label(s, f"cut:{teacher}", 6) and "undistilled" not in h.size_label(s, f"cut:{teacher}", 8)
-    *_, (left, right, lstats, rstats) = h.chat_turn(s, f"cut:{teacher}", 6, "hello", [], [], "", 0, 1.0, 6, "cut")
+    assert "undistilled" in chat.size_label(s, f"cut:{teacher}", 6) and "undistilled" not in chat.size_label(s, f"cut:{teacher}", 8)
+    *_, (left, right, lstats, rstats) = chat.chat_turn(s, f"cut:{teacher}", 6, "hello", [], [], "", 0, 1.0, 6, "cut")
     assert left[-1]["role"] == "assistant" and "6 layers" in lstats and "teacher" in rstats
-    assert "Nothing to export" in h.export_chosen(s, f"cut:{teacher}", 6)
+    with pytest.raises(BoomerangError, match="nothing to export: the sizes of an undistilled family"):
+        chat.export_chosen(s, f"cut:{teacher}", 6)
     with pytest.raises(Exception, match="must be inside a folder this dashboard may read"):
-        h.size_choices(s, "cut:/usr/lib")
+        chat.size_choices(s, "cut:/usr/lib")
 
 
 def test_a_jobs_last_checkpoint_becomes_a_family_to_chat_with_and_evaluate(world):
     # last in this module: it adds a family to the world's one
     s, job = world["services"], world["job"]
-    msg = h.snapshot_job(s, job)
+    msg = jobs.snapshot_job(s, job)
     assert msg.startswith("**Step 8 of 8 as family #") and "snapshots/step-8" in msg, msg
-    choices = dict((v, k) for k, v in h.family_choices(s))
+    choices = dict((v, k) for k, v in common.family_choices(s))
     sid = next(v for v, label in choices.items() if "snapshots/step-8" in label)
-    counts, _ = h.size_choices(s, sid)
+    counts, _ = chat.size_choices(s, sid)
     assert counts == [5, 6, 7, 8]
-    *_, (left, _, lstats, _) = h.chat_turn(s, sid, 6, "hello", [], [], "", 0, 1.0, 4, "snap", "auto")
+    *_, (left, _, lstats, _) = chat.chat_turn(s, sid, 6, "hello", [], [], "", 0, 1.0, 4, "snap", "auto")
     assert left[-1]["role"] == "assistant" and "6 layers" in lstats
-    assert "norm and head from the teacher" in h.size_label(s, sid, 6, "auto")
-    assert h.snapshot_job(s, job) == msg  # the same step again: the same family
-    assert "No family" in h.snapshot_job(s, world["eval"]) and "No family" in h.snapshot_job(s, 999)
+    assert "norm and head from the teacher" in chat.size_label(s, sid, 6, "auto")
+    assert jobs.snapshot_job(s, job) == msg  # the same step again: the same family
+    for not_a_distillation in (world["eval"], 999):
+        with pytest.raises(BoomerangError, match="pick a distillation job that has started"):
+            jobs.snapshot_job(s, not_a_distillation)
     with pytest.raises(Exception, match="ends must be one of student, teacher, auto"):
-        h.size_label(s, sid, 6, "x" * 500)
+        chat.size_label(s, sid, 6, "x" * 500)
 
 
 def test_distilled_at_size_baselines_from_the_jobs_tab_and_families_compared_on_one_chart(world):
@@ -436,21 +447,21 @@ def test_distilled_at_size_baselines_from_the_jobs_tab_and_families_compared_on_
     from workers.submit import submit
 
     s, job = world["services"], world["job"]
-    msg = h.queue_at_size(s, job)
+    msg = jobs.at_size_job(s, job)
     assert msg.startswith("**Queued jobs ") and "students of 6, 7 layers" in msg, msg
     ids = [int(x) for x in msg.split("**Queued jobs ")[1].split("**")[0].split(", ")]
     for jid in ids:
         assert run_job(jid, engine=s.engine, worker="test") == "SUCCEEDED"
-    assert "Every distilled-at-size baseline of this run is done" in h.queue_at_size(s, job)
-    msg = h.evaluate_job(s, job, "quiz", s.eval_data_dir, 5)
+    assert "Every distilled-at-size baseline of this run is done" in jobs.at_size_job(s, job)
+    msg = jobs.evaluate_job(s, job, "quiz", s.eval_data_dir, 5)
     assert run_job(int(msg.split("job ")[1].split(" ")[0]), engine=s.engine, worker="test") == "SUCCEEDED"
-    choices = h.family_choices(s)
+    choices = common.family_choices(s)
     with Session(s.engine) as ses:
         from db.models import Student
 
         folders = {str(st.id): st.folder for st in ses.exec(select(Student))}
     sid = next(v for _, v in choices if folders[v] == crud.get_job(session=Session(s.engine), job_id=job).result["student_dir"])
-    fig, table, _, msg = h.compare(s, sid, "quiz", "acc", False, "parameters", None)
+    fig, table, _, msg = compare.compare(s, sid, "quiz", "acc", False, "parameters", None)
     assert sum(len(t.x) for t in fig.data if t.name == "distilled") == 2
     # the paper's central comparison in words, size by size, with the table's own numbers
     assert "**Interpolated sizes beside students distilled at the size**" in msg, msg
@@ -465,7 +476,7 @@ def test_distilled_at_size_baselines_from_the_jobs_tab_and_families_compared_on_
     req = EvalRequest.standard(folder, tasks=["quiz"], data_dir=s.eval_data_dir, settings=EvalSettings(limit=5))
     new = submit(engine=s.engine, app=s.celery, kind="eval", settings=req.to_dict(), queue=s.queue)
     assert run_job(new.id, engine=s.engine, worker="test") == "SUCCEEDED"
-    fig, table, _, msg = h.compare(s, sid, "general", "perplexity", False, "parameters", None, [snap])
+    fig, table, _, msg = compare.compare(s, sid, "general", "perplexity", False, "parameters", None, [snap])
     names = {t.name for t in fig.data}
     assert {f"interpolated · #{sid}", f"interpolated · #{snap}", "teacher", "Pareto frontier"} <= names, names
     assert {r[0].split(":")[0] for r in table if ":" in r[0]} == {f"#{sid}", f"#{snap}"}
@@ -475,13 +486,13 @@ def test_distilled_at_size_baselines_from_the_jobs_tab_and_families_compared_on_
     from boomerang.evaluation.compare import compare_families
 
     written = compare_families([folder], world["tmp"] / "published", names=["snapshot"]).table
-    fig2, table2, _, _ = h.compare(s, sid, "general", "perplexity", False, "parameters", None, [], str(written))
+    fig2, table2, _, _ = compare.compare(s, sid, "general", "perplexity", False, "parameters", None, [], str(written))
     assert {f"interpolated · #{sid}", "interpolated · snapshot", "teacher"} <= {t.name for t in fig2.data}
     def general(rows, name):
         return sorted([str(c).replace(name, "FAMILY:") for c in r] for r in rows if r[4] == "general")
 
     assert general(table2, "snapshot:") == general(table, f"#{snap}:") and len(general(table, "")) > 10
     for bad, words in ((world["tmp"] / "nothing.csv", "no such table"), (world["tmp"] / "x.txt", "families.csv"),
-                       (Path(h.__file__), "families.csv")):
+                       (Path(jobs.__file__), "families.csv")):
         with pytest.raises(Exception, match=words):
-            h.compare(s, sid, "general", "perplexity", False, "parameters", None, [], str(bad))
+            compare.compare(s, sid, "general", "perplexity", False, "parameters", None, [], str(bad))

@@ -12,7 +12,7 @@ from sqlmodel import Session
 
 from db import crud
 from db.engine import current_revision, database_url, make_engine
-from db.models import JobCreate, JobKind, JobStatus, StepMetric, utcnow
+from db.models import JobCreate, JobStatus, StepMetric, utcnow
 
 PG_ADMIN = os.environ.get("BOOMERANG_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 
@@ -36,15 +36,15 @@ def engine(request, tmp_path):
 
 
 def new_job(session, **settings):
-    return crud.create_job(session=session, job_in=JobCreate(kind=JobKind.DISTILL, settings=settings or {"steps": 1}))
+    return crud.create_job(session=session, job_in=JobCreate(kind="distill", settings=settings or {"steps": 1}))
 
 
 def test_migrations_bring_an_empty_database_to_head(engine):
-    assert current_revision(engine) == "0003"
+    assert current_revision(engine) == "0004"
     tables = set(inspect(engine).get_table_names())
     assert {"teachers", "jobs", "students", "sizes", "eval_results", "step_metrics", "alembic_version"} <= tables
     make_engine(engine.url.render_as_string(hide_password=False))  # upgrading again is a no-op
-    assert current_revision(engine) == "0003"
+    assert current_revision(engine) == "0004"
 
 
 def test_loss_terms_migration_keeps_old_step_rows_and_queued_jobs(engine):
@@ -56,7 +56,7 @@ def test_loss_terms_migration_keeps_old_step_rows_and_queued_jobs(engine):
         for table in ("step_metrics", "sizes", "eval_results", "students", "jobs", "teachers"):
             conn.execute(text(f"DROP TABLE {table}"))
         if engine.dialect.name == "postgresql":
-            conn.execute(text("DROP TYPE jobkind")), conn.execute(text("DROP TYPE jobstatus"))
+            conn.execute(text("DROP TYPE IF EXISTS jobkind")), conn.execute(text("DROP TYPE jobstatus"))
     upgrade(engine, "0001")
     with engine.begin() as conn:
         conn.execute(text("INSERT INTO jobs (kind, settings, queue, status, step, total, losses, log, attempts, "
@@ -65,11 +65,12 @@ def test_loss_terms_migration_keeps_old_step_rows_and_queued_jobs(engine):
         conn.execute(text("INSERT INTO step_metrics (job_id, step, loss, ce, kl, cosine, mse, lr, grad_norm, tokens, "
                           "tokens_per_s) VALUES (1, 1, 2.5, 1.5, 0.5, 0.25, 0, 1e-4, 1.0, 32, 10.0)"))
     engine = make_engine(url)
-    assert current_revision(engine) == "0003"
+    assert current_revision(engine) == "0004"
     with Session(engine) as s:
         (row,) = crud.steps_of(session=s, job_id=1)
         assert row.loss == 2.5 and row.terms == {"ce": 1.5, "kl": 0.5, "cosine": 0.25}  # a term that was off is gone
         assert crud.get_job(session=s, job_id=1).settings == {"steps": 3, "out": "runs/distill"}
+        assert crud.get_job(session=s, job_id=1).kind == "distill"  # the enum's DISTILL, as the registry names it
     assert "ce" not in {c["name"] for c in inspect(engine).get_columns("step_metrics")}
 
 

@@ -227,7 +227,7 @@ def test_a_degenerate_reply_streaming_into_the_chat_panes_leaves_the_page_respon
     import gradio as gr
     from playwright.sync_api import expect
 
-    from app.ui import reply_pane
+    from app.chat import reply_pane
 
     def stream():
         text = ""

@@ -28,7 +28,7 @@ from boomerang.student import cut_student
 from boomerang.training.recipe import recipe_changes
 from db import crud
 from db.engine import make_engine
-from db.models import JobCreate, JobKind, JobStatus
+from db.models import JobCreate, JobStatus
 from tiny import N_LAYERS, save_tiny_teacher, tiny_model, tiny_tokenizer, tokens
 
 TEXT = "The first hour of a new user, written out long enough for training and held-out blocks. " * 80
@@ -182,13 +182,13 @@ def test_a_workers_distillation_with_evaluate_queues_the_standard_evaluation(pla
     clean = validate("distill", dict(teacher=str(place / "teacher"), data=str(place / "corpus.txt"), steps=2,
                                      batch_size=2, seq_len=16, evaluate=True))
     with Session(engine) as s:
-        job_id = crud.create_job(session=s, job_in=JobCreate(kind=JobKind.DISTILL, settings=clean, queue=queue)).id
+        job_id = crud.create_job(session=s, job_in=JobCreate(kind="distill", settings=clean, queue=queue)).id
     try:
         assert run_job(job_id, engine=engine, worker="test") == "SUCCEEDED"
         with Session(engine) as s:
             job = crud.get_job(session=s, job_id=job_id)
             follow = crud.get_job(session=s, job_id=job.result["evaluation_job"])
-        assert (follow.kind, follow.status, follow.queue) == (JobKind.EVAL, JobStatus.QUEUED, queue)
+        assert (follow.kind, follow.status, follow.queue) == ("eval", JobStatus.QUEUED, queue)
         assert follow.settings["tasks"] == sorted(SHIPPED) and follow.settings["cost"] is True
         assert follow.settings["heldout_data"] == str(place / "home" / "runs" / f"job-{job_id}" / "student" / d.HELDOUT_FILE)
         assert follow.settings["baselines"] == ["undistilled", "drop-bi"]

@@ -19,7 +19,7 @@ from boomerang.cli import main
 from boomerang.errors import BoomerangError
 from db import crud
 from db.engine import make_engine
-from db.models import JobCreate, JobKind, JobStatus
+from db.models import JobCreate, JobStatus
 from test_eval import write_eval_files
 from tiny import save_tiny_teacher
 
@@ -261,7 +261,7 @@ def test_a_queued_job_whose_loss_is_not_finite_fails_saying_so(place, tmp_path, 
     engine = make_engine(f"sqlite:///{tmp_path / 'jobs.db'}")
     settings = validate("distill", config(place, tmp_path / "job-run", steps=20, lr=1e12, clip=0.0, warmup=0.0).to_dict())
     with Session(engine) as s:
-        job = crud.create_job(session=s, job_in=JobCreate(kind=JobKind.DISTILL, settings=settings))
+        job = crud.create_job(session=s, job_in=JobCreate(kind="distill", settings=settings))
     assert run_job(job.id, engine=engine, worker="test") == "FAILED"
     with Session(engine) as s:
         done = crud.get_job(session=s, job_id=job.id)
@@ -276,7 +276,7 @@ def test_retry_while_redis_is_down_changes_nothing(tmp_path):
 
     engine = make_engine(f"sqlite:///{tmp_path / 'jobs.db'}")
     with Session(engine) as s:
-        job_id = crud.create_job(session=s, job_in=JobCreate(kind=JobKind.DISTILL, settings={"steps": 1})).id
+        job_id = crud.create_job(session=s, job_in=JobCreate(kind="distill", settings={"steps": 1})).id
         crud.finish_job(session=s, job_id=job_id, status=JobStatus.FAILED, error="it broke")
     with pytest.raises(BoomerangError, match="could not queue the job"):
         requeue(engine=engine, app=make_celery("redis://127.0.0.1:9/0"), job_id=job_id)

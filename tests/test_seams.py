@@ -13,7 +13,7 @@ from sqlmodel import Session
 
 from db import crud
 from db.engine import make_engine
-from db.models import JobCreate, JobKind
+from db.models import JobCreate
 from tiny import save_tiny_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,7 +21,8 @@ TEXT = "One device for the whole run: teacher, student, every batch, and the fam
 
 
 def imports_of(path: Path) -> list[tuple[str, list[str]]]:
-    """(module, names) for every import statement of a file; relative imports are not used here."""
+    """(module, names) for every import statement of a file, function-local ones included; relative imports
+    are not used here."""
     out = []
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
@@ -31,8 +32,69 @@ def imports_of(path: Path) -> list[tuple[str, list[str]]]:
     return out
 
 
-def files(folder: str) -> list[Path]:
-    return sorted((ROOT / folder).rglob("*.py"))
+def files(folder: str, root: Path = ROOT) -> list[Path]:
+    return sorted((root / folder).rglob("*.py"))
+
+
+PACKAGES = ("boomerang", "db", "workers", "app", "serve")
+
+
+def module_graph(root: Path = ROOT) -> dict[str, set[str]]:
+    """Every module of the project's packages -> the project modules it imports (anywhere in the file).
+
+    `from boomerang.evaluation import chart` names the module boomerang.evaluation.chart; `from x.y import z`
+    where z is a name in x.y names x.y."""
+    modules = {}
+    for folder in PACKAGES:
+        for path in files(folder, root):
+            parts = path.relative_to(root).with_suffix("").parts
+            modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph = {}
+    for name, path in modules.items():
+        graph[name] = set()
+        for module, names in imports_of(path):
+            for target in [module, *(f"{module}.{n}" for n in names)]:
+                while target and target not in modules:  # the deepest project module the name is in
+                    target = target.rpartition(".")[0]
+                if target and target != name:
+                    graph[name].add(target)
+    return graph
+
+
+def circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected groups of more than one module (Tarjan): each holds at least one import circle."""
+    index, low, stack, on_stack, found = {}, {}, [], set(), []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v), on_stack.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = []
+            while not group or group[-1] != v:
+                group.append(stack.pop())
+                on_stack.discard(group[-1])
+            if len(group) > 1:
+                found.append(sorted(group))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        for w in graph[todo.pop()] - seen:
+            seen.add(w)
+            todo.append(w)
+    return seen
 
 
 FORBIDDEN = {
@@ -40,21 +102,43 @@ FORBIDDEN = {
                   "uvicorn"),
     "db": ("workers", "app", "serve", "gradio", "celery"),
     "workers": ("app", "serve", "gradio", "boomerang.cli"),
-    "app": ("workers.cli", "workers.runner", "workers.bodies", "workers.context", "serve"),
+    "app": ("workers.cli", "workers.app", "workers.runner", "workers.bodies", "workers.context", "serve",
+            "boomerang.cli"),
     "serve": ("app", "workers", "gradio", "celery", "boomerang.cli"),
     "bench": ("app", "workers", "db"),
 }
 
 
-@pytest.mark.parametrize("folder", sorted(FORBIDDEN))
-def test_each_folder_imports_only_what_the_architecture_allows(folder):
-    """docs/architecture.md's table, enforced: a layer never imports the layers above it."""
+def layer_violations(root: Path = ROOT) -> list[str]:
+    """Imports that break docs/architecture.md's table: direct ones of any module, and for the project's own
+    layers also the ones reached through other modules (app -> workers.submit -> ... -> workers.bodies)."""
+    graph = module_graph(root)
+
+    def hit(module: str, folder: str) -> bool:
+        return any(module == f or module.startswith(f + ".") for f in FORBIDDEN[folder])
+
     bad = []
-    for path in files(folder):
-        for module, _ in imports_of(path):
-            if any(module == f or module.startswith(f + ".") for f in FORBIDDEN[folder]):
-                bad.append(f"{path.relative_to(ROOT)} imports {module}")
+    for folder in FORBIDDEN:
+        for path in files(folder, root):
+            bad += [f"{path.relative_to(root)} imports {m}" for m, _ in imports_of(path) if hit(m, folder)]
+            parts = path.relative_to(root).with_suffix("").parts
+            name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+            if name in graph:
+                bad += [f"{path.relative_to(root)} reaches {m}" for m in sorted(reachable(graph, name))
+                        if hit(m, folder) and m not in {i for i, _ in imports_of(path)}]
+    return bad
+
+
+def test_each_folder_imports_only_what_the_architecture_allows():
+    """docs/architecture.md's table, enforced: a layer never imports the layers above it, not even through
+    another module."""
+    bad = layer_violations()
     assert not bad, "\n".join(bad)
+
+
+def test_no_import_circle_between_modules_function_local_imports_included():
+    found = circles(module_graph())
+    assert not found, "import circles among: " + "; ".join(" <-> ".join(group) for group in found)
 
 
 def test_no_private_name_is_imported_across_modules():
@@ -67,11 +151,28 @@ def test_no_private_name_is_imported_across_modules():
     assert not bad, "\n".join(bad)
 
 
-def test_the_import_check_catches_a_violation(tmp_path):
-    """The checks above can fail: a file that imports db from the library is caught by the same parser."""
-    path = tmp_path / "bad.py"
-    path.write_text("from db import crud\nfrom boomerang.family import _shallow\n")
-    assert imports_of(path) == [("db", ["crud"]), ("boomerang.family", ["_shallow"])]
+def test_the_import_checks_catch_a_planted_circle_and_a_layer_broken_through_another_module(tmp_path):
+    """The checks above can fail: a planted tree with a circle made of function-local imports, and a dashboard
+    module that reaches the job bodies only through a module it may import."""
+    plant = {
+        "boomerang/__init__.py": "",
+        "boomerang/a.py": "def f():\n    from boomerang import b\n",
+        "boomerang/b.py": "def g():\n    from boomerang.a import f\n",
+        "workers/__init__.py": "",
+        "workers/submit.py": "import workers.kinds\n",
+        "workers/kinds.py": "from workers import bodies\n",
+        "workers/bodies.py": "",
+        "app/__init__.py": "",
+        "app/launch.py": "from workers.submit import submit\nfrom db import crud\n",
+    }
+    for name, text in plant.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    for folder in ("db", "serve", "bench"):
+        (tmp_path / folder).mkdir(exist_ok=True)
+    assert circles(module_graph(tmp_path)) == [["boomerang.a", "boomerang.b"]]
+    assert layer_violations(tmp_path) == ["app/launch.py reaches workers.bodies"]
+    assert imports_of(tmp_path / "app/launch.py") == [("workers.submit", ["submit"]), ("db", ["crud"])]
 
 
 # ----------------------------------------------------------------------------- one device per run
@@ -97,7 +198,7 @@ def queued(engine, tmp: Path, **settings) -> int:
                 checkpoint_every=2)
     clean = validate("distill", {**base, **settings})
     with Session(engine) as s:
-        return crud.create_job(session=s, job_in=JobCreate(kind=JobKind.DISTILL, settings=clean)).id
+        return crud.create_job(session=s, job_in=JobCreate(kind="distill", settings=clean)).id
 
 
 @pytest.mark.parametrize("device", devices())
@@ -138,7 +239,7 @@ def test_a_job_through_the_real_runner_keeps_teacher_student_batches_and_family_
 
 def test_a_new_loss_term_reaches_metrics_the_database_the_log_and_the_chart(home, monkeypatch):
     """Adding a term is a row of TERMS: here one is added in the test and followed to the Jobs chart."""
-    from app.handlers import job_detail, loss_figure
+    from app.jobs import job_detail, loss_figure
     from boomerang.training import loop
     from workers.runner import run_job
 
@@ -171,10 +272,12 @@ def test_every_job_kind_has_one_registry_row_and_its_request_round_trips(tmp_pat
     from boomerang.training.recipe import DistillConfig
     from workers.kinds import KINDS, build_request
 
-    assert set(KINDS) == set(JobKind)
+    from workers.bodies import BODIES
+
+    assert set(KINDS) == set(BODIES) == {"distill", "eval", "export"}
     assert len({k.task for k in KINDS.values()}) == len(KINDS)
-    samples = {JobKind.DISTILL: DistillConfig(), JobKind.EXPORT: ExportRequest(str(tmp_path), 5, str(tmp_path / "x")),
-               JobKind.EVAL: EvalRequest(str(tmp_path), cost=True)}
+    samples = {"distill": DistillConfig(), "export": ExportRequest(str(tmp_path), 5, str(tmp_path / "x")),
+               "eval": EvalRequest(str(tmp_path), cost=True)}
     for kind, request in samples.items():
         assert isinstance(request, KINDS[kind].request)
         again = build_request(kind, json.loads(json.dumps(request.to_dict())))  # what a job row holds
@@ -210,7 +313,7 @@ def test_a_relative_teacher_path_is_one_teacher_everywhere(home, monkeypatch):
     clean = validate("distill", dict(teacher="./teacher", data="corpus.txt", steps=1, batch_size=2, seq_len=16))
     assert clean["teacher"] == str(home / "teacher")
     with Session(engine) as s:
-        job_id = crud.create_job(session=s, job_in=JobCreate(kind=JobKind.DISTILL, settings=clean),
+        job_id = crud.create_job(session=s, job_in=JobCreate(kind="distill", settings=clean),
                                  teacher_id=crud.get_or_create_teacher(session=s, source=clean["teacher"]).id).id
     assert run_job(job_id, engine=engine, worker="test") == "SUCCEEDED"
     with Session(engine) as s:

@@ -1,13 +1,15 @@
 """Job bodies: what a worker does for each kind of job, given the job's context and its typed request.
 
 A body calls the library, turns its reports into progress and log lines, raises `Cancelled` when
-asked to stop, and returns the job's result (a JSON object). Which body serves which kind: kinds.py.
+asked to stop, and returns an `Outcome`: the job's result (a JSON object) and the follow-up jobs it
+wants queued (the runner queues them). `BODIES` maps a kind of `workers.kinds.KINDS` to its body.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 import threading
 import time
 from pathlib import Path
@@ -15,30 +17,30 @@ from pathlib import Path
 from sqlmodel import Session, select
 
 from boomerang.errors import BoomerangError
-from boomerang.evaluation.run import EvalRequest
-from boomerang.export import ExportRequest
+from boomerang.evaluation.run import EvalRequest, evaluate_student
+from boomerang.export import ExportRequest, run_export
+from boomerang.models import boomerang_home, load_teacher
+from boomerang.student import open_family
+from boomerang.training.checkpoint import CHECKPOINT, METRICS, RECIPE, STUDENT, checkpoint_step, truncate_metrics
+from boomerang.training.loop import StepReport
+from boomerang.training.loop import distill as run_distillation
+from boomerang.training.parallel import launch_processes, run_device
 from boomerang.training.recipe import DistillConfig
 from db import crud
 from db.models import Student
-from workers.context import Cancelled, JobContext, worker_name
+from workers.context import Cancelled, FollowUp, JobContext, Outcome, worker_name
+from workers.workflows import register_family
 
 # ----------------------------------------------------------------------------- distill
 
 
 def run_dir_for(job, cfg: DistillConfig) -> Path:
     """The run folder: the one the job asked for, or a folder of its own under BOOMERANG_HOME."""
-    from boomerang.models import boomerang_home
-
     asked = cfg.out != DistillConfig.out
     return Path(cfg.out if asked else boomerang_home() / "runs" / f"job-{job.id}").expanduser().resolve()
 
 
-def distill(ctx: JobContext, cfg: DistillConfig) -> dict:
-    from boomerang.models import load_teacher
-    from boomerang.training.checkpoint import RECIPE
-    from boomerang.training.loop import distill as run_distillation
-    from boomerang.training.parallel import run_device
-
+def distill(ctx: JobContext, cfg: DistillConfig) -> Outcome:
     job = ctx.job
     out = run_dir_for(job, cfg)
     cfg = dataclasses.replace(cfg, out=str(out))
@@ -76,30 +78,14 @@ def distill(ctx: JobContext, cfg: DistillConfig) -> dict:
     ctx.progress(steps_done, cfg.steps, force=True, phase="registering the family")
     if stopped:
         raise Cancelled
-    _register_student(ctx, teacher, student_dir)
+    register_family(ctx.engine, open_family(student_dir, teacher=teacher), job_id=job.id)
     result = {"student_dir": str(student_dir), "steps": steps_done,
               "resumed_from": first["step"] - 1 if first["seen"] else steps_done}
-    if cfg.evaluate:
-        result["evaluation_job"] = _queue_evaluation(ctx, student_dir)
-    return result
-
-
-def _queue_evaluation(ctx: JobContext, student_dir) -> int | None:
-    """Queue the standard evaluation of a family just saved (the job asked for it with `evaluate`).
-
-    The distillation succeeded whatever happens here: if the evaluation cannot be queued, the log says
-    so and how to start it by hand."""
-    from workers.app import make_celery
-    from workers.submit import submit
-
-    try:
-        request = EvalRequest.after_distillation(str(student_dir))
-        job = submit(engine=ctx.engine, app=make_celery(), kind="eval", settings=request.to_dict(), queue=ctx.job.queue)
-    except BoomerangError as exc:
-        ctx.log(f"the evaluation was not queued ({exc}); start it from the Jobs tab or with boomerang submit eval")
-        return None
-    ctx.log(f"queued the standard evaluation of this family as job {job.id}")
-    return job.id
+    follow_ups = ()
+    if cfg.evaluate:  # the job asked for its family's standard evaluation once saved
+        follow_ups = (FollowUp("eval", EvalRequest.after_distillation(str(student_dir)), "evaluation_job",
+                               "the standard evaluation of this family"),)
+    return Outcome(result, follow_ups)
 
 
 def _distill_processes(ctx: JobContext, cfg: DistillConfig, resume: bool, on_step) -> tuple[int, bool, Path | None]:
@@ -107,10 +93,6 @@ def _distill_processes(ctx: JobContext, cfg: DistillConfig, resume: bool, on_ste
 
     Cancelling creates the stop file the processes watch: they finish the step and checkpoint.
     """
-    from boomerang.training.checkpoint import CHECKPOINT, METRICS, STUDENT, checkpoint_step, truncate_metrics
-    from boomerang.training.loop import StepReport
-    from boomerang.training.parallel import launch_processes
-
     out = Path(cfg.out)
     stop = out.parent / f".{out.name}.stop"
     stop.unlink(missing_ok=True)
@@ -162,24 +144,10 @@ def _distill_processes(ctx: JobContext, cfg: DistillConfig, resume: bool, on_ste
     return seen["step"], stopped, None if stopped else student
 
 
-def _register_student(ctx: JobContext, teacher, folder: Path) -> None:
-    from boomerang.student import open_family
-
-    opened = open_family(folder, teacher=teacher)
-    sizes = [s.to_dict() for s in opened.family.sizes()]
-    with Session(ctx.engine) as s:
-        t = crud.get_or_create_teacher(session=s, source=teacher.source, fingerprint=teacher.fingerprint,
-                                       n_layers=teacher.n_layers)
-        crud.upsert_student(session=s, folder=str(opened.folder), manifest=opened.manifest.to_dict(), sizes=sizes,
-                            job_id=ctx.job.id, teacher_id=t.id)
-
-
 # ----------------------------------------------------------------------------- evaluate
 
 
-def evaluate(ctx: JobContext, req: EvalRequest) -> dict:
-    from boomerang.evaluation.run import evaluate_student
-
+def evaluate(ctx: JobContext, req: EvalRequest) -> Outcome:
     start, computed = time.monotonic(), {"n": 0}
 
     def on_cell(done, total, key, task, skipped):
@@ -195,16 +163,18 @@ def evaluate(ctx: JobContext, req: EvalRequest) -> dict:
         student = s.exec(select(Student).where(Student.folder == req.student)).first()
         added = crud.record_eval_rows(session=s, student_id=student.id if student else None, job_id=ctx.job.id,
                                       rows=report.rows)
-    return {"cells": report.total, "computed": report.computed, "rows_added": added, "table": str(report.table),
-            "charts": [str(c) for c in report.charts]}
+    return Outcome({"cells": report.total, "computed": report.computed, "rows_added": added,
+                    "table": str(report.table), "charts": [str(c) for c in report.charts]})
 
 
 # ----------------------------------------------------------------------------- export
 
 
-def export(ctx: JobContext, req: ExportRequest) -> dict:
-    from boomerang.export import run_export
-
+def export(ctx: JobContext, req: ExportRequest) -> Outcome:
     out = run_export(req)
     ctx.progress(1, 1, force=True)
-    return {"folder": str(out), "layers": req.layers}
+    return Outcome({"folder": str(out), "layers": req.layers})
+
+
+BODIES: dict[str, Callable[[JobContext, object], Outcome]] = {"distill": distill, "eval": evaluate, "export": export}
+"""The body of each kind of `workers.kinds.KINDS` (a test checks that both name the same kinds)."""

@@ -83,28 +83,25 @@ def cmd_worker(args) -> int:
 
 def cmd_submit(args) -> int:
     from db.engine import make_engine
-    from workers.app import make_celery
+    from workers.broker import make_sender
     from workers.submit import submit
 
     settings = args.build(args).to_dict()
-    job = submit(engine=make_engine(), app=make_celery(), kind=args.kind, settings=settings, queue=args.queue)
-    print(f"job {job.id} queued ({job.kind.value}, queue {job.queue}); watch it with: boomerang jobs --watch")
+    job = submit(engine=make_engine(), app=make_sender(), kind=args.kind, settings=settings, queue=args.queue)
+    print(f"job {job.id} queued ({job.kind}, queue {job.queue}); watch it with: boomerang jobs --watch")
     return 0
 
 
 def cmd_submit_baselines(args) -> int:
-    from boomerang.training.at_size import at_size_configs, is_done
     from db.engine import make_engine
-    from workers.app import make_celery
-    from workers.submit import submit
+    from workers.broker import make_sender
+    from workers.workflows import queue_at_size
 
-    configs = [c for c in at_size_configs(args.student, args.sizes) if not is_done(c)]
-    if not configs:
+    queued = queue_at_size(engine=make_engine(), app=make_sender(), student=args.student, sizes=args.sizes,
+                           queue=args.queue)
+    if not queued:
         print("every distilled-at-size baseline of this family is done: boomerang eval puts them beside it")
-        return 0
-    engine, app = make_engine(), make_celery()
-    for cfg in configs:
-        job = submit(engine=engine, app=app, kind="distill", settings=cfg.to_dict(), queue=args.queue)
+    for cfg, job in queued:
         print(f"job {job.id} queued: a {len(cfg.keep)}-layer student distilled with the family's recipe into {cfg.out}")
     return 0
 
@@ -117,7 +114,7 @@ def render_jobs(jobs) -> str:
         progress = f"[{bar:<16}] {j.step}/{j.total}" if j.total else "-"
         busy = j.phase if j.phase and j.phase != "training" else None  # e.g. writing the corpus: 12/32 documents
         info = j.error or busy or (f"loss {j.losses['loss']:.4f}" if j.losses.get("loss") is not None else "")
-        lines.append(f"{j.id:>4}  {j.kind.value:<7} {j.status.value:<9} {progress:<26} "
+        lines.append(f"{j.id:>4}  {j.kind:<7} {j.status.value:<9} {progress:<26} "
                      f"{(j.tokens_per_s or 0):>7.0f} {format_eta(j.eta_s):>8}  {(j.worker or '-')[:22]:<22} {info[:60]}")
     return "\n".join(lines)
 
@@ -166,11 +163,11 @@ def cmd_cancel(args) -> int:
 def cmd_retry(args) -> int:
     from boomerang.errors import BoomerangError
     from db.engine import make_engine
-    from workers.app import make_celery
+    from workers.broker import make_sender
     from workers.submit import requeue
 
     try:
-        job = requeue(engine=make_engine(), app=make_celery(), job_id=args.job_id)
+        job = requeue(engine=make_engine(), app=make_sender(), job_id=args.job_id)
     except (LookupError, ValueError) as exc:
         raise BoomerangError(str(exc)) from None
     print(f"job {job.id} queued again; it resumes from its checkpoint if it has one")

@@ -10,6 +10,7 @@ import os
 import socket
 import threading
 import time
+from dataclasses import dataclass, field
 
 from sqlmodel import Session
 
@@ -42,6 +43,27 @@ class Heartbeat(threading.Thread):
 
 class Cancelled(Exception):
     pass
+
+
+@dataclass(frozen=True)
+class FollowUp:
+    """A job a body wants queued once it has succeeded (the runner queues it, on the job's own queue)."""
+
+    kind: str
+    request: object
+    """The follow-up's typed request (its `to_dict()` is what is queued)."""
+    result_key: str
+    """Where the job's result records the follow-up's job id (None when it could not be queued)."""
+    what: str
+    """For the log: 'the standard evaluation of this family'."""
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a body returns: the job's result (a JSON object) and the jobs to queue after it."""
+
+    result: dict
+    follow_ups: tuple[FollowUp, ...] = field(default_factory=tuple)
 
 
 class JobContext:

@@ -24,31 +24,37 @@ from boomerang.errors import BoomerangError
 from db import crud
 from db.engine import make_engine
 from db.models import JobStatus
-from workers.context import Cancelled, Heartbeat, JobContext, worker_name
-from workers.kinds import KINDS, build_request
+from workers.bodies import BODIES
+from workers.broker import make_sender
+from workers.context import Cancelled, FollowUp, Heartbeat, JobContext, worker_name
+from workers.kinds import build_request
+from workers.submit import send, submit
 
 STALE_AFTER_S = float(os.environ.get("BOOMERANG_STALE_AFTER_S", "60"))
 
 
 def run_job(job_id: int, *, expected_kind: str | None = None, engine=None, worker: str | None = None,
-            stale_after: float = STALE_AFTER_S) -> str:
-    """Claim and run a job to its end; returns the final status, or "skipped" if another worker holds it."""
+            stale_after: float = STALE_AFTER_S, app=None) -> str:
+    """Claim and run a job to its end; returns the final status, or "skipped" if another worker holds it.
+
+    `app` queues the follow-ups a body asks for (default: a sender to REDIS_URL)."""
     engine = engine or make_engine()
     worker = worker or worker_name()
     with Session(engine) as s:
         if not crud.claim_job(session=s, job_id=job_id, worker=worker, stale_after=dt.timedelta(seconds=stale_after)):
             return "skipped"
         job = crud.get_job(session=s, job_id=job_id)
-    if expected_kind and job.kind.value != expected_kind:
-        _finish(engine, job_id, JobStatus.FAILED, f"job {job_id} is a {job.kind.value} job, sent to the {expected_kind} task")
+    if expected_kind and job.kind != expected_kind:
+        _finish(engine, job_id, JobStatus.FAILED, f"job {job_id} is a {job.kind} job, sent to the {expected_kind} task")
         return JobStatus.FAILED.value
     beat = Heartbeat(engine, job_id, worker)
     beat.start()
     ctx = JobContext(engine, job, beat)
     try:
-        result = KINDS[job.kind].body(ctx, build_request(job.kind, job.settings))
+        outcome = BODIES[job.kind](ctx, build_request(job.kind, job.settings))
         if beat.lost:
             return "lost"  # another worker took the job over; it will finish it
+        result = {**outcome.result, **queue_follow_ups(ctx, outcome.follow_ups, app)}
         _finish(engine, job_id, JobStatus.SUCCEEDED, result=result)
         return JobStatus.SUCCEEDED.value
     except Cancelled:
@@ -64,6 +70,26 @@ def run_job(job_id: int, *, expected_kind: str | None = None, engine=None, worke
         beat.done.set()
 
 
+def queue_follow_ups(ctx: JobContext, follow_ups: tuple[FollowUp, ...], app=None) -> dict:
+    """Queue what a successful body asked for, on the job's queue; {result_key: job id, or None if not queued}.
+
+    The job succeeded whatever happens here: a follow-up that cannot be queued is logged with how to start it."""
+    ids = {}
+    for f in follow_ups:
+        try:
+            app = app or make_sender()
+            job = submit(engine=ctx.engine, app=app, kind=f.kind, settings=f.request.to_dict(), queue=ctx.job.queue)
+        except BoomerangError as exc:
+            ctx.log(f"{f.what} was not queued ({exc}); start it from the Jobs tab or with boomerang submit {f.kind}")
+            ids[f.result_key] = None
+            continue
+        ctx.log(f"queued {f.what} as job {job.id}")
+        ids[f.result_key] = job.id
+    if follow_ups:
+        ctx.flush()
+    return ids
+
+
 def _finish(engine, job_id: int, status: JobStatus, error: str | None = None, result: dict | None = None) -> None:
     with Session(engine) as s:
         crud.finish_job(session=s, job_id=job_id, status=status, error=error, result=result)
@@ -74,8 +100,6 @@ def _finish(engine, job_id: int, status: JobStatus, error: str | None = None, re
 
 def requeue_stale(engine, app, stale_after: float = STALE_AFTER_S) -> list[int]:
     """Put RUNNING jobs whose worker stopped beating back in the queue; returns their ids."""
-    from workers.submit import send
-
     requeued = []
     cutoff = dt.timedelta(seconds=stale_after)
     with Session(engine) as s:

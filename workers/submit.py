@@ -11,23 +11,21 @@ from sqlmodel import Session
 
 from boomerang.errors import BoomerangError
 from db import crud
-from db.models import Job, JobCreate, JobKind
-from workers.kinds import KINDS, build_request
+from db.models import Job, JobCreate
+from workers.kinds import build_request, job_type
 
 
-def validate(kind: JobKind | str, settings: dict) -> dict:
+def validate(kind: str, settings: dict) -> dict:
     """The settings a job of `kind` will run with, checked as at submit; a BoomerangError says what to fix."""
-    kind = JobKind(kind)
     request = build_request(kind, settings)
     request.check()
-    if KINDS[kind].on_submit:
-        KINDS[kind].on_submit(request)
+    if job_type(kind).on_submit:
+        job_type(kind).on_submit(request)
     return request.to_dict()
 
 
 def submit(*, engine, app, kind: str, settings: dict, queue: str = "default") -> Job:
     """Validate, record and queue a job; a BoomerangError leaves nothing behind."""
-    kind = JobKind(kind)
     clean = validate(kind, settings)
     with Session(engine) as s:
         teacher_id = crud.get_or_create_teacher(session=s, source=clean["teacher"]).id if clean.get("teacher") else None
@@ -44,7 +42,7 @@ def submit(*, engine, app, kind: str, settings: dict, queue: str = "default") ->
 def send(app, job: Job) -> None:
     """Put a job's id on its queue, under its kind's task name."""
     try:
-        app.send_task(KINDS[job.kind].task, args=[job.id], queue=job.queue, retry=False)
+        app.send_task(job_type(job.kind).task, args=[job.id], queue=job.queue, retry=False)
     except Exception as exc:  # kombu raises several types for "broker unreachable"
         raise BoomerangError(
             f"could not queue the job: Redis at {app.conf.broker_url} is unreachable ({type(exc).__name__}). "
