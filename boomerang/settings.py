@@ -7,7 +7,10 @@ A settings class is a dataclass that also inherits `Settings`; its `__post_init_
 
 from __future__ import annotations
 
+import argparse
+import ast
 import dataclasses
+import inspect
 import json
 import math
 import types
@@ -101,12 +104,77 @@ def _describe(kind) -> str:
 
 def field_docs(cls) -> dict[str, str]:
     """The docstrings under a dataclass's fields (the one place a setting is described)."""
-    import ast
-    import inspect
-
     tree = ast.parse(inspect.getsource(cls))
     body, docs = tree.body[0].body, {}
     for node, nxt in zip(body, body[1:]):
         if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
             docs[node.target.id] = " ".join(str(nxt.value.value).split())
     return docs
+
+
+# ----------------------------------------------------------------------------- command-line flags from fields
+
+
+def _flag_type(kind):
+    """(argparse type, is a list, is a bool) of a field's type hint; Optional[X] is X."""
+    options = [o for o in (typing.get_args(kind) if typing.get_origin(kind) in (typing.Union, types.UnionType)
+                           else (kind,)) if o is not type(None)]
+    kind = options[0] if options else str
+    if typing.get_origin(kind) in (list, tuple):
+        return str, True, False
+    return ({int: int, float: float}.get(kind, str)), False, kind is bool
+
+
+def add_flags(parser: argparse.ArgumentParser, cls, *, positional: tuple[str, ...] = (), skip: tuple[str, ...] = (),
+              aliases: dict[str, str] | None = None, title: str | None = None) -> None:
+    """One flag per field of the settings class `cls` (nested settings classes flattened into their fields):
+    `--field-name`, its type from the hint, its help from the field's docstring with the default.
+
+    A flag left out is absent from the parsed namespace (`values_from_args` then leaves the class's default); a
+    list field takes comma-separated values and may be repeated; a bool field is `--x` / `--no-x`; a field in
+    `positional` is a positional argument; `aliases` adds a second spelling (`{"references": "--reference"}`)."""
+    hints, docs, aliases = typing.get_type_hints(cls), field_docs(cls), aliases or {}
+    group = parser.add_argument_group(title) if title else parser
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        nested = _settings_class(hints[f.name])
+        if nested:
+            add_flags(parser, nested, skip=skip, aliases=aliases)
+            continue
+        kind, many, switch = _flag_type(hints[f.name])
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        text = docs.get(f.name, "") + ("" if default in (None, [], "") else f" (default: {default})")
+        text = text.replace("%", "%%")
+        if f.name in positional:
+            parser.add_argument(f.name, type=kind, help=text)
+            continue
+        names = ["--" + f.name.replace("_", "-"), *([aliases[f.name]] if f.name in aliases else [])]
+        if switch:
+            group.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                               help=text)
+        elif many:
+            group.add_argument(*names, dest=f.name, action="append", default=argparse.SUPPRESS, metavar="A,B",
+                               help=text)
+        else:
+            group.add_argument(*names, dest=f.name, type=kind, default=argparse.SUPPRESS, help=text)
+
+
+def values_from_args(args: argparse.Namespace, cls) -> dict:
+    """The fields of `cls` that the command line set (see `add_flags`), nested settings as dicts, lists split on
+    commas; a settings dict for `cls.from_dict`."""
+    hints, given = typing.get_type_hints(cls), vars(args)
+    out = {}
+    for f in dataclasses.fields(cls):
+        nested = _settings_class(hints[f.name])
+        if nested:
+            inner = values_from_args(args, nested)
+            if inner:
+                out[f.name] = inner
+        elif f.name in given:
+            value = given[f.name]
+            if _flag_type(hints[f.name])[1] and isinstance(value, list):
+                value = [item.strip() for chunk in value for item in str(chunk).split(",") if item.strip()]
+            out[f.name] = value
+    return out

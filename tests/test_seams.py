@@ -4,6 +4,7 @@ loss terms by name from the loop to the chart, and job kinds as one registry."""
 from __future__ import annotations
 
 import ast
+import dataclasses
 import json
 from pathlib import Path
 
@@ -11,6 +12,8 @@ import pytest
 import torch
 from sqlmodel import Session
 
+from boomerang.errors import BoomerangError
+from boomerang.settings import Settings
 from db import crud
 from db.engine import make_engine
 from db.models import JobCreate
@@ -282,6 +285,56 @@ def test_every_job_kind_has_one_registry_row_and_its_request_round_trips(tmp_pat
         assert isinstance(request, KINDS[kind].request)
         again = build_request(kind, json.loads(json.dumps(request.to_dict())))  # what a job row holds
         assert again == request
+
+
+@dataclasses.dataclass
+class EchoRequest(Settings):
+    """A job kind planted by a test: what a new kind is (a request class, a body, a registry row)."""
+
+    text: str
+    """What to echo."""
+    times: int = 1
+    """How many times."""
+
+    def __post_init__(self):
+        self.check_types()
+
+    def check(self) -> None:
+        pass
+
+
+def test_a_new_job_kind_is_a_registry_row_a_body_and_a_request_class(home, monkeypatch):
+    """No migration, no CLI table, no dashboard change: submit, the runner, the job row, `boomerang submit KIND`
+    and the dashboard's wording all follow the registry."""
+    from app.jobs import jobs_table, progress_text
+    from boomerang.cli import build_parser
+    from workers.bodies import BODIES
+    from workers.context import Outcome
+    from workers.kinds import KINDS, JobType
+    from workers.runner import run_job
+    from workers.submit import validate
+
+    def echo(ctx, request):
+        ctx.progress(request.times, request.times, force=True)
+        return Outcome({"echo": request.text * request.times})
+
+    monkeypatch.setitem(KINDS, "echo", JobType(EchoRequest, "boomerang.echo", "queue an echo", unit="word"))
+    monkeypatch.setitem(BODIES, "echo", echo)
+    engine = make_engine(f"sqlite:///{home / 'jobs.db'}")
+    with Session(engine) as s:
+        job_id = crud.create_job(session=s, job_in=JobCreate(kind="echo", settings=validate("echo", {"text": "hi",
+                                                                                                    "times": 2}))).id
+    assert run_job(job_id, engine=engine, worker="test") == "SUCCEEDED"
+    with Session(engine) as s:
+        job = crud.get_job(session=s, job_id=job_id)
+    assert (job.kind, job.result, job.step, job.total) == ("echo", {"echo": "hihi"}, 2, 2)
+    assert progress_text(job.kind, job.step, job.total, None) == "word 2/2"
+    services = type("S", (), {"engine": engine})()
+    assert [row[1:4] for row in jobs_table(services)] == [["echo", "SUCCEEDED", "2/2"]]
+    args = build_parser().parse_args(["submit", "echo", "--text", "ho", "--times", "3", "--queue", "q"])
+    assert (args.kind, args.build(args), args.queue) == ("echo", EchoRequest("ho", 3), "q")
+    with pytest.raises(BoomerangError, match="no job kind 'nope': one of distill, eval, export, echo"):
+        validate("nope", {})
 
 
 @pytest.mark.parametrize("kind, settings, message", [

@@ -11,6 +11,8 @@ import sys
 import time
 
 from boomerang.progress import format_eta
+from boomerang.settings import add_flags, values_from_args
+from workers.kinds import KINDS
 
 
 def register(sub, helpers: dict) -> None:
@@ -25,13 +27,18 @@ def register(sub, helpers: dict) -> None:
     p.add_argument("--sweep-every", type=float, default=15.0, help="seconds between sweeps for stale jobs")
     p.set_defaults(func=cmd_worker)
 
-    p = sub.add_parser("submit", help=f"queue a job: {' | '.join(helpers['requests'])}")
+    p = sub.add_parser("submit", help=f"queue a job: {' | '.join([*KINDS, 'baselines'])}")
     kinds = p.add_subparsers(title="kind", required=True)
-    for kind, command in helpers["requests"].items():
-        k = kinds.add_parser(kind, help=command.help)
-        command.add_flags(k)
+    for kind, row in KINDS.items():  # one per registry row: its flags from the command that shares them, or its request
+        command = helpers["requests"].get(kind)
+        k = kinds.add_parser(kind, help=command.help if command else row.help)
+        if command:
+            command.add_flags(k)
+        else:
+            add_flags(k, row.request)
         k.add_argument("--queue", default="default")
-        k.set_defaults(func=cmd_submit, kind=kind, build=command.from_args)
+        k.set_defaults(func=cmd_submit, kind=kind,
+                       build=command.from_args if command else _request_builder(row.request))
     k = kinds.add_parser("baselines", help="queue the distilled-at-size baselines of a family: one distill job per "
                                            "size, with the family's recipe, data and budget (boomerang baselines)")
     k.add_argument("student", help="the family's student folder (RUN/student)")
@@ -50,6 +57,10 @@ def register(sub, helpers: dict) -> None:
         p = sub.add_parser(name, help=text)
         p.add_argument("job_id", type=int)
         p.set_defaults(func=func)
+
+
+def _request_builder(request_class):
+    return lambda args: request_class.from_dict(values_from_args(args, request_class))
 
 
 def cmd_worker(args) -> int:
@@ -107,14 +118,16 @@ def cmd_submit_baselines(args) -> int:
 
 
 def render_jobs(jobs) -> str:
-    lines = [f"{'id':>4}  {'kind':<7} {'status':<9} {'progress':<26} {'tok/s':>7} {'eta':>8}  {'worker':<22} info"]
+    """The job list as `boomerang jobs` prints it; what a job counts (steps, cells) is its registry row's unit."""
+    lines = [f"{'id':>4}  {'kind':<7} {'status':<9} {'progress':<31} {'tok/s':>7} {'eta':>8}  {'worker':<22} info"]
     for j in jobs:
         frac = j.step / j.total if j.total else 0
         bar = "#" * int(frac * 16)
-        progress = f"[{bar:<16}] {j.step}/{j.total}" if j.total else "-"
+        unit = KINDS[j.kind].unit if j.kind in KINDS else "item"
+        progress = f"[{bar:<16}] {unit} {j.step}/{j.total}" if j.total else "-"
         busy = j.phase if j.phase and j.phase != "training" else None  # e.g. writing the corpus: 12/32 documents
         info = j.error or busy or (f"loss {j.losses['loss']:.4f}" if j.losses.get("loss") is not None else "")
-        lines.append(f"{j.id:>4}  {j.kind:<7} {j.status.value:<9} {progress:<26} "
+        lines.append(f"{j.id:>4}  {j.kind:<7} {j.status.value:<9} {progress:<31} "
                      f"{(j.tokens_per_s or 0):>7.0f} {format_eta(j.eta_s):>8}  {(j.worker or '-')[:22]:<22} {info[:60]}")
     return "\n".join(lines)
 

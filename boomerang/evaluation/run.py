@@ -249,7 +249,8 @@ class EvalRequest(Settings):
     sizes: str = "all"
     """all | comma-separated layer counts."""
     baselines: list[str] = field(default_factory=list)
-    """Any of BASELINES."""
+    """Baselines at every size: undistilled (the teacher with layers dropped) and drop-bi (layers ranked by block
+    influence dropped); any of BASELINES."""
     references: list[str] = field(default_factory=list)
     """Reference models (hub ids or folders)."""
     distilled: list[str] = field(default_factory=list)
@@ -274,7 +275,9 @@ class EvalRequest(Settings):
     chart_metric: str = "acc"
     """Metric of the charts."""
     device: str = "cpu"
+    """cpu, cuda, cuda:1, ..."""
     dtype: str = "float32"
+    """float32 (default on CPU) | bfloat16 | float16."""
 
     def __post_init__(self):
         from boomerang.plan import parse_layer_list
@@ -311,6 +314,18 @@ class EvalRequest(Settings):
         if held.is_file():
             base.update(heldout_data=str(held))
         return cls(student=student, **{**base, **fields})
+
+    @classmethod
+    def asked(cls, student: str, **fields) -> EvalRequest:
+        """What a command line or form asks for: naming none of what to measure (tasks, baselines, held-out or
+        general text, cost) is the standard evaluation with the other `fields`; naming any is exactly that. The
+        students distilled at sizes of the family are taken unless `distilled` is given."""
+        from boomerang.student import at_size_students
+
+        measured = ("tasks", "baselines", "heldout_data", "general_data", "cost")
+        if not any(fields.get(name) for name in measured):
+            return cls.standard(student, **fields)
+        return cls(student=student, **{"distilled": [str(p) for p in at_size_students(student)], **fields})
 
     @classmethod
     def after_distillation(cls, student: str, **fields) -> EvalRequest:

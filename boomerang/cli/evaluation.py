@@ -1,0 +1,137 @@
+"""`boomerang heldout | eval | compare`: measuring a family, label-free or with lm-eval, and families side by side."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from tqdm import tqdm
+
+from boomerang import data as d
+from boomerang.cli.flags import RequestCommand, add_order, add_plan, add_remote_code, add_teacher, load_family
+from boomerang.cli.flags import student_folder as as_student_folder
+from boomerang.errors import BoomerangError
+from boomerang.evaluation.chart import gap_line
+from boomerang.evaluation.compare import compare_families
+from boomerang.evaluation.metrics import EvalSettings, family_label_free
+from boomerang.evaluation.run import EvalRequest, evaluate_student
+from boomerang.settings import add_flags, values_from_args
+
+STANDARD = ("Naming none of --tasks, --baselines, --heldout-data, --general-data, --cost asks for the standard "
+            "evaluation: the shipped tasks, the run's own held-out text, the shipped general text, cost, both "
+            "baselines and the students distilled at sizes of the family.")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("heldout", help="held-out perplexity, KL to the teacher and top-1 agreement of every size")
+    add_teacher(p), add_plan(p), add_order(p)
+    p.add_argument("--student", default=None, help="a student folder (default: a freshly cut student)")
+    p.add_argument("--data", required=True, help="text file or folder; its last --heldout-fraction is used")
+    p.add_argument("--heldout-fraction", type=float, default=0.1)
+    p.add_argument("--tokens", type=int, default=4096, help="held-out tokens to measure (default 4096)")
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_heldout)
+
+    p = sub.add_parser("eval", help="evaluate every size (lm-eval, held-out text, cost) beside baselines; resumable",
+                       description=STANDARD)
+    add_eval_flags(p)
+    add_remote_code(p)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("compare", help="several evaluated families of one teacher on one chart, one Pareto frontier "
+                       "over every series of every family")
+    p.add_argument("families", nargs="+", help="student folders (their eval/) or results folders; also an earlier "
+                   "comparison's families.csv (PATH.csv, or PATH.csv:NAME,NAME for some of its families)")
+    p.add_argument("--name", action="append", default=None,
+                   help="a name per folder, in order (default: its run folder; a table's families keep theirs)")
+    p.add_argument("--out", required=True, help="folder for families.csv and charts/")
+    p.add_argument("--chart-metric", default="acc", help="metric of the task charts (default acc)")
+    p.set_defaults(func=cmd_compare)
+
+
+def add_eval_flags(p: argparse.ArgumentParser) -> None:
+    """EvalRequest's fields (its lm-eval settings flattened in): the student positional, the rest flags."""
+    add_flags(p, EvalRequest, positional=("student",), aliases={"references": "--reference"})
+
+
+def eval_request_from_args(args) -> EvalRequest:
+    given = values_from_args(args, EvalRequest)
+    given["student"] = as_student_folder(str(Path(args.student).expanduser()))
+    if "settings" in given:  # the lm-eval flags given, over EvalSettings' defaults
+        given["settings"] = EvalSettings.from_dict(given["settings"])
+    return EvalRequest.asked(**given)
+
+
+REQUEST_COMMANDS = {"eval": RequestCommand("queue an evaluation (same settings as `boomerang eval`)", add_eval_flags,
+                                           eval_request_from_args)}
+
+
+def cmd_heldout(args) -> int:
+    if args.tokens < 2:
+        raise BoomerangError(f"--tokens must be at least 2 (one prediction needs two tokens), got {args.tokens}")
+    if not 0 < args.heldout_fraction < 1:
+        raise BoomerangError(f"--heldout-fraction must be in (0, 1), got {args.heldout_fraction}")
+    teacher, family, label = load_family(args)
+    held = d.heldout_blocks(args.data, teacher.tokenizer, args.tokens, seq_len=args.seq_len,
+                            fraction=args.heldout_fraction)
+    if not args.json:
+        print(f"student {label}; {held.numel():,} held-out tokens from the end of {args.data}")
+        print(f"{'layers':>6} {'params':>12} {'perplexity':>11} {'KL':>8} {'top-1':>7}")
+
+    def show(r):
+        if not args.json:
+            print(f"{r.n_layers:>6} {family.info(r.n_layers).params:>12,} {r.perplexity:>11.2f} "
+                  f"{r.kl_to_teacher:>8.4f} {r.top1_agreement:>7.3f}", flush=True)
+
+    results = family_label_free(family, held, batch_size=args.batch_size, on_size=show)
+    if args.json:
+        print(json.dumps({"student": label, "data": args.data, "tokens": int(held.numel()),
+                          "sizes": [r.to_dict() for r in results]}, indent=2))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    request = eval_request_from_args(args)
+    request.check()  # the student, the task files line by line, the held-out file: before any model is loaded
+    return run_eval(request)
+
+
+def run_eval(request: EvalRequest) -> int:
+    """One evaluation in this process, with a progress bar of its cells."""
+    bar = tqdm(unit="cell", desc="eval", dynamic_ncols=True)
+
+    def on_cell(done, total, key, task, skipped):
+        bar.total = total
+        bar.set_postfix_str(f"{key} {task}{' (cached)' if skipped else ''}", refresh=False)
+        bar.update(1)
+
+    try:
+        report = evaluate_student(request, on_cell=on_cell)
+    finally:
+        bar.close()
+    print(f"{report.computed} cells computed, {report.total - report.computed} already on disk; table {report.table}")
+    for path in report.charts:
+        print(f"chart {path}")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    report = compare_families(args.families, args.out, names=args.name, chart_metric=args.chart_metric)
+    for (task, metric), keys in report.frontiers.items():
+        print(f"{task} {metric}: Pareto frontier {', '.join(keys)}")
+    for (task, metric), pairs in report.gaps.items():  # the paper's central comparison, size by size
+        for g in pairs:
+            print(f"{task} at-size {gap_line(g, metric)}")
+        won = {w: sum(g["winner"] == w for g in pairs) for w in ("distilled", "interpolated", "within noise")}
+        print(f"{task} {metric}: of {len(pairs)} sizes with a student distilled at the size, the distilled student is "
+              f"better at {won['distilled']}, the interpolated size at {won['interpolated']}, "
+              f"{won['within noise']} within noise")
+    print(f"table {report.table}")
+    if report.gaps:
+        print(f"table {report.table.with_name('at-size.csv')}")
+    for path in report.charts:
+        print(f"chart {path}")
+    return 0
