@@ -8,13 +8,25 @@ from pathlib import Path
 
 import gradio as gr
 
-from app.common import (CUT, MAX_MESSAGE, bind, check_sources, check_text, family_choices, patched_text,
-                        quick_to_load, safe, student_folder, teacher_choices)
+from app.common import (
+    CUT,
+    MAX_MESSAGE,
+    bind,
+    check_sources,
+    check_text,
+    family_choices,
+    patched_text,
+    quick_to_load,
+    safe,
+    student_folder,
+    teacher_choices,
+)
 from boomerang.errors import BoomerangError
 from boomerang.export import export_size
 from boomerang.family import ENDS, check_ends
 from boomerang.generation import Sampling, stream_pair
 from boomerang.servers import running_servers
+
 
 def loads_at_once(family_id: str) -> bool:
     """Whether opening a family needs no conversion or download first (a distilled one always qualifies:

@@ -18,6 +18,7 @@ from boomerang.evaluation import chart
 from boomerang.evaluation import compare as compare_module
 from db import crud
 
+
 def result_rows(services, student_id) -> list[dict]:
     if not student_id:
         return []

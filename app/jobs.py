@@ -19,8 +19,8 @@ from boomerang.evaluation.run import STANDARD_LIMIT, EvalRequest
 from boomerang.evaluation.task_files import shipped_tasks
 from boomerang.progress import format_eta
 from boomerang.training.checkpoint import read_plan, snapshot, snapshots
-from boomerang.training.loop import is_mixed_step
 from boomerang.training.recipe import DistillConfig
+from boomerang.training.terms import is_mixed_step
 from db import crud
 from db.models import JobStatus
 from workers.kinds import KINDS, progress_text

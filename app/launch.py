@@ -12,7 +12,17 @@ import typing
 
 import gradio as gr
 
-from app.common import USER_ERRORS, bind, check_sources, check_text, patched_text, quick_to_load, reported, safe, teacher_choices
+from app.common import (
+    USER_ERRORS,
+    bind,
+    check_sources,
+    check_text,
+    patched_text,
+    quick_to_load,
+    reported,
+    safe,
+    teacher_choices,
+)
 from boomerang import data as d
 from boomerang.family import Family
 from boomerang.models import boomerang_home
@@ -248,7 +258,7 @@ def tab(services):
         bind(preview_plan, services, refused=PLAN_REFUSED, blank=([],)), [*plan_inputs, fields["plan"]], [preview_md, preview_table], api_name=False)
 
     def launch(recipe_name, *form):
-        return launch_job(services, {"recipe": recipe_name, **dict(zip(names, form))})
+        return launch_job(services, {"recipe": recipe_name, **dict(zip(names, form, strict=False))})
 
     launch_btn.click(safe(reported(launch, "Not launched")), [recipe, *components], launch_md, api_name="launch")
     estimate_inputs = [fields[n] for n in ("teacher", "data", "steps", "batch_size", "seq_len", "mix_prob", "plan")]

@@ -18,8 +18,8 @@ import time
 
 import torch
 
-from boomerang.generation import Sampling, prompt_ids, stream_pair
 from boomerang.family import Family
+from boomerang.generation import Sampling, prompt_ids, stream_pair
 from boomerang.models import load_teacher
 from boomerang.plan import LayerPlan
 from boomerang.student import cut_student, load_student
@@ -73,7 +73,7 @@ def main() -> None:
         a, b = side_by_side(size, teacher.model, tok, n)
         rows["size in one chat"].append(a), rows["teacher in one chat"].append(b)
         results = []
-        threads = [threading.Thread(target=lambda: results.append(side_by_side(size, teacher.model, tok, n)))
+        threads = [threading.Thread(target=lambda results=results: results.append(side_by_side(size, teacher.model, tok, n)))
                    for _ in range(2)]
         [t.start() for t in threads], [t.join() for t in threads]
         rows["size, two chats at once"].append(statistics.mean(r[0] for r in results))

@@ -76,13 +76,16 @@ def main() -> None:
         ours, ref = [], []
         for step in range(args.steps + 1):  # the first step of each is a warm-up
             ids = run.data.batch(step, cfg.batch_size, cfg.seed).to(device)
-            sync(); t0 = time.perf_counter()
+            sync()
+            t0 = time.perf_counter()
             optimizer_step(run, step)
-            sync(); t1 = time.perf_counter()
+            sync()
+            t1 = time.perf_counter()
             autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
             with autocast:
                 reference_step(run.teacher.model, ref_student, ref_opt, ids, run.plan, cfg)
-            sync(); t2 = time.perf_counter()
+            sync()
+            t2 = time.perf_counter()
             if step:
                 ours.append(t1 - t0), ref.append(t2 - t1)
         tokens = cfg.batch_size * cfg.seq_len

@@ -9,8 +9,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from torch import nn
+from transformers import PreTrainedModel
 
 from boomerang.errors import BoomerangError
+
+CausalLM = PreTrainedModel
+"""A causal LM as transformers builds it (what a teacher, a student and every size are): it has `.config`."""
 
 
 @dataclass(frozen=True)
@@ -49,7 +53,8 @@ class Arch:
     def end_modules(self, model: nn.Module) -> dict[tuple[str, ...], nn.Module]:
         """The non-layer modules with weights, keyed by their path from the wrapper."""
         base = self.base_model(model)
-        ends = {(self.base, name): getattr(base, name) for name in (*self.embeddings, self.norm)}
+        ends: dict[tuple[str, ...], nn.Module] = {(self.base, name): getattr(base, name)
+                                                  for name in (*self.embeddings, self.norm)}
         ends[(self.head,)] = getattr(model, self.head)
         return ends
 
@@ -65,7 +70,7 @@ class Arch:
             raise BoomerangError("encoder-decoder models are not supported: use a decoder-only model")
 
 
-_LLAMA_LIKE = dict(base="model", layers="layers", embeddings=("embed_tokens",), norm="norm", head="lm_head")
+_LLAMA_LIKE: dict = dict(base="model", layers="layers", embeddings=("embed_tokens",), norm="norm", head="lm_head")
 
 ARCHES: tuple[Arch, ...] = (
     Arch("Llama (incl. SmolLM2, Llama 3)", ("llama",), **_LLAMA_LIKE),

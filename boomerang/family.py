@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -30,6 +31,9 @@ from torch import nn
 from boomerang.arch import Arch, adapter_for
 from boomerang.errors import BoomerangError
 from boomerang.plan import LayerPlan
+
+if TYPE_CHECKING:
+    from boomerang.arch import CausalLM
 
 ORDERS = ("last", "first", "greedy")
 ENDS = ("student", "teacher", "auto")
@@ -62,7 +66,7 @@ def rebind_layer(layer: nn.Module, idx: int) -> nn.Module:
     """A clone of a decoder layer whose `layer_idx` (and its submodules') is `idx`; weights shared."""
     clone = _shallow(layer)
     if "layer_idx" in layer.__dict__:
-        clone.layer_idx = idx
+        clone.layer_idx = idx  # type: ignore[assignment]  # a plain attribute, not a submodule
     for name, child in layer._modules.items():
         if child is not None and _carries_layer_idx(child):
             clone._modules[name] = rebind_layer(child, idx)
@@ -70,11 +74,11 @@ def rebind_layer(layer: nn.Module, idx: int) -> nn.Module:
 
 
 def assemble(
-    skeleton: nn.Module,
+    skeleton: CausalLM,
     layers: Sequence[nn.Module],
     layer_types: Sequence[str] | None,
     ends: dict[tuple[str, ...], nn.Module] | None = None,
-) -> nn.Module:
+) -> CausalLM:
     """A causal LM shaped like `skeleton` running `layers` in order, sharing every weight.
 
     `ends` replaces some of the skeleton's non-layer modules (keyed as in `Arch.end_modules`). The
@@ -93,9 +97,9 @@ def assemble(
     if layer_types is not None:
         config.layer_types = list(layer_types)
     config.tie_word_embeddings = arch.head_module(top).weight is arch.token_embedding(top).weight
-    top.config = config
-    base.config = config
-    return top
+    top.config = config  # type: ignore[assignment]  # plain attributes of the model objects
+    base.config = config  # type: ignore[assignment]
+    return top  # type: ignore[return-value]  # a shallow copy of the skeleton: its class
 
 
 def layer_types_of(model: nn.Module) -> list[str] | None:
@@ -129,15 +133,17 @@ class SizeInfo:
 
 def compress_runs(layers) -> str:
     """["S0","S1","T4","T5","T6"] -> "S0-1 T4-6"."""
-    out, start, prev = [], None, None
+    out: list[str] = []
+    start: tuple = ()
+    prev: tuple = ()
     for name in (*layers, None):
         kind, idx = (name[0], int(name[1:])) if name else (None, None)
         if prev and (kind != prev[0] or idx != prev[1] + 1):
             out.append(f"{start[0]}{start[1]}" + (f"-{prev[1]}" if prev[1] != start[1] else ""))
-            start = None
-        if name and start is None:
+            start = ()
+        if name and not start:
             start = (kind, idx)
-        prev = (kind, idx) if name else None
+        prev = (kind, idx) if name else ()
     return " ".join(out)
 
 
@@ -160,7 +166,7 @@ class Family:
     or an explicit sequence of student layers. `ends` is one of ENDS (see the module's docstring).
     """
 
-    def __init__(self, teacher: nn.Module, student: nn.Module, plan: LayerPlan,
+    def __init__(self, teacher: CausalLM, student: CausalLM, plan: LayerPlan,
                  order: str | Sequence[int] = "last", ends: str = "student"):
         self.teacher, self.student, self.plan, self.ends = teacher, student, plan, check_ends(ends)
         self.arch: Arch = adapter_for(teacher)
@@ -190,7 +196,7 @@ class Family:
             )
         return tuple(self.order[: counts.index(n_layers)])
 
-    def build(self, n_layers: int) -> nn.Module:
+    def build(self, n_layers: int) -> CausalLM:
         """The size with `n_layers` decoder layers, sharing every weight with teacher and student."""
         if n_layers == self.plan.n_teacher:
             return self.teacher
@@ -207,7 +213,7 @@ class Family:
         return ("teacher" if blocks[0] in patched else "student", "teacher" if blocks[-1] in patched else "student")
 
     def build_patched(self, patched: Iterable[int], *, embeddings: str | None = None,
-                      head: str | None = None) -> nn.Module:
+                      head: str | None = None) -> CausalLM:
         """Any set of patched student layers (singletons too).
 
         `embeddings` and `head` ("student" or "teacher") say whose input embeddings and whose final
@@ -226,7 +232,7 @@ class Family:
         seq = self.plan.layers_after_patching(patched)
         layers = [self._t_layers[i] if who == "teacher" else self._s_layers[i] for who, i in seq]
         types = None
-        if self._t_types is not None:
+        if self._t_types is not None and self._s_types is not None:
             types = [self._t_types[i] if who == "teacher" else self._s_types[i] for who, i in seq]
         return assemble(self.student, layers, types, ends=self._ends(embeddings, head))
 
@@ -310,7 +316,7 @@ def mean_kl(teacher_logits: torch.Tensor, logits: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def greedy_patch_order(teacher: nn.Module, student: nn.Module, plan: LayerPlan,
+def greedy_patch_order(teacher: CausalLM, student: CausalLM, plan: LayerPlan,
                        calibration: torch.Tensor, on_step=None) -> tuple[int, ...]:
     """Size by size, patch the block that keeps the model closest to the teacher (mean KL).
 
@@ -322,7 +328,7 @@ def greedy_patch_order(teacher: nn.Module, student: nn.Module, plan: LayerPlan,
     remaining = list(plan.patchable)
     while remaining:
         scores = {j: mean_kl(ref, fam.build_patched({*chosen, j})(calibration).logits) for j in remaining}
-        best = min(scores, key=scores.get)
+        best = min(scores, key=lambda j: scores[j])
         chosen.append(best)
         remaining.remove(best)
         if on_step:

@@ -75,7 +75,8 @@ class _Collector(BaseStreamer):
     """Receives generated token ids (the prompt first, which it skips) and decodes incrementally."""
 
     def __init__(self, tokenizer, reply: Reply):
-        self.tokenizer, self.reply, self.ids, self.prompt_seen = tokenizer, reply, [], False
+        self.tokenizer, self.reply, self.prompt_seen = tokenizer, reply, False
+        self.ids: list[int] = []
 
     def put(self, value):
         if not self.prompt_seen:
@@ -132,7 +133,7 @@ def stream_pair(sides: list[tuple], tokenizer, sampling: Sampling, stop: threadi
     replies = [Reply() for _ in sides]
     threads = [threading.Thread(target=_generate, daemon=True,
                                 args=(model, tokenizer, prompt_ids(tokenizer, messages), sampling, stop, reply))
-               for (model, messages), reply in zip(sides, replies)]
+               for (model, messages), reply in zip(sides, replies, strict=False)]
     for t in threads:
         t.start()
     while any(t.is_alive() for t in threads):
@@ -173,7 +174,7 @@ class _RowStreamer(BaseStreamer):
         if not self.prompt_seen:
             self.prompt_seen = True
             return
-        for row, token in zip(self.rows, value.reshape(-1).tolist()):
+        for row, token in zip(self.rows, value.reshape(-1).tolist(), strict=False):
             if row.finished:
                 continue
             row.generated += 1

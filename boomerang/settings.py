@@ -24,6 +24,8 @@ _SCALARS = {int: "an integer", float: "a number", bool: "true or false", str: "a
 class Settings:
     """Mixin for settings dataclasses: `to_dict` / `from_dict` with type checks."""
 
+    __dataclass_fields__: typing.ClassVar[dict[str, typing.Any]]  # every subclass is a dataclass
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -105,9 +107,12 @@ def _describe(kind) -> str:
 def field_docs(cls) -> dict[str, str]:
     """The docstrings under a dataclass's fields (the one place a setting is described)."""
     tree = ast.parse(inspect.getsource(cls))
-    body, docs = tree.body[0].body, {}
-    for node, nxt in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+    node = tree.body[0]
+    assert isinstance(node, ast.ClassDef), cls
+    body, docs = node.body, {}
+    for node, nxt in zip(body, body[1:], strict=False):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant)):
             docs[node.target.id] = " ".join(str(nxt.value.value).split())
     return docs
 

@@ -13,8 +13,7 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-
-from torch import nn
+from typing import TYPE_CHECKING
 
 import boomerang
 from boomerang.arch import adapter_for
@@ -24,11 +23,14 @@ from boomerang.models import Teacher
 from boomerang.outputs import replace_dir_atomically
 from boomerang.plan import LayerPlan
 
+if TYPE_CHECKING:
+    from boomerang.arch import CausalLM
+
 MANIFEST = "boomerang.json"
 FORMAT = 1
 
 
-def cut_student(teacher: nn.Module, plan: LayerPlan, *, share: bool = False) -> nn.Module:
+def cut_student(teacher: CausalLM, plan: LayerPlan, *, share: bool = False) -> CausalLM:
     """The student: the teacher's kept layers, renumbered, with the teacher's embeddings and head.
 
     With `share=True` the result shares the teacher's weights (for listing or evaluating the
@@ -108,7 +110,7 @@ def read_manifest(folder: str | Path) -> Manifest:
         raise BoomerangError(f"{path} is damaged ({type(exc).__name__}: {exc}); cut or distill the student again") from None
 
 
-def save_student(student: nn.Module, tokenizer, manifest: Manifest, out: str | Path, *, overwrite: bool = False) -> Path:
+def save_student(student: CausalLM, tokenizer, manifest: Manifest, out: str | Path, *, overwrite: bool = False) -> Path:
     """Write a student folder atomically: model, tokenizer and manifest appear together or not at all."""
 
     def write(tmp: Path) -> None:
@@ -126,7 +128,7 @@ def load_student(folder: str | Path, teacher: Teacher):
     return _load_student_model(folder, manifest, teacher), manifest
 
 
-def _load_student_model(folder: str | Path, manifest: Manifest, teacher: Teacher) -> nn.Module:
+def _load_student_model(folder: str | Path, manifest: Manifest, teacher: Teacher) -> CausalLM:
     """The student's weights, on the teacher's device and in its dtype, after checking the pair."""
     from transformers import AutoModelForCausalLM
 
@@ -138,7 +140,7 @@ def _load_student_model(folder: str | Path, manifest: Manifest, teacher: Teacher
             f"{folder}: the model has {model.config.num_hidden_layers} layers but the manifest's plan keeps "
             f"{manifest.plan.n_student}; the folder is inconsistent"
         )
-    return model.to(teacher.device).eval()
+    return model.to(teacher.device).eval()  # type: ignore[arg-type]  # transformers types .to wrongly
 
 
 @dataclass
@@ -163,7 +165,7 @@ def named_order(manifest: Manifest, order: str | Sequence[int]) -> tuple[int, ..
     return resolve_order(manifest.plan, named)
 
 
-def family_order(manifest: Manifest, order: str | Sequence[int], teacher: Teacher, student: nn.Module,
+def family_order(manifest: Manifest, order: str | Sequence[int], teacher: Teacher, student: CausalLM,
                  calibration: str | None = None) -> tuple[int, ...]:
     """The patch order to use: named in the manifest, explicit, or "greedy" computed now on a calibration text
     (a file, default: a built-in text) when the manifest does not hold it."""
@@ -184,7 +186,7 @@ def calibration_ids(tokenizer, calibration: str | None = None, max_tokens: int =
     return tokenizer(text, return_tensors="pt").input_ids[:, :max_tokens]
 
 
-def greedy_order(teacher: Teacher, student: nn.Module, plan: LayerPlan, calibration: str | None = None) -> tuple[int, ...]:
+def greedy_order(teacher: Teacher, student: CausalLM, plan: LayerPlan, calibration: str | None = None) -> tuple[int, ...]:
     """The greedy patch order (closest to the teacher in KL at each size) on 256 calibration tokens."""
     import sys
 

@@ -8,8 +8,7 @@ import datetime as dt
 from sqlalchemy import delete, update
 from sqlmodel import Session, select
 
-from db.models import (FINISHED, EvalResult, Job, JobCreate, JobStatus, Size, StepMetric, Student, TeacherRecord,
-                       utcnow)
+from db.models import FINISHED, EvalResult, Job, JobCreate, JobStatus, Size, StepMetric, Student, TeacherRecord, utcnow
 
 
 def create_job(*, session: Session, job_in: JobCreate, teacher_id: int | None = None) -> Job:

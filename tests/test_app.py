@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import redis
 from sqlmodel import Session, select
+from test_eval import write_eval_files
+from test_jobs import REDIS_URL
 
 from app import chat, common, compare, jobs, launch
 from app.common import reported
@@ -16,8 +18,6 @@ from app.services import ModelCache, Services
 from boomerang.errors import BoomerangError
 from db import crud
 from db.engine import make_engine
-from test_eval import write_eval_files
-from test_jobs import REDIS_URL
 from tiny import save_tiny_teacher
 from workers.app import make_celery
 from workers.runner import run_job

@@ -7,12 +7,13 @@ import torch
 from torch.testing import assert_close
 
 from boomerang.arch import adapter_for
-from boomerang.training.checkpoint import CHECKPOINT, METRICS, save_checkpoint
-from boomerang.training.loop import blockwise_states, distill, setup
-from boomerang.training.recipe import DistillConfig, read_recipe
 from boomerang.errors import BoomerangError
 from boomerang.models import load_teacher
 from boomerang.student import load_student
+from boomerang.training.checkpoint import CHECKPOINT, METRICS, save_checkpoint
+from boomerang.training.loop import distill, setup
+from boomerang.training.recipe import DistillConfig, read_recipe
+from boomerang.training.terms import blockwise_states
 from tiny import save_tiny_teacher, tokens
 
 TEXT = "The quick brown fox jumps over the lazy dog. " * 60
@@ -49,8 +50,8 @@ def test_two_steps_stop_resume_two_equals_four_uninterrupted(teacher_dir):
         assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
     steps = [json.loads(line)["step"] for line in (resumed.out / METRICS).read_text().splitlines()]
     assert steps == [1, 2, 3, 4], "a step's metrics were lost or duplicated"
-    full_losses = [json.loads(l)["loss"] for l in (full.out / METRICS).read_text().splitlines()]
-    split_losses = [json.loads(l)["loss"] for l in (resumed.out / METRICS).read_text().splitlines()]
+    full_losses = [json.loads(line)["loss"] for line in (full.out / METRICS).read_text().splitlines()]
+    split_losses = [json.loads(line)["loss"] for line in (resumed.out / METRICS).read_text().splitlines()]
     assert full_losses == pytest.approx(split_losses, rel=1e-6)
 
 
@@ -195,7 +196,7 @@ def test_blockwise_term_runs_each_student_layer_on_its_blocks_teacher_input(tmp_
 def test_blockwise_training_moves_only_patchable_layers_and_lowers_their_error(teacher_dir):
     cfg = config(teacher_dir, "local", steps=8, local_weight=1.0, ce_weight=0, kl_weight=0, cosine_weight=0)
     result = distill(cfg)
-    losses = [json.loads(l)["terms"]["local"] for l in (result.out / METRICS).read_text().splitlines()]
+    losses = [json.loads(line)["terms"]["local"] for line in (result.out / METRICS).read_text().splitlines()]
     assert losses[-1] < losses[0]
     teacher = load_teacher(cfg.teacher)
     student, _ = load_student(result.student_dir, teacher)
@@ -230,8 +231,8 @@ def test_importance_plan_drops_a_layer_the_teacher_does_not_need_and_resumes_wit
 
 
 def test_mixed_sizes_are_last_k_sizes_drawn_from_the_seed_and_step():
-    from boomerang.training.loop import mixed_size
     from boomerang.plan import LayerPlan
+    from boomerang.training.terms import mixed_size
 
     plan = LayerPlan.from_rule(30)  # patchable student layers 0..13
     cfg = DistillConfig(mix_prob=0.5)
@@ -247,8 +248,8 @@ def test_mixed_sizes_are_last_k_sizes_drawn_from_the_seed_and_step():
 
 
 def test_a_mixed_size_step_trains_the_student_through_the_teachers_blocks(teacher_dir):
-    from boomerang.training.loop import loss_step
     from boomerang.family import Family
+    from boomerang.training.loop import loss_step
     from boomerang.training.losses import kl_to_teacher
 
     run = setup(config(teacher_dir, "mix", ce_weight=0, kl_weight=1.0, cosine_weight=2.0, mix_prob=1.0))

@@ -16,7 +16,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-
 from test_eval import write_eval_files
 from test_jobs import Cluster, redis_ready  # noqa: F401  (fixture)
 

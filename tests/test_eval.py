@@ -7,13 +7,13 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from boomerang.evaluation import task_files as tasks
-from boomerang.importance import block_influence, drop_order, dropped_teacher
-from boomerang.evaluation.chart import pareto, points
 from boomerang.cli import main
 from boomerang.errors import BoomerangError
+from boomerang.evaluation import task_files as tasks
+from boomerang.evaluation.chart import pareto, points
 from boomerang.evaluation.metrics import EvalSettings, lm_eval_task, metrics_of
 from boomerang.family import Family
+from boomerang.importance import block_influence, drop_order, dropped_teacher
 from boomerang.plan import LayerPlan
 from boomerang.student import cut_student
 from tiny import N_LAYERS, save_tiny_teacher, tiny_model, tiny_tokenizer, tokens
@@ -105,7 +105,7 @@ def test_undistilled_sizes_are_layer_dropping_by_the_plan():
     x = tokens()
     for n in fam.layer_counts[:-1]:
         ran = [int(name[1:]) for name in fam.info(n).layers]  # student layer j is teacher layer kept[j]
-        teacher_layers = [plan.kept[i] if name[0] == "S" else i for name, i in zip(fam.info(n).layers, ran)]
+        teacher_layers = [plan.kept[i] if name[0] == "S" else i for name, i in zip(fam.info(n).layers, ran, strict=False)]
         dropped = [i for i in range(N_LAYERS) if i not in teacher_layers]
         assert_close(fam.build(n)(x).logits, dropped_teacher(teacher, dropped)(x).logits, rtol=0, atol=0)
 

@@ -4,9 +4,9 @@ import math
 
 import pytest
 import torch
+from test_family import make_family
 
 from boomerang.evaluation.metrics import family_label_free, label_free
-from test_family import make_family
 from tiny import tokens
 
 

@@ -3,12 +3,12 @@
 import json
 
 import pytest
+from test_family import ARCHES, make_family
 from torch.testing import assert_close
 from transformers import AutoModelForCausalLM
 
 from boomerang.errors import BoomerangError
 from boomerang.export import export_model, export_size
-from test_family import ARCHES, make_family
 from tiny import tokens
 
 

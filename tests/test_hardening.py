@@ -14,13 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 from sqlmodel import Session
+from test_eval import write_eval_files
 
 from boomerang.cli import main
 from boomerang.errors import BoomerangError
 from db import crud
 from db.engine import make_engine
 from db.models import JobCreate, JobStatus
-from test_eval import write_eval_files
 from tiny import save_tiny_teacher
 
 TEXT = "Nothing here should survive a bad input: no rows, no files, no half-written folders. " * 60

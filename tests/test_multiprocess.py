@@ -104,9 +104,9 @@ def test_fsdp_on_two_processes_stopped_and_resumed_matches_one_process(single):
 
 
 def test_processes_without_a_launcher_is_refused_with_the_way_out(single):
+    from boomerang.errors import BoomerangError
     from boomerang.training.loop import distill
     from boomerang.training.recipe import DistillConfig
-    from boomerang.errors import BoomerangError
 
     tmp, _ = single
     with pytest.raises(BoomerangError, match="run `boomerang distill`"):

@@ -42,7 +42,7 @@ def test_requests_that_arrive_together_run_as_one_batch_and_return_what_they_ret
     alone = []
     for p in prompts:
         got = []
-        generate_rows(family.build(6), tok, [Row(p, 10, lambda t: got.append(t) or True)], Sampling(10, 0.0))
+        generate_rows(family.build(6), tok, [Row(p, 10, lambda t, got=got: got.append(t) or True)], Sampling(10, 0.0))
         alone.append(got)
     calls = []
     real = sched.generate_rows

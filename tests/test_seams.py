@@ -243,11 +243,11 @@ def test_a_job_through_the_real_runner_keeps_teacher_student_batches_and_family_
 def test_a_new_loss_term_reaches_metrics_the_database_the_log_and_the_chart(home, monkeypatch):
     """Adding a term is a row of TERMS: here one is added in the test and followed to the Jobs chart."""
     from app.jobs import job_detail, loss_figure
-    from boomerang.training import loop
+    from boomerang.training import terms
     from workers.runner import run_job
 
-    probe = loop.Term("kl_weight", frozenset({"student"}), lambda x: x.student_logits.float().pow(2).mean() * 0 + 0.125)
-    monkeypatch.setitem(loop.TERMS, "probe", probe)
+    probe = terms.Term("kl_weight", frozenset({"student"}), lambda x: x.student_logits.float().pow(2).mean() * 0 + 0.125)
+    monkeypatch.setitem(terms.TERMS, "probe", probe)
     engine = make_engine(f"sqlite:///{home / 'jobs.db'}")
     job_id = queued(engine, home, ce_weight=0, cosine_weight=0)
     assert run_job(job_id, engine=engine, worker="test") == "SUCCEEDED"
@@ -273,9 +273,8 @@ def test_every_job_kind_has_one_registry_row_and_its_request_round_trips(tmp_pat
     from boomerang.evaluation.run import EvalRequest
     from boomerang.export import ExportRequest
     from boomerang.training.recipe import DistillConfig
-    from workers.kinds import KINDS, build_request
-
     from workers.bodies import BODIES
+    from workers.kinds import KINDS, build_request
 
     assert set(KINDS) == set(BODIES) == {"distill", "eval", "export"}
     assert len({k.task for k in KINDS.values()}) == len(KINDS)

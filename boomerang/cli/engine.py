@@ -11,8 +11,16 @@ import torch
 from transformers import TextStreamer
 
 from boomerang.arch import adapter_for
-from boomerang.cli.flags import (RequestCommand, add_order, add_plan, add_remote_code, add_teacher, load_family,
-                                 load_teacher, plan_from_args)
+from boomerang.cli.flags import (
+    RequestCommand,
+    add_order,
+    add_plan,
+    add_remote_code,
+    add_teacher,
+    load_family,
+    load_teacher,
+    plan_from_args,
+)
 from boomerang.errors import BoomerangError
 from boomerang.export import ExportRequest, run_export
 from boomerang.family import compress_runs
@@ -29,13 +37,16 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_teacher)
 
     p = sub.add_parser("family", help="the plan and every size of a family")
-    add_teacher(p), add_plan(p), add_order(p)
+    add_teacher(p)
+    add_plan(p)
+    add_order(p)
     p.add_argument("--student", default=None, help="a student folder (default: a freshly cut student)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_family)
 
     p = sub.add_parser("cut", help="write the freshly cut (undistilled) student folder")
-    add_teacher(p), add_plan(p)
+    add_teacher(p)
+    add_plan(p)
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true", help="replace an existing model folder at --out")
     p.set_defaults(func=cmd_cut)
@@ -49,7 +60,9 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("generate", help="one prompt through any size, streamed")
-    add_teacher(p), add_plan(p), add_order(p)
+    add_teacher(p)
+    add_plan(p)
+    add_order(p)
     p.add_argument("--student", default=None, help="a student folder (default: a freshly cut student, undistilled)")
     p.add_argument("--layers", type=int, default=None, help="size to use (default: the teacher)")
     p.add_argument("--prompt", required=True)

@@ -25,7 +25,9 @@ STANDARD = ("Naming none of --tasks, --baselines, --heldout-data, --general-data
 
 def register(sub) -> None:
     p = sub.add_parser("heldout", help="held-out perplexity, KL to the teacher and top-1 agreement of every size")
-    add_teacher(p), add_plan(p), add_order(p)
+    add_teacher(p)
+    add_plan(p)
+    add_order(p)
     p.add_argument("--student", default=None, help="a student folder (default: a freshly cut student)")
     p.add_argument("--data", required=True, help="text file or folder; its last --heldout-fraction is used")
     p.add_argument("--heldout-fraction", type=float, default=0.1)

@@ -146,7 +146,7 @@ def cmd_baselines(args) -> int:
         cfg.check()  # every one before the first starts
     for k, cfg in enumerate(configs, start=1):
         out = Path(cfg.out)
-        n = len(cfg.keep)
+        n = len(cfg.keep or ())
         if is_done(cfg):
             print(f"[{k}/{len(configs)}] {n} layers: already distilled ({out / 'student'})")
             continue

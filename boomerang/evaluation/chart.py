@@ -72,7 +72,8 @@ def points(rows: list[dict], task: str, metric: str) -> list[dict]:
     for group in by_model.values():
         if len({r["task"] for r in group}) == len(tasks):
             errs = [r.get("stderr") for r in group]
-            stderr = (sum(e * e for e in errs) ** 0.5 / len(errs)) if all(e is not None for e in errs) else None
+            known = [e for e in errs if e is not None]
+            stderr = (sum(e * e for e in known) ** 0.5 / len(errs)) if len(known) == len(errs) else None
             out.append({**group[0], "task": "average", "value": sum(r["value"] for r in group) / len(group),
                         "stderr": stderr})  # tasks' items independent: the mean's variance is the mean of theirs / k
     return out
@@ -206,8 +207,8 @@ def at_size_gaps(pts: list[dict], metric: str) -> list[dict]:
         if q is None:
             continue
         diff = p["value"] - q["value"]
-        errs = (p.get("stderr"), q.get("stderr"))
-        stderr = (errs[0] ** 2 + errs[1] ** 2) ** 0.5 if None not in errs else None
+        a, b = p.get("stderr"), q.get("stderr")
+        stderr = (a ** 2 + b ** 2) ** 0.5 if a is not None and b is not None else None
         beyond = abs(diff) > 2 * stderr if stderr is not None else diff != 0
         better = "interpolated" if (diff > 0) == higher else "distilled"
         out.append({"family": p.get("family") or "", "n_layers": p["n_layers"], "interpolated": p["value"],
@@ -237,18 +238,19 @@ def combine(families: dict[str, list[dict]]) -> list[dict]:
     depend on the family (a drop-bi model, a student distilled at a size, a reference) found in several families
     with the same value on the same text is one model measured again (an ends variant of a run, two runs on one
     corpus): it is kept once, under the first family that has it."""
-    out, seen = [], set()
+    out: list[dict] = []
+    seen: set[tuple] = set()
     for name, rows in families.items():
         for r in rows:
             if r["series"] == "teacher":
-                ident = (r["key"], r["task"], r["metric"], r.get("cell"))
+                ident: tuple = (r["key"], r["task"], r["metric"], r.get("cell"))
                 if ident in seen:
                     continue
                 seen.add(ident)
                 out.append({**r, "family": ""})
                 continue
             if r["series"] in SHARED_BASELINES:
-                ident = (r["key"], r["params"], r["task"], r["metric"], measurement(r.get("cell")), r["value"])
+                ident = (r["key"], r["params"], r["task"], r["metric"], measurement(r.get("cell") or ""), r["value"])
                 if ident in seen:
                     continue
                 seen.add(ident)
@@ -288,7 +290,8 @@ def _png(pts: list[dict], task: str, metric: str, path: str, log_x: bool) -> Non
     if metric in LOG_Y:
         ax.set_yscale("log")
     ax.set_xlabel("parameters (millions)"), ax.set_ylabel(metric), ax.set_title(f"{task}: {metric} vs. parameters")
-    ax.grid(alpha=0.3), ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -98,7 +98,7 @@ def compare_families(folders: list[str], out: str | Path, *, names: list[str] | 
         raise BoomerangError(f"{len(folders)} families but {len(names)} names")
     if len(set(names)) != len(names):
         raise BoomerangError(f"two families have the same name ({', '.join(names)}): give --name for each")
-    families = {name: ResultStore(results_of(f)).rows() for name, f in zip(names, folders)}
+    families = {name: ResultStore(results_of(f)).rows() for name, f in zip(names, folders, strict=False)}
     for spec in tables:
         for name, rows in published(spec).items():
             if name in families:
@@ -111,7 +111,10 @@ def compare_families(folders: list[str], out: str | Path, *, names: list[str] | 
     lm = [t for t in tasks if t not in chart.NOT_AVERAGED]
     wanted = [(t, chart_metric) for t in lm] + ([("average", chart_metric)] if len(lm) > 1 else [])
     wanted += [(t, m) for t in tasks if t in chart.LABEL_FREE for m in chart.LABEL_FREE_METRICS]
-    frontiers, charts, pareto_of, gaps = {}, [], {}, {}
+    frontiers: dict = {}
+    charts: list[Path] = []
+    pareto_of: dict = {}
+    gaps: dict = {}
     for task, metric in wanted:
         pts = chart.points(rows, task, metric)
         if not pts:

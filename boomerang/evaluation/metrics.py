@@ -51,8 +51,8 @@ def label_free_many(models: dict, teacher, blocks: torch.Tensor, *, batch_size: 
     """`label_free` of several models (name -> model) on the same blocks, batch by batch: the teacher runs once
     per batch for all of them. Each model's numbers are those `label_free` gives it alone."""
     nll = dict.fromkeys(models, 0.0)
-    kls = {k: [] for k in models}  # per block: the spread over blocks gives the standard errors
-    agrees = {k: [] for k in models}
+    kls: dict[str, list[float]] = {k: [] for k in models}  # per block: the spread over blocks gives the standard errors
+    agrees: dict[str, list[float]] = {k: [] for k in models}
     count = 0
     device = next(teacher.parameters()).device
     for start in range(0, blocks.shape[0], batch_size):
@@ -132,7 +132,7 @@ def lm_eval_task(model, tokenizer, task: dict | str, settings: EvalSettings) -> 
         random_seed=settings.seed, numpy_random_seed=settings.seed, torch_random_seed=settings.seed,
         fewshot_random_seed=settings.seed,
     )
-    name = task["task"] if local else task
+    name = task["task"] if isinstance(task, dict) else task
     return {
         "task": name,
         "results": out["results"][name],
@@ -188,12 +188,15 @@ def measure_cost(model, *, prompt_len: int = 128, new_tokens: int = 32, repeats:
         torch.cuda.reset_peak_memory_stats(device)
     prefill, decode = [], []
     for _ in range(repeats):
-        sync(); t0 = time.perf_counter()
+        sync()
+        t0 = time.perf_counter()
         model(ids)
-        sync(); t1 = time.perf_counter()
+        sync()
+        t1 = time.perf_counter()
         model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                        do_sample=False, pad_token_id=0)
-        sync(); t2 = time.perf_counter()
+        sync()
+        t2 = time.perf_counter()
         prefill.append(t1 - t0)
         decode.append(max(1e-9, (t2 - t1) - (t1 - t0)))
     weights = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())

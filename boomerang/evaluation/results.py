@@ -14,6 +14,7 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+
 @dataclass(frozen=True)
 class ModelEntry:
     """One model measured: a family size, a baseline or a reference."""

@@ -11,25 +11,39 @@ other settings in the same folder never mix into it.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
+from boomerang.data import HELDOUT_FILE, SHIPPED_GENERAL
 from boomerang.errors import BoomerangError
-from boomerang.evaluation import task_files
+from boomerang.evaluation import chart, task_files
 from boomerang.evaluation.chart import LABEL_FREE, LABEL_FREE_METRICS
-from boomerang.evaluation.metrics import (EvalSettings, label_free, label_free_many, lm_eval_task, measure_cost,
-                                          metrics_of)
+from boomerang.evaluation.metrics import (
+    EvalSettings,
+    label_free,
+    label_free_many,
+    lm_eval_task,
+    measure_cost,
+    metrics_of,
+)
 from boomerang.evaluation.results import ModelEntry, ResultStore, cell_key
 from boomerang.family import Family, check_ends, compress_runs, count_params, resolve_order
 from boomerang.importance import block_influence, drop_order, dropped_teacher
+from boomerang.models import load_teacher
+from boomerang.plan import parse_layer_list
 from boomerang.settings import Settings
-from boomerang.student import cut_student
+from boomerang.student import at_size_students, calibration_ids, cut_student, open_family, read_manifest
+
+if TYPE_CHECKING:
+    from boomerang.arch import CausalLM
 
 BASELINES = ("undistilled", "drop-bi")
 CALIBRATION_TOKENS = 1024
@@ -41,7 +55,7 @@ STANDARD_LIMIT = 100
 @dataclass
 class Candidate:
     entry: ModelEntry
-    build: Callable[[], torch.nn.Module]
+    build: Callable[[], CausalLM]
     shared: bool = False
     """Built from the teacher's and the student's weights (a size, a baseline that drops layers): cheap to hold
     together, so their label-free cells are computed together (the teacher runs once per batch for all)."""
@@ -57,7 +71,7 @@ def family_candidates(family: Family, sizes: list[int] | None) -> list[Candidate
             embeddings, head = family.ends_for(info.patched)
             blocks += f" · embeddings: {embeddings}, norm and head: {head}"
         entry = ModelEntry(f"{series}-{n}", series, n, info.params, info.params_no_embed, blocks)
-        out.append(Candidate(entry, lambda n=n: family.build(n), shared=True))
+        out.append(Candidate(entry, functools.partial(family.build, n), shared=True))
     return out
 
 
@@ -75,7 +89,7 @@ def baseline_candidates(family: Family, names: list[str], sizes: list[int] | Non
         for n in counts:
             info = fresh.info(n)
             entry = ModelEntry(f"undistilled-{n}", "undistilled", n, info.params, info.params_no_embed, compress_runs(info.layers))
-            out.append(Candidate(entry, lambda n=n: fresh.build(n), shared=True))
+            out.append(Candidate(entry, functools.partial(fresh.build, n), shared=True))
     if "drop-bi" in names:
         if bi_ids is None:
             raise BoomerangError("the drop-bi baseline needs calibration text to measure block influence on")
@@ -87,7 +101,7 @@ def baseline_candidates(family: Family, names: list[str], sizes: list[int] | Non
             model = dropped_teacher(family.teacher, drop)
             params, body = _shape_counts(family, model)
             entry = ModelEntry(f"drop-bi-{n}", "drop-bi", n, params, body, compress_runs([f"T{i}" for i in kept]))
-            out.append(Candidate(entry, lambda model=model: model, shared=True))
+            out.append(Candidate(entry, _given(model), shared=True))
     return out
 
 
@@ -100,7 +114,6 @@ def _shape_counts(family: Family, model) -> tuple[int, int]:
 def distilled_candidates(family: Family, folders: list[str], teacher) -> list[Candidate]:
     """Students distilled at one size of the family with its recipe, data and budget (`boomerang baselines`): the
     `distilled` series. Each is loaded when its cells are computed."""
-    from boomerang.student import open_family, read_manifest
 
     out = []
     for folder in folders:
@@ -112,14 +125,22 @@ def distilled_candidates(family: Family, folders: list[str], teacher) -> list[Ca
         n = plan.n_student
         entry = ModelEntry(f"distilled-{n}", "distilled", n, params, body,
                            compress_runs([f"T{i}" for i in plan.kept]) + " · distilled at this size")
-        out.append(Candidate(entry, lambda folder=folder: open_family(folder, teacher=teacher).family.student))
+        out.append(Candidate(entry, functools.partial(_distilled_student, folder, teacher)))
     return out
 
 
-def reference_candidate(source: str, model: torch.nn.Module) -> Candidate:
+def _given(model: CausalLM) -> Callable[[], CausalLM]:
+    return lambda: model
+
+
+def _distilled_student(folder: str, teacher) -> CausalLM:
+    return open_family(folder, teacher=teacher).family.student
+
+
+def reference_candidate(source: str, model: CausalLM) -> Candidate:
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", source.rstrip("/").split("/")[-1]).strip("-").lower()
     params = count_params([model])
-    embed = model.get_input_embeddings().weight.numel()
+    embed = model.get_input_embeddings().weight.numel()  # type: ignore[operator]  # a module, typed loosely
     entry = ModelEntry(f"reference-{slug}", "reference", model.config.num_hidden_layers, params, params - embed, source)
     return Candidate(entry, lambda: model)
 
@@ -144,7 +165,7 @@ def plan_cells(candidates: list[Candidate], task_names: list[str], data_dir, set
     suffix = "@" + hashlib.sha256(json.dumps(variant, sort_keys=True).encode()).hexdigest()[:8] if variant else ""
     jobs = []
     for cand in candidates:
-        for name, spec in zip(task_names, specs):
+        for name, spec in zip(task_names, specs, strict=False):
             jobs.append(CellJob(cand, name, spec, cell_key(spec, asdict(settings)) + suffix))
         for name, blocks in texts.items():
             digest = hashlib.sha256(blocks.numpy().tobytes()).hexdigest()[:12]
@@ -162,7 +183,10 @@ def run_cells(jobs: list[CellJob], store: ResultStore, *, family: Family, tokeni
     Cost depends on a model's shape alone (layers, widths, dtype, device), not on its weights: a baseline
     with the same layer count and parameters as a size measured in this run takes that size's cost cell
     (marked `same_shape_as`) instead of timing the same computation again."""
-    computed, built, costs, together = 0, {}, {}, {}
+    computed = 0
+    built: dict = {}
+    costs: dict = {}
+    together: dict = {}
     for done, job in enumerate(jobs, start=1):
         entry = job.candidate.entry
         shape = (entry.n_layers, entry.params)
@@ -280,7 +304,6 @@ class EvalRequest(Settings):
     """float32 (default on CPU) | bfloat16 | float16."""
 
     def __post_init__(self):
-        from boomerang.plan import parse_layer_list
 
         self.check_types()
         self.tasks, self.baselines, self.references = list(self.tasks), list(self.baselines), list(self.references)
@@ -303,10 +326,6 @@ class EvalRequest(Settings):
         multiple-choice tasks, label-free metrics on the distillation's own held-out text (when the student
         folder keeps it) and on the shipped general text, cost, both baselines, and the students distilled at sizes
         of the family (`boomerang baselines`) that have finished; `fields` override any of it."""
-        from boomerang.data import HELDOUT_FILE
-
-        from boomerang.data import SHIPPED_GENERAL
-        from boomerang.student import at_size_students
 
         held = Path(student).expanduser() / HELDOUT_FILE
         base = {"tasks": task_files.shipped_tasks(), "cost": True, "baselines": list(BASELINES),
@@ -320,7 +339,6 @@ class EvalRequest(Settings):
         """What a command line or form asks for: naming none of what to measure (tasks, baselines, held-out or
         general text, cost) is the standard evaluation with the other `fields`; naming any is exactly that. The
         students distilled at sizes of the family are taken unless `distilled` is given."""
-        from boomerang.student import at_size_students
 
         measured = ("tasks", "baselines", "heldout_data", "general_data", "cost")
         if not any(fields.get(name) for name in measured):
@@ -331,20 +349,17 @@ class EvalRequest(Settings):
     def after_distillation(cls, student: str, **fields) -> EvalRequest:
         """What `DistillConfig.evaluate` asks for once the family is saved: the standard evaluation at
         STANDARD_LIMIT items per task (`boomerang distill` runs it, a worker queues it)."""
-        from boomerang.evaluation.metrics import EvalSettings
 
         return cls.standard(student, **{"settings": EvalSettings(limit=STANDARD_LIMIT), **fields})
 
     def check(self) -> None:
         """Checks against the world, before any work: the student's manifest, the tasks, the held-out file."""
-        from boomerang.student import read_manifest
 
         read_manifest(self.student)
         for folder in self.distilled:
             read_manifest(folder)
         if self.tasks:
             task_files.resolve(self.tasks, self.data_dir)
-        from boomerang.data import SHIPPED_GENERAL
 
         if self.heldout_data and not Path(self.heldout_data).expanduser().exists():
             raise BoomerangError(f"held-out data not found: {self.heldout_data}")
@@ -366,10 +381,6 @@ class EvalReport:
 def evaluate_student(req: EvalRequest, *, on_cell=None, should_stop=None, teacher=None) -> EvalReport:
     """Evaluate a student's family (and baselines, references) as `req` says; resumable."""
     from boomerang import data as d
-    from boomerang.evaluation import chart
-    from boomerang.models import load_teacher
-    from boomerang.plan import parse_layer_list
-    from boomerang.student import calibration_ids, open_family
 
     opened = open_family(req.student, teacher=teacher or req.teacher, order=req.order, device=req.device,
                          dtype=req.dtype, ends=req.ends, calibration=req.calibration)
@@ -401,7 +412,7 @@ def evaluate_student(req: EvalRequest, *, on_cell=None, should_stop=None, teache
     computed = run_cells(jobs, store, family=family, tokenizer=teacher.tokenizer, settings=req.settings,
                          texts=texts, on_cell=on_cell, should_stop=should_stop)
     rows = store.rows(cells=[store.path(j.candidate.entry.key, j.task_name, j.key) for j in jobs])
-    charts = []
+    charts: list[Path] = []
     for task in [*req.tasks, *(["average"] if len(req.tasks) > 1 else [])]:
         pts = chart.points(rows, task, req.chart_metric)
         if pts:

@@ -39,7 +39,7 @@ class LocalTask:
 
     def config(self) -> dict:
         """The lm-eval task config for this file set."""
-        base = {
+        base: dict = {
             "task": self.name,
             "dataset_path": "json",
             "dataset_kwargs": {"data_files": {"test": [str(f) for f in self.files]}},
@@ -115,6 +115,8 @@ def check_files(name: str, files: list[Path]) -> str:
             missing = sorted(FORMATS[fmt] - keys)
             if missing:
                 raise BoomerangError(f"{path}, line {number}: missing {', '.join(missing)} (a {fmt} task)")
+    if fmt is None:
+        raise BoomerangError(f"{files[0]}: task {name!r} has no items")
     return fmt
 
 

@@ -4,15 +4,14 @@
 (every step goes to the callback and to `metrics.jsonl`, its loss terms by name) and the caller
 decides (the stop flag is checked after every optimizer step; stopping saves a checkpoint).
 
-Loss terms are the rows of `TERMS`: a name, the config field holding its weight, the forward passes
-it reads, and the function. A term whose weight is 0 is not computed, not reported and not stored.
+Loss terms are the rows of `training.terms.TERMS`; a step computes the active ones (`loss_step`).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
-import random
 import shutil
 import time
 from collections.abc import Callable
@@ -21,17 +20,29 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM
 
-from boomerang.arch import adapter_for
+from boomerang import data as d
+from boomerang.arch import CausalLM, adapter_for
 from boomerang.errors import BoomerangError
+from boomerang.family import Family
 from boomerang.models import Teacher, boomerang_home, load_teacher
 from boomerang.plan import LayerPlan
 from boomerang.progress import Phase, Phases
-from boomerang.training import parallel
-from boomerang.training.checkpoint import (CHECKPOINT, METRICS, PLAN, RECIPE, STUDENT, load_checkpoint, read_plan,
-                                           save_checkpoint)
-from boomerang.training.losses import cosine_alignment, kl_to_teacher, next_token_cross_entropy, relative_mse
+from boomerang.student import Manifest, cut_student, save_student
+from boomerang.training import parallel, timing
+from boomerang.training.checkpoint import (
+    CHECKPOINT,
+    METRICS,
+    PLAN,
+    RECIPE,
+    STUDENT,
+    load_checkpoint,
+    read_plan,
+    save_checkpoint,
+)
 from boomerang.training.recipe import DistillConfig, read_recipe, recipe_changes
+from boomerang.training.terms import LossInputs, active_terms, attach_capture, mixed_size, needs_of
 
 IMPORTANCE_BLOCKS = 8
 """Training blocks the importance plan is measured on (the first batch of the run's own order)."""
@@ -83,9 +94,9 @@ class Run:
     cfg: DistillConfig
     out: Path
     teacher: Teacher
-    student: torch.nn.Module
+    student: CausalLM
     plan: LayerPlan
-    data: object
+    data: d.TokenData
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     device: torch.device
@@ -93,7 +104,7 @@ class Run:
     start_step: int = 0
     sharded: bool = False
     """True when the teacher and student are sharded with FSDP over several processes."""
-    family: object = None
+    family: Family | None = None
     """The family of teacher and student (for mix_prob: random sizes trained in place of the student)."""
     captured: dict = field(default_factory=dict)
     hooks: list = field(default_factory=list)
@@ -143,7 +154,6 @@ def _setup(cfg: DistillConfig, out: Path, resume: bool, teacher: Teacher | None,
         plan = read_plan(out)
     else:
         plan = cfg.resolve_plan(teacher.model, data.batch(0, IMPORTANCE_BLOCKS, cfg.seed).to(teacher.device), phases)
-    from boomerang.student import cut_student
 
     student = cut_student(teacher.model, plan).train().requires_grad_(True)
     _freeze(student, cfg, plan)
@@ -156,17 +166,15 @@ def _setup(cfg: DistillConfig, out: Path, resume: bool, teacher: Teacher | None,
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg))
     run = Run(cfg, out, teacher, student, plan, data, optimizer, scheduler, device, sharded=sharded)
     if cfg.mix_prob:
-        from boomerang.family import Family
 
         run.family = Family(teacher.model, student, plan, order="last")
-    _attach_capture(run)
+    attach_capture(run)
     if from_checkpoint:
         load_checkpoint(run)
     elif rank == 0:
         (out / RECIPE).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
         (out / PLAN).write_text(json.dumps(plan.to_dict()) + "\n")
         (out / METRICS).write_text("")
-    from boomerang import data as d
 
     if rank == 0 and not (out / d.HELDOUT_FILE).is_file():  # a checkpoint's snapshot is evaluated on it too
         d.save_heldout(data.heldout, out)
@@ -200,7 +208,6 @@ def _prepare_out(cfg: DistillConfig, out: Path, resume: bool) -> bool:
 
 
 def load_data(cfg: DistillConfig, teacher: Teacher, phases: Phases | None = None):
-    from boomerang import data as d
 
     if cfg.data == "teacher":
         slots = cfg.teacher_docs * d.TEACHER_DOC_TOKENS  # an upper bound: a batch ends when all its rows do
@@ -235,7 +242,8 @@ def make_optimizer(student: torch.nn.Module, cfg: DistillConfig) -> torch.optim.
     arch = adapter_for(student)
     embed_ids = {id(p) for path, m in arch.end_modules(student).items() for p in m.parameters()
                  if path[-1] in arch.embeddings}
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for p in student.parameters():
         if p.requires_grad:
             (decay if p.ndim >= 2 and id(p) not in embed_ids else no_decay).append(p)
@@ -257,126 +265,6 @@ def _schedule(cfg: DistillConfig) -> Callable[[int], float]:
     return factor
 
 
-# ----------------------------------------------------------------------------- loss terms
-
-
-@dataclass
-class LossInputs:
-    """What a loss term reads: the batch, both models' logits, and the states the hooks captured."""
-
-    run: Run
-    ids: torch.Tensor
-    """(B, T) token ids."""
-    mask: torch.Tensor
-    """(B, T) 1 where a position counts."""
-    student_logits: torch.Tensor | None
-    """(B, T, V), of the student or of the mixed size this micro-batch trains."""
-    teacher_logits: torch.Tensor | None
-    """(B, T, V), without gradient."""
-
-    def aligned_states(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Each student layer's output beside its teacher block's, for the student layers that ran."""
-        pairs = sorted(self.run.captured["student"])
-        return ([self.run.captured["student"][j] for j in pairs], [self.run.captured["teacher"][j] for j in pairs])
-
-    def blockwise_states(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        return blockwise_states(self.run)
-
-
-@dataclass(frozen=True)
-class Term:
-    """One loss term: `weight` names the DistillConfig field that weighs it; `needs` the passes it reads.
-
-    needs: "student" (the student's forward), "teacher" (the teacher's forward), "states" (each student
-    layer's and its teacher block's outputs), "blockwise" (each block's teacher input).
-    """
-
-    weight: str
-    needs: frozenset[str]
-    compute: Callable[[LossInputs], torch.Tensor]
-
-
-def _per_state(fn, states) -> torch.Tensor:
-    """A loss over aligned states, divided by their number (the paper's 2.0 / number of aligned states)."""
-    outs, targets = states
-    return fn(outs, targets) / max(1, len(outs))
-
-
-TERMS: dict[str, Term] = {
-    "ce": Term("ce_weight", frozenset({"student"}),
-               lambda x: next_token_cross_entropy(x.student_logits, x.ids, x.mask)),
-    "kl": Term("kl_weight", frozenset({"student", "teacher"}),
-               lambda x: kl_to_teacher(x.student_logits, x.teacher_logits, x.mask, x.run.cfg.temperature)),
-    "cosine": Term("cosine_weight", frozenset({"student", "teacher", "states"}),
-                   lambda x: _per_state(lambda s, t: cosine_alignment(s, t, x.mask), x.aligned_states())),
-    "mse": Term("mse_weight", frozenset({"student", "teacher", "states"}),
-                lambda x: _per_state(lambda s, t: relative_mse(s, t, x.mask), x.aligned_states())),
-    "local": Term("local_weight", frozenset({"teacher", "blockwise"}),
-                  lambda x: relative_mse(*x.blockwise_states(), x.mask) / len(x.run.plan.alignment)),
-}
-"""Every loss term by name. Adding one: its function (losses.py), its `*_weight` field, one row here."""
-
-
-def active_terms(cfg: DistillConfig) -> dict[str, Term]:
-    """The terms a recipe switches on (weight above 0), in TERMS' order."""
-    return {name: t for name, t in TERMS.items() if getattr(cfg, t.weight)}
-
-
-def _needs(cfg: DistillConfig) -> frozenset[str]:
-    return frozenset().union(*(t.needs for t in active_terms(cfg).values()))
-
-
-def _attach_capture(run: Run) -> None:
-    """Forward hooks on the teacher and student for the terms that read states.
-
-    They keep the outputs of aligned layers (every student layer, its teacher block) and, for the
-    blockwise term, the teacher's inputs to each block: the arguments its first layer was called with.
-    """
-    arch = adapter_for(run.student)
-
-    def keep(store: dict, key):
-        def hook(module, args, output):
-            store[key] = output[0] if isinstance(output, tuple) else output
-        return hook
-
-    def keep_call(store: dict, key):
-        def hook(module, args, kwargs):
-            store[key] = (args, kwargs)
-        return hook
-
-    run.captured = {"student": {}, "teacher": {}, "teacher_in": {}}
-    needs = _needs(run.cfg)
-    if "states" in needs:
-        for j, i in run.plan.alignment:
-            run.hooks.append(arch.layer_list(run.student)[j].register_forward_hook(keep(run.captured["student"], j)))
-    if needs & {"states", "blockwise"}:
-        for j, i in run.plan.alignment:
-            layer = arch.layer_list(run.teacher.model)[i]
-            run.hooks.append(layer.register_forward_hook(keep(run.captured["teacher"], j)))
-    if "blockwise" in needs:
-        for j, (a, b) in enumerate(run.plan.spans):
-            if j in run.plan.patchable:
-                layer = arch.layer_list(run.teacher.model)[a]
-                run.hooks.append(layer.register_forward_pre_hook(keep_call(run.captured["teacher_in"], j),
-                                                                 with_kwargs=True))
-
-
-def blockwise_states(run: Run) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Each patchable student layer run on its block's teacher input, beside the block's teacher output."""
-    layers = adapter_for(run.student).layer_list(run.student)
-    outs, targets = [], []
-    for j in sorted(run.captured["teacher_in"]):
-        args, kwargs = run.captured["teacher_in"][j]
-        kwargs = {**kwargs, "use_cache": False}
-        for name in ("past_key_values", "past_key_value", "layer_past"):
-            if name in kwargs:
-                kwargs[name] = None
-        out = layers[j](*args, **kwargs)
-        outs.append(out[0] if isinstance(out, tuple) else out)
-        targets.append(run.captured["teacher"][j])
-    return outs, targets
-
-
 # ----------------------------------------------------------------------------- one step
 
 
@@ -387,37 +275,20 @@ class LossParts:
     """Each active term's value (unweighted)."""
 
 
-def mixed_size(cfg: DistillConfig, plan: LayerPlan, step: int, micro: int) -> set[int]:
-    """The student layers patched back for this micro-batch (empty: the student itself).
-
-    Drawn from the seed and the position alone, so a resumed run and every process draw alike.
-    """
-    rng = random.Random((cfg.seed * 1_000_003 + step) * 1_009 + micro)
-    blocks = plan.patchable
-    if not cfg.mix_prob or len(blocks) < 2 or rng.random() >= cfg.mix_prob:
-        return set()
-    k = rng.randint(1, len(blocks) - 1)
-    return set(blocks[-k:])  # last-k: the paper's default order
-
-
-def is_mixed_step(cfg: DistillConfig, plan: LayerPlan, step: int) -> bool:
-    """Whether reported step `step` (1-based) trained a mixed size in any of its micro-batches: recomputed
-    from the seed, as `mixed_size` draws it, so a loss chart can tell the two kinds of step apart."""
-    return any(mixed_size(cfg, plan, step - 1, micro) for micro in range(cfg.grad_accum))
-
-
-def loss_step(run: Run, ids: torch.Tensor, patched: set[int] = frozenset()) -> LossParts:
+def loss_step(run: Run, ids: torch.Tensor, patched: frozenset[int] | set[int] = frozenset()) -> LossParts:
     """The weighted loss of one micro-batch `ids` (B, T), and each active term's value."""
     cfg, mask = run.cfg, torch.ones_like(ids)
     terms = active_terms(cfg)
-    needs = _needs(cfg)
+    needs = needs_of(cfg)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if run.device.type == "cuda" else nullcontext()
     with autocast:
         student_logits = teacher_logits = None
         if "student" in needs:
             # a mixed size shares the student's and teacher's modules (and their hooks): it runs before the
             # teacher, whose own forward then rewrites every teacher state the hooks keep
-            model = run.family.build_patched(patched) if patched else run.student
+            if patched:
+                assert run.family is not None, "setup builds the family for a recipe that trains mixed sizes"
+            model = run.family.build_patched(patched) if run.family and patched else run.student
             student_logits = model(ids, use_cache=False).logits
         if "teacher" in needs:
             with torch.no_grad():
@@ -457,7 +328,7 @@ def optimizer_step(run: Run, step: int) -> tuple[float, dict[str, float], float]
         raise NonFiniteLoss(step + 1, loss, float(norm), cfg.lr)
     run.optimizer.step()
     run.scheduler.step()
-    return loss, dict(zip(names, values)), float(norm)
+    return loss, dict(zip(names, values, strict=False)), float(norm)
 
 
 class NonFiniteLoss(BoomerangError):
@@ -498,14 +369,16 @@ def distill(cfg: DistillConfig, *, on_step: Callable[[StepReport], None] | None 
 
 def _record_timing(run: Run, phases: dict[str, Phase], last: StepReport | None) -> None:
     """What this run measured, for the next launch's duration estimate (boomerang.training.timing)."""
-    from boomerang.training import timing
 
-    corpus, importance = phases.get("writing the teacher's corpus"), phases.get("measuring layer importance")
-    done = lambda p: p is not None and p.done == p.total and p.elapsed_s > 0  # noqa: E731  (a phase run to its end)
+    def ran(name: str) -> Phase | None:  # a phase run to its end, or None
+        p = phases.get(name)
+        return p if p is not None and p.done == p.total and p.elapsed_s > 0 else None
+
+    corpus, importance = ran("writing the teacher's corpus"), ran("measuring layer importance")
     timing.record(run.teacher.fingerprint, run.device.type, bool(run.cfg.mix_prob),
                   train_tokens_per_s=last.tokens_per_s if last else None,
-                  corpus_tokens_per_s=corpus.done / corpus.elapsed_s if done(corpus) else None,
-                  importance_s=importance.elapsed_s if done(importance) else None)
+                  corpus_tokens_per_s=corpus.done / corpus.elapsed_s if corpus else None,
+                  importance_s=importance.elapsed_s if importance else None)
 
 
 def run_loop(run: Run, *, on_step=None, should_stop=None) -> DistillResult:
@@ -524,8 +397,9 @@ def run_loop(run: Run, *, on_step=None, should_stop=None) -> DistillResult:
         # ranks' clocks differ: a checkpoint any rank finds due is written by all
         due = parallel.any_rank(step % cfg.checkpoint_every == 0 or step == cfg.steps
                                 or now - saved_at > CHECKPOINT_MAX_AGE_S, run.device)
-        last = StepReport(step, cfg.steps, loss, terms, run.scheduler.get_last_lr()[0], norm, step * tokens_per_step,
-                          rate, elapsed, (cfg.steps - step) * tokens_per_step / rate, checkpoint=due)
+        lr = float(run.scheduler.get_last_lr()[0])
+        last = StepReport(step, cfg.steps, loss, terms, lr, norm, step * tokens_per_step, rate, elapsed,
+                          (cfg.steps - step) * tokens_per_step / rate, checkpoint=due)
         if rank == 0:
             with open(run.out / METRICS, "a") as f:
                 f.write(json.dumps(last.to_dict()) + "\n")
@@ -545,7 +419,6 @@ def run_loop(run: Run, *, on_step=None, should_stop=None) -> DistillResult:
 
 def finish(run: Run, step: int) -> Path | None:
     """Write the student folder (rank 0; every rank takes part in gathering a sharded student)."""
-    from boomerang.student import Manifest, save_student
 
     cfg = run.cfg
     student = _plain_student(run)
@@ -556,20 +429,18 @@ def finish(run: Run, step: int) -> Path | None:
                "data": run.data.description, "recipe": str(run.out / RECIPE)}
     manifest = Manifest(run.teacher.source, run.teacher.fingerprint, run.plan,
                         teacher_revision=run.teacher.revision, distilled=summary if step else None)
+    assert student is not None  # gathered on rank 0
     folder = save_student(student.eval(), run.teacher.tokenizer, manifest, run.out / STUDENT, overwrite=True)
-    from boomerang.data import save_heldout
 
-    save_heldout(run.data.heldout, folder)  # the run's own held-out text: the default label-free evaluation
+    d.save_heldout(run.data.heldout, folder)  # the run's own held-out text: the default label-free evaluation
     return folder
 
 
-def _plain_student(run: Run) -> torch.nn.Module | None:
+def _plain_student(run: Run) -> CausalLM | None:
     """The student as an ordinary model; a sharded one is gathered and rebuilt on rank 0 (None elsewhere)."""
     if not run.sharded:
         return run.student
-    import copy
 
-    from transformers import AutoModelForCausalLM
 
     weights, _ = parallel.full_state(run.student, run.optimizer, run.sharded)
     if parallel.world()[0] != 0:

@@ -52,7 +52,7 @@ def cosine_alignment(student_states: list[torch.Tensor], teacher_states: list[to
     if len(student_states) != len(teacher_states):
         raise ValueError(f"{len(student_states)} student states but {len(teacher_states)} teacher states")
     total = mask.new_zeros((), dtype=torch.float32)
-    for s, t in zip(student_states, teacher_states):
+    for s, t in zip(student_states, teacher_states, strict=False):
         cos = F.cosine_similarity(s.float(), t.float(), dim=-1, eps=1e-8)  # (B, T)
         total = total + _masked_mean(1 - cos, mask)
     return total
@@ -70,7 +70,7 @@ def relative_mse(student_states: list[torch.Tensor], teacher_states: list[torch.
     if len(student_states) != len(teacher_states):
         raise ValueError(f"{len(student_states)} student states but {len(teacher_states)} teacher states")
     total = mask.new_zeros((), dtype=torch.float32)
-    for s, t in zip(student_states, teacher_states):
+    for s, t in zip(student_states, teacher_states, strict=False):
         err = (s.float() - t.float()).pow(2).sum(-1)  # (B, T)
         scale = t.float().pow(2).sum(-1).detach().clamp_min(1e-8)  # (B, T)
         total = total + _masked_mean(err / scale, mask)

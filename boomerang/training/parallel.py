@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -78,7 +79,7 @@ def all_mean(values: list[float], device) -> list[float]:
     return (t / size).tolist()
 
 
-def average_gradients(params: list[torch.Tensor]) -> None:
+def average_gradients(params: Sequence[torch.Tensor]) -> None:
     """Average gradients over ranks: every rank then takes the same optimizer step."""
     rank, size = world()
     if size == 1:
@@ -128,8 +129,7 @@ def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sharded
     """The model's and optimizer's state dicts, whole (gathered from every rank when sharded, on the CPU)."""
     if not sharded:
         return model.state_dict(), optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, optimizer, options=options)
@@ -142,8 +142,7 @@ def load_full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, st
         model.load_state_dict(state)
         optimizer.load_state_dict(optim_state)
         return
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                         set_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
 
     options = StateDictOptions(full_state_dict=True)
     set_model_state_dict(model, state, options=options)

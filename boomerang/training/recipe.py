@@ -11,12 +11,16 @@ import json
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from boomerang.errors import BoomerangError
 from boomerang.plan import LayerPlan, PaperRule
 from boomerang.settings import Settings
+
+if TYPE_CHECKING:
+    from boomerang.arch import CausalLM
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
 RECIPE = "recipe.json"
@@ -175,7 +179,7 @@ class DistillConfig(Settings):
             return LayerPlan(n_teacher, tuple(self.keep))
         return LayerPlan.from_rule(n_teacher, PaperRule(self.keep_first, self.every, self.keep_last))
 
-    def resolve_plan(self, teacher_model: torch.nn.Module, ids: torch.Tensor, phases=None) -> LayerPlan:
+    def resolve_plan(self, teacher_model: CausalLM, ids: torch.Tensor, phases=None) -> LayerPlan:
         """The run's plan; with plan=importance, measured on the teacher with `ids` (B, T) (a phase of `phases`)."""
         rule_plan = self.plan_for(teacher_model.config.num_hidden_layers)
         if self.keep or self.plan == "rule":

@@ -36,7 +36,7 @@ def read_all() -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def record(fingerprint: str, device: str, mixed: bool, **rates: float) -> None:
+def record(fingerprint: str, device: str, mixed: bool, **rates: float | None) -> None:
     """Merge measured rates (None values are skipped) into the record; written atomically."""
     data = read_all()
     entry = data.setdefault(_key(fingerprint, device, mixed), {})

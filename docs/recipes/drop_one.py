@@ -11,8 +11,8 @@ import torch
 
 from boomerang import data as d
 from boomerang.importance import dropped_teacher
-from boomerang.training.losses import kl_to_teacher, next_token_cross_entropy
 from boomerang.models import load_teacher
+from boomerang.training.losses import kl_to_teacher, next_token_cross_entropy
 
 
 def main(path: str = "../shared/data/lm/tinyshakespeare_input.txt", tokens: int = 1024) -> None:
