@@ -29,11 +29,11 @@ def register(sub, helpers: dict) -> None:
 def cmd_app(args) -> int:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-    from starlette.middleware import Middleware
+    from starlette.middleware import Middleware  # only when the dashboard starts
 
-    from app.auth import LoginThrottle, credentials
-    from app.services import make_services
-    from app.ui import CSS, I18N, build_app
+    from app.auth import LoginThrottle, credentials  # the dashboard (gradio) only when it starts
+    from app.services import make_services  # the dashboard (gradio) only when it starts
+    from app.ui import CSS, I18N, build_app  # the dashboard (gradio) only when it starts
 
     auth = credentials(auth=args.auth, auth_file=args.auth_file)  # a bad value fails before anything starts
     if args.auth:

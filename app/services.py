@@ -7,6 +7,13 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from boomerang.family import Family
+from boomerang.models import boomerang_home, load_teacher
+from boomerang.student import cut_student, open_family
+from boomerang.training.recipe import DistillConfig
+from db.engine import make_engine
+from workers.broker import make_sender
+
 
 class ModelCache:
     """Teachers and families loaded once and shared by every browser session (weights are read-only).
@@ -19,8 +26,6 @@ class ModelCache:
         self._teachers, self._families, self._lock = {}, {}, threading.Lock()
 
     def teacher(self, source: str):
-        from boomerang.models import load_teacher
-
         with self._lock:
             if source not in self._teachers:
                 self._teachers[source] = load_teacher(source, device=self.device)
@@ -28,7 +33,6 @@ class ModelCache:
 
     def opened(self, student_folder: str, order: str = "last", ends: str = "student"):
         """The student folder opened as a family (boomerang.student.StudentFamily), once per folder, order and ends."""
-        from boomerang.student import open_family
 
         key = (str(Path(student_folder).expanduser().resolve()), order, ends)
         if key not in self._families:
@@ -40,9 +44,6 @@ class ModelCache:
     def cut_family(self, source: str):
         """(teacher, family) of a teacher's undistilled family (the paper's plan, a student sharing the teacher's
         layers): chattable before any distillation has finished."""
-        from boomerang.family import Family
-        from boomerang.student import cut_student
-        from boomerang.training.recipe import DistillConfig
 
         teacher = self.teacher(source)
         key = ("cut", teacher.source)
@@ -80,8 +81,6 @@ class Services:
     """Each chat session's stop flag, by the session's token (a gr.State holds only the token)."""
 
     def roots(self) -> list[Path]:
-        from boomerang.models import boomerang_home
-
         hub = os.environ.get("HF_HUB_CACHE") or os.environ.get("HF_HOME") or "~/.cache/huggingface"
         return [Path(p).expanduser().resolve() for p in (boomerang_home(), Path.cwd(), hub, *self.allowed_roots)]
 
@@ -97,9 +96,6 @@ class Services:
 
 def make_services(*, database_url: str | None = None, redis_url: str | None = None, eval_data_dir: str | None = None,
                   eval_tasks: str = "", device: str = "cpu", allowed_roots: tuple = ()) -> Services:
-    from boomerang.models import boomerang_home
-    from db.engine import make_engine
-    from workers.broker import make_sender
 
     return Services(engine=make_engine(database_url), celery=make_sender(redis_url), models=ModelCache(device),
                     eval_data_dir=eval_data_dir, eval_tasks=eval_tasks, exports_dir=boomerang_home() / "exports",

@@ -7,13 +7,16 @@ module needs to know that GPT-2 calls its layers `transformer.h` and Pythia its 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from torch import nn
-from transformers import PreTrainedModel
 
 from boomerang.errors import BoomerangError
 
-CausalLM = PreTrainedModel
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel as CausalLM
+else:  # importing transformers' model classes costs a second: at run time the name only annotates
+    CausalLM = nn.Module
 """A causal LM as transformers builds it (what a teacher, a student and every size are): it has `.config`."""
 
 

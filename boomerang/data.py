@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -104,7 +105,7 @@ def _read_jsonl(path: Path, field: str) -> list[str]:
 
 def _read_parquet(path: Path, field: str) -> list[str]:
     try:
-        import pyarrow.parquet as pq
+        import pyarrow.parquet as pq  # only for .parquet files
     except ImportError:
         raise BoomerangError(f"{path}: reading parquet needs pyarrow: pip install pyarrow") from None
     table = pq.read_table(path)
@@ -115,7 +116,6 @@ def _read_parquet(path: Path, field: str) -> list[str]:
 
 def stream_hub_documents(name: str, *, text_field: str, max_chars: int) -> list[str]:
     """Documents of a hub dataset, streamed until `max_chars` characters; online only."""
-    import os
 
     dataset, _, split = name.partition(":")
     if os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1":
@@ -124,7 +124,7 @@ def stream_hub_documents(name: str, *, text_field: str, max_chars: int) -> list[
             "(HF_HUB_OFFLINE/HF_DATASETS_OFFLINE=1). Save the text as .txt/.jsonl files and pass that folder"
         )
     try:
-        from datasets import load_dataset
+        from datasets import load_dataset  # only for hub: data
     except ImportError:
         raise BoomerangError("streaming a hub dataset needs the datasets package: pip install datasets") from None
     try:

@@ -12,9 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from boomerang.errors import BoomerangError
-from boomerang.family import Family, SizeInfo, layer_counts
+from boomerang.family import Family, SizeInfo, check_ends, layer_counts
 from boomerang.outputs import check_output_dir, replace_dir_atomically
 from boomerang.settings import Settings
+from boomerang.student import named_order, open_family, read_manifest
 
 
 @dataclass
@@ -37,8 +38,6 @@ class ExportRequest(Settings):
     """Whose embeddings and final norm + head the size uses: student | teacher | auto (see `family.ENDS`)."""
 
     def __post_init__(self):
-        from boomerang.family import check_ends
-
         self.check_types()
         check_ends(self.ends)
         self.student = str(Path(self.student).expanduser().resolve())
@@ -48,7 +47,6 @@ class ExportRequest(Settings):
 
     def check(self) -> None:
         """Before any work: the student exists, the family has this size, the output folder may be written."""
-        from boomerang.student import named_order, read_manifest
 
         manifest = read_manifest(self.student)
         if self.order == "greedy" and "greedy" not in manifest.patch_orders:
@@ -64,7 +62,6 @@ class ExportRequest(Settings):
 def run_export(req: ExportRequest, *, teacher=None, device: str = "cpu", dtype: str | None = None,
                calibration: str | None = None) -> Path:
     """Do what `req` asks (with `teacher` already loaded, or the student's own); returns the folder written."""
-    from boomerang.student import open_family
 
     req.check()
     opened = open_family(req.student, teacher=teacher or req.teacher, order=req.order, device=device, dtype=dtype,

@@ -23,17 +23,13 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from boomerang.arch import Arch, adapter_for
+from boomerang.arch import Arch, CausalLM, adapter_for
 from boomerang.errors import BoomerangError
 from boomerang.plan import LayerPlan
-
-if TYPE_CHECKING:
-    from boomerang.arch import CausalLM
 
 ORDERS = ("last", "first", "greedy")
 ENDS = ("student", "teacher", "auto")

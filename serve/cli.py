@@ -1,11 +1,18 @@
 """`boomerang serve`: every size of one family through the OpenAI API (registered through the
-"boomerang.commands" entry points)."""
+"boomerang.commands" entry points).
+
+This module is imported by every `boomerang` command (to register `serve`): the database, the web server
+and the serving layer are imported inside the command that uses them, not here.
+"""
 
 from __future__ import annotations
 
 import os
 import signal
 import sys
+from pathlib import Path
+
+from boomerang.errors import BoomerangError
 
 
 def register(sub, helpers: dict) -> None:
@@ -33,7 +40,6 @@ def register(sub, helpers: dict) -> None:
 def student_of_job(job_id: int) -> str:
     from sqlmodel import Session
 
-    from boomerang.errors import BoomerangError
     from db import crud
     from db.engine import make_engine
 
@@ -48,10 +54,6 @@ def student_of_job(job_id: int) -> str:
 
 
 def api_key(path: str | None) -> str | None:
-    from pathlib import Path
-
-    from boomerang.errors import BoomerangError
-
     if path:
         try:
             key = Path(path).expanduser().read_text().strip()
@@ -66,7 +68,6 @@ def api_key(path: str | None) -> str | None:
 def cmd_serve(args) -> int:
     import uvicorn
 
-    from boomerang.errors import BoomerangError
     from boomerang.servers import register_server
     from boomerang.student import open_family
     from serve.api import ServerState, load_in_background, make_app

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from boomerang.errors import BoomerangError
+from boomerang.generation import prefill_ms
 from boomerang.student import StudentFamily
 
 LATENCY_FILE = "serve-latency.json"
@@ -99,7 +100,6 @@ class ServedFamily:
         if stored and set(stored) >= set(self.sizes):
             self.latency_ms = {n: stored[n] for n in self.sizes}
             return "stored"
-        from boomerang.generation import prefill_ms
 
         self.latency_ms = {n: prefill_ms(self.build(n), tokens=tokens) for n in sorted(self.sizes)}
         path = self.opened.folder / LATENCY_FILE

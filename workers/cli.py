@@ -1,6 +1,8 @@
 """`boomerang worker | submit | jobs | cancel | retry`: the jobs layer's commands.
 
-Registered into the `boomerang` command through the entry-point group "boomerang.commands".
+Registered into the `boomerang` command through the entry-point group "boomerang.commands". This module
+is imported by every `boomerang` command (to register these): Celery and the database are imported inside
+the command that uses them, not here.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import os
 import sys
 import time
 
+from boomerang.errors import BoomerangError
 from boomerang.progress import format_eta
 from boomerang.settings import add_flags, values_from_args
 from workers.kinds import KINDS
@@ -160,7 +163,6 @@ def cmd_jobs(args) -> int:
 def cmd_cancel(args) -> int:
     from sqlmodel import Session
 
-    from boomerang.errors import BoomerangError
     from db import crud
     from db.engine import make_engine
 
@@ -174,7 +176,6 @@ def cmd_cancel(args) -> int:
 
 
 def cmd_retry(args) -> int:
-    from boomerang.errors import BoomerangError
     from db.engine import make_engine
     from workers.broker import make_sender
     from workers.submit import requeue

@@ -8,7 +8,6 @@ import sys
 import time
 
 import torch
-from transformers import TextStreamer
 
 from boomerang.arch import adapter_for
 from boomerang.cli.flags import (
@@ -151,6 +150,8 @@ def cmd_export(args) -> int:
 
 
 def cmd_generate(args) -> int:
+    from transformers import TextStreamer  # transformers' generation classes: only when a prompt runs
+
     sampling = Sampling(args.max_new_tokens, 0.0 if args.greedy else args.temperature, args.top_p)  # checked first
     if not args.prompt.strip():
         raise BoomerangError("the prompt is empty: give --prompt TEXT")

@@ -112,7 +112,7 @@ def dominated_by(pts: list[dict], higher_is_better: bool = True) -> dict[str, st
 
 
 def figure(pts: list[dict], task: str, metric: str, *, log_x: bool = False, highlight: str | None = None):
-    import plotly.graph_objects as go
+    import plotly.graph_objects as go  # only when a chart is drawn
 
     higher = metric not in LOWER_IS_BETTER
     beaten = dominated_by(pts, higher)
@@ -269,10 +269,10 @@ def save(pts: list[dict], task: str, metric: str, out_dir: str | Path, *, log_x:
 
 
 def _png(pts: list[dict], task: str, metric: str, path: str, log_x: bool) -> None:
-    import matplotlib
+    import matplotlib  # only for the PNG charts
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # only for the PNG charts
 
     fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
     marks, families = "osD^ph", _families(pts)

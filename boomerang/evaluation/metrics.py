@@ -7,6 +7,8 @@ Label-free metrics need no labels and say how close each size stays to its teach
 from __future__ import annotations
 
 import math
+import statistics
+import time
 from dataclasses import asdict, dataclass
 
 import torch
@@ -120,9 +122,9 @@ class EvalSettings(Settings):
 
 def lm_eval_task(model, tokenizer, task: dict | str, settings: EvalSettings) -> dict:
     """Run one lm-eval task on an in-memory model; returns lm-eval's own result for it, with settings."""
-    import lm_eval
-    from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
+    import lm_eval  # lm-eval takes seconds to import
+    from lm_eval.models.huggingface import HFLM  # lm-eval takes seconds to import
+    from lm_eval.tasks import TaskManager  # lm-eval takes seconds to import
 
     local = isinstance(task, dict)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=settings.batch_size)
@@ -177,8 +179,6 @@ def metrics_of(result: dict) -> dict[str, tuple[float, float | None]]:
 @torch.no_grad()
 def measure_cost(model, *, prompt_len: int = 128, new_tokens: int = 32, repeats: int = 3, vocab: int | None = None) -> dict:
     """Weights, peak memory (CUDA), prefill latency and decode speed at a fixed, recorded setting."""
-    import statistics
-    import time
 
     device = next(model.parameters()).device
     vocab = vocab or model.config.vocab_size

@@ -31,7 +31,7 @@ class ModelEntry:
 
 
 def cell_key(task: dict | str, settings: dict) -> str:
-    import lm_eval
+    import lm_eval  # lm-eval takes seconds to import
 
     payload = json.dumps({"task": task, "settings": {k: v for k, v in settings.items() if k != "batch_size"},
                           "lm_eval": lm_eval.__version__}, sort_keys=True, default=str)

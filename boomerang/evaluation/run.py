@@ -18,10 +18,11 @@ import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
+from boomerang import data as d
+from boomerang.arch import CausalLM
 from boomerang.data import HELDOUT_FILE, SHIPPED_GENERAL
 from boomerang.errors import BoomerangError
 from boomerang.evaluation import chart, task_files
@@ -41,9 +42,6 @@ from boomerang.models import load_teacher
 from boomerang.plan import parse_layer_list
 from boomerang.settings import Settings
 from boomerang.student import at_size_students, calibration_ids, cut_student, open_family, read_manifest
-
-if TYPE_CHECKING:
-    from boomerang.arch import CausalLM
 
 BASELINES = ("undistilled", "drop-bi")
 CALIBRATION_TOKENS = 1024
@@ -304,7 +302,6 @@ class EvalRequest(Settings):
     """float32 (default on CPU) | bfloat16 | float16."""
 
     def __post_init__(self):
-
         self.check_types()
         self.tasks, self.baselines, self.references = list(self.tasks), list(self.baselines), list(self.references)
         self.distilled = [str(Path(f).expanduser().resolve()) for f in self.distilled]
@@ -380,7 +377,6 @@ class EvalReport:
 
 def evaluate_student(req: EvalRequest, *, on_cell=None, should_stop=None, teacher=None) -> EvalReport:
     """Evaluate a student's family (and baselines, references) as `req` says; resumable."""
-    from boomerang import data as d
 
     opened = open_family(req.student, teacher=teacher or req.teacher, order=req.order, device=req.device,
                          dtype=req.dtype, ends=req.ends, calibration=req.calibration)

@@ -15,6 +15,7 @@ dicts that lm-eval's TaskManager loads directly; no YAML is written anywhere.
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,6 +151,4 @@ def resolve(task_names: list[str], data_dir: str | Path | None) -> list[dict | s
 
 
 def _registry_allowed() -> bool:
-    import os
-
     return os.environ.get("HF_DATASETS_OFFLINE") != "1" and os.environ.get("HF_HUB_OFFLINE") != "1"

@@ -14,8 +14,9 @@ import dataclasses
 from pathlib import Path
 
 from boomerang.errors import BoomerangError
+from boomerang.family import layer_counts
 from boomerang.plan import LayerPlan, parse_layer_list
-from boomerang.student import AT_SIZE, MANIFEST, read_manifest
+from boomerang.student import AT_SIZE, MANIFEST, named_order, read_manifest
 from boomerang.training.checkpoint import STUDENT
 from boomerang.training.recipe import DistillConfig, read_recipe
 
@@ -42,8 +43,6 @@ def at_size_configs(student: str | Path, sizes: str | list[int] | None = None, *
     """One distillation per size, as the family's run was made (recipe, data, steps, batch, seed), with the plan
     the size implies and every step on that one size (no mixed sizes: the baseline is the best model of that size
     the budget buys)."""
-    from boomerang.family import layer_counts
-    from boomerang.student import named_order
 
     folder = Path(student).expanduser().resolve()
     manifest = read_manifest(folder)

@@ -20,9 +20,13 @@ from pathlib import Path
 
 import torch
 
+from boomerang.data import HELDOUT_FILE
 from boomerang.errors import BoomerangError
+from boomerang.models import load_teacher
+from boomerang.plan import LayerPlan
+from boomerang.student import MANIFEST, Manifest, cut_student, save_student
 from boomerang.training.parallel import full_state, load_full_state, world
-from boomerang.training.recipe import RECIPE, recipe_changes
+from boomerang.training.recipe import RECIPE, read_recipe, recipe_changes
 
 METRICS, CHECKPOINT, STUDENT, PLAN, SNAPSHOTS = "metrics.jsonl", "checkpoint.pt", "student", "plan.json", "snapshots"
 __all__ = ["RECIPE", "METRICS", "CHECKPOINT", "STUDENT", "PLAN", "SNAPSHOTS", "save_checkpoint", "load_checkpoint",
@@ -31,7 +35,6 @@ __all__ = ["RECIPE", "METRICS", "CHECKPOINT", "STUDENT", "PLAN", "SNAPSHOTS", "s
 
 def read_plan(out: str | Path):
     """The plan a run started with (its `plan.json`), however it was chosen."""
-    from boomerang.plan import LayerPlan
 
     saved = json.loads((Path(out) / PLAN).read_text())
     return LayerPlan(int(saved["n_teacher"]), tuple(saved["kept"]))
@@ -39,7 +42,6 @@ def read_plan(out: str | Path):
 
 def is_run_folder(folder: str | Path) -> bool:
     """A distillation's run folder (not a student folder)."""
-    from boomerang.student import MANIFEST
 
     folder = Path(folder).expanduser()
     return (folder / RECIPE).is_file() and not (folder / MANIFEST).is_file()
@@ -47,7 +49,6 @@ def is_run_folder(folder: str | Path) -> bool:
 
 def snapshots(run_folder: str | Path) -> list[Path]:
     """The student folders `snapshot` wrote for a run, oldest step first."""
-    from boomerang.student import MANIFEST
 
     found = Path(run_folder).expanduser().glob(f"{SNAPSHOTS}/step-*/{MANIFEST}")
     return sorted((p.parent for p in found), key=lambda p: int(p.name.removeprefix("step-")))
@@ -57,10 +58,6 @@ def snapshot(run_folder: str | Path, *, teacher=None, out: str | Path | None = N
     """The run's last checkpoint as a student folder (default `RUN/snapshots/step-N`), to evaluate, chat with,
     serve or export before the run ends; returns the folder. A snapshot already written for that step is
     returned as it is. `teacher`: the run's teacher already loaded (else loaded from its recipe)."""
-    from boomerang.data import HELDOUT_FILE
-    from boomerang.models import load_teacher
-    from boomerang.student import MANIFEST, Manifest, cut_student, save_student
-    from boomerang.training.recipe import read_recipe
 
     run = Path(run_folder).expanduser().resolve()
     if not is_run_folder(run):

@@ -20,7 +20,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM
 
 from boomerang import data as d
 from boomerang.arch import CausalLM, adapter_for
@@ -208,7 +207,6 @@ def _prepare_out(cfg: DistillConfig, out: Path, resume: bool) -> bool:
 
 
 def load_data(cfg: DistillConfig, teacher: Teacher, phases: Phases | None = None):
-
     if cfg.data == "teacher":
         slots = cfg.teacher_docs * d.TEACHER_DOC_TOKENS  # an upper bound: a batch ends when all its rows do
         with (phases or Phases()).run("writing the teacher's corpus", slots, "tokens") as step:
@@ -438,9 +436,9 @@ def finish(run: Run, step: int) -> Path | None:
 
 def _plain_student(run: Run) -> CausalLM | None:
     """The student as an ordinary model; a sharded one is gathered and rebuilt on rank 0 (None elsewhere)."""
+    from transformers import AutoModelForCausalLM  # the Auto classes take ~0.5 s to import
     if not run.sharded:
         return run.student
-
 
     weights, _ = parallel.full_state(run.student, run.optimizer, run.sharded)
     if parallel.world()[0] != 0:

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from boomerang.arch import adapter_for
 from boomerang.errors import BoomerangError
@@ -25,8 +26,6 @@ from boomerang.training.recipe import DistillConfig
 
 def world() -> tuple[int, int]:
     """(rank, world size): (0, 1) unless torch.distributed is running."""
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
@@ -50,8 +49,6 @@ def run_device(cfg: DistillConfig) -> torch.device:
 
 def init_distributed(device: torch.device) -> None:
     """Join the process group that torchrun describes in the environment (WORLD_SIZE > 1)."""
-    import torch.distributed as dist
-
     if launched_world_size() > 1 and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)  # NCCL and FSDP work on the current device
@@ -72,8 +69,6 @@ def all_mean(values: list[float], device) -> list[float]:
     rank, size = world()
     if size == 1:
         return values
-    import torch.distributed as dist
-
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return (t / size).tolist()
@@ -84,8 +79,6 @@ def average_gradients(params: Sequence[torch.Tensor]) -> None:
     rank, size = world()
     if size == 1:
         return
-    import torch.distributed as dist
-
     grads = [p.grad for p in params if p.grad is not None]
     flat = torch.cat([g.reshape(-1) for g in grads])
     dist.all_reduce(flat)
@@ -100,8 +93,6 @@ def any_rank(flag: bool, device) -> bool:
     rank, size = world()
     if size == 1:
         return flag
-    import torch.distributed as dist
-
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
@@ -109,15 +100,13 @@ def any_rank(flag: bool, device) -> bool:
 
 def barrier() -> None:
     if world()[1] > 1:
-        import torch.distributed as dist
-
         dist.barrier()
 
 
 def shard(model: torch.nn.Module, device: torch.device, size: int) -> None:
     """FSDP2: every decoder layer its own unit, the rest (embeddings, head) in the root unit."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.device_mesh import init_device_mesh  # only in multi-process runs
+    from torch.distributed.fsdp import fully_shard  # only in multi-process runs
 
     mesh = init_device_mesh(device.type, (size,))
     for layer in adapter_for(model).layer_list(model):

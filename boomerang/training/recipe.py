@@ -8,19 +8,21 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
+from boomerang.arch import CausalLM
+from boomerang.data import read_documents
 from boomerang.errors import BoomerangError
-from boomerang.plan import LayerPlan, PaperRule
+from boomerang.importance import drop_one_costs
+from boomerang.models import normalize_source, teacher_limits
+from boomerang.plan import LayerPlan, PaperRule, importance_plan
+from boomerang.progress import Phases
 from boomerang.settings import Settings
-
-if TYPE_CHECKING:
-    from boomerang.arch import CausalLM
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
 RECIPE = "recipe.json"
@@ -128,7 +130,6 @@ class DistillConfig(Settings):
 
     def __post_init__(self):
         self.check_types()
-        from boomerang.models import normalize_source
 
         self.teacher = normalize_source(self.teacher)  # one spelling per teacher, in every row and file
         for name, (low, high) in LIMITS.items():
@@ -184,9 +185,6 @@ class DistillConfig(Settings):
         rule_plan = self.plan_for(teacher_model.config.num_hidden_layers)
         if self.keep or self.plan == "rule":
             return rule_plan
-        from boomerang.importance import drop_one_costs
-        from boomerang.plan import importance_plan
-        from boomerang.progress import Phases
 
         n = teacher_model.config.num_hidden_layers
         with (phases or Phases()).run("measuring layer importance", n, "layers") as step:
@@ -200,9 +198,6 @@ class DistillConfig(Settings):
 
         Cheap (no weights are loaded): what a queued job is checked with before it is accepted.
         """
-        import os
-
-        from boomerang.models import teacher_limits
 
         n_layers, context = teacher_limits(self.teacher)
         self.plan_for(n_layers)
@@ -211,7 +206,6 @@ class DistillConfig(Settings):
         if self.device == "cpu" and self.processes > (os.cpu_count() or 1):
             raise BoomerangError(f"processes={self.processes} on the CPU, but this machine has {os.cpu_count()} cores")
         if self.data != "teacher" and not self.data.startswith("hub:"):
-            from boomerang.data import read_documents
 
             path = Path(self.data).expanduser()
             if not path.exists():
