@@ -12,7 +12,7 @@ import torch
 from boomerang.arch import adapter_for
 from boomerang.cli.flags import (
     RequestCommand,
-    add_order,
+    add_family_flags,
     add_plan,
     add_remote_code,
     add_teacher,
@@ -36,9 +36,7 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_teacher)
 
     p = sub.add_parser("family", help="the plan and every size of a family")
-    add_teacher(p)
-    add_plan(p)
-    add_order(p)
+    add_family_flags(p)
     p.add_argument("--student", default=None, help="a student folder (default: a freshly cut student)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_family)
@@ -59,9 +57,7 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("generate", help="one prompt through any size, streamed")
-    add_teacher(p)
-    add_plan(p)
-    add_order(p)
+    add_family_flags(p)
     p.add_argument("--student", default=None, help="a student folder (default: a freshly cut student, undistilled)")
     p.add_argument("--layers", type=int, default=None, help="size to use (default: the teacher)")
     p.add_argument("--prompt", required=True)

@@ -9,7 +9,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from boomerang import data as d
-from boomerang.cli.flags import RequestCommand, add_order, add_plan, add_remote_code, add_teacher, load_family
+from boomerang.cli.flags import RequestCommand, add_family_flags, add_remote_code, load_family
 from boomerang.cli.flags import student_folder as as_student_folder
 from boomerang.errors import BoomerangError
 from boomerang.evaluation.chart import gap_line
@@ -25,9 +25,7 @@ STANDARD = ("Naming none of --tasks, --baselines, --heldout-data, --general-data
 
 def register(sub) -> None:
     p = sub.add_parser("heldout", help="held-out perplexity, KL to the teacher and top-1 agreement of every size")
-    add_teacher(p)
-    add_plan(p)
-    add_order(p)
+    add_family_flags(p)
     p.add_argument("--student", default=None, help="a student folder (default: a freshly cut student)")
     p.add_argument("--data", required=True, help="text file or folder; its last --heldout-fraction is used")
     p.add_argument("--heldout-fraction", type=float, default=0.1)

@@ -64,6 +64,13 @@ def add_ends(p: argparse.ArgumentParser) -> None:
                         "(default) | teacher | auto (the paper's reference code: teacher ends on the patched side)")
 
 
+def add_family_flags(p: argparse.ArgumentParser) -> None:
+    """What names a family without a student folder: the teacher, the plan that cuts it, the patch order."""
+    add_teacher(p)
+    add_plan(p)
+    add_order(p)
+
+
 def plan_from_args(args, n_teacher: int) -> LayerPlan:
     if getattr(args, "keep", None):
         return LayerPlan(n_teacher, tuple(parse_layer_list(args.keep)))

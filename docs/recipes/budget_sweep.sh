@@ -8,7 +8,7 @@
 #   e.g. on one GPU:  BATCH=32 SEQ=512 DEVICE=cuda docs/recipes/budget_sweep.sh paper 1000 1 4 16
 #        on this CPU: docs/recipes/budget_sweep.sh cpu 150 1 4     (the fidelity study's 1x and 4x: hours)
 #                     docs/recipes/budget_sweep.sh cpu 150 0.25 0.5  (below 1x: under an hour)
-#   env: RUNS (default /tmp/sweep), DATA (default WikiText-2 valid of ../shared), BATCH (8), SEQ (128),
+#   env: RUNS (default /tmp/sweep), DATA (WikiText-2 valid as text: required), BATCH (8), SEQ (128),
 #        SIZES (comma-separated; default three spread over the family), DEVICE (cpu) for the evaluations, and
 #        TEACHER (default: the packaged one), FLAGS (more distill flags, e.g. "--dtype bfloat16"). A run already done is not run again (distill
 #        --resume picks up a stopped one), so the sweep can be stopped and restarted.
@@ -17,7 +17,7 @@ set -euo pipefail
 recipe=$1 steps=$2; shift 2
 [ $# -ge 1 ] || { echo "usage: $0 RECIPE STEPS_AT_1X MULT [MULT...]" >&2; exit 2; }
 runs=${RUNS:-/tmp/sweep}
-data=${DATA:-../shared/data/lm/wikitext2_valid.tokens.txt}
+data=${DATA:?set DATA to WikiText-2 valid as text, e.g. wiki.valid.tokens of wikitext-2-v1}
 B=.venv/bin/boomerang
 students=()
 for mult in "$@"; do

@@ -2,7 +2,7 @@
 on held-out text. A plan that drops a layer this table marks as large asks one student layer to do
 the work of a layer the teacher cannot lose.
 
-Usage: .venv/bin/python docs/recipes/drop_one.py [TEXT_FILE] [TOKENS]
+Usage: .venv/bin/python docs/recipes/drop_one.py TEXT_FILE [TOKENS]
 """
 
 import sys
@@ -15,7 +15,7 @@ from boomerang.models import load_teacher
 from boomerang.training.losses import kl_to_teacher, next_token_cross_entropy
 
 
-def main(path: str = "../shared/data/lm/tinyshakespeare_input.txt", tokens: int = 1024) -> None:
+def main(path: str, tokens: int = 1024) -> None:
     teacher = load_teacher("default")
     held = d.heldout_blocks(path, teacher.tokenizer, tokens, seq_len=128, fraction=0.1)
     mask = torch.ones_like(held)

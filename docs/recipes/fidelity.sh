@@ -6,7 +6,7 @@
 set -euo pipefail
 . "$(dirname "$0")/quiet.sh"
 name=$1 recipe=$2 steps=$3; shift 3
-data=${DATA:-../shared/data/lm/wikitext2_valid.tokens.txt}
+data=${DATA:?set DATA to WikiText-2 valid as text, e.g. wiki.valid.tokens of wikitext-2-v1}
 out=${RUNS:-/tmp/fid}/$name
 start=$(date +%s)
 quiet 'distill: ' .venv/bin/boomerang distill --recipe "$recipe" --data "$data" --out "$out" --steps "$steps" \

@@ -6,8 +6,8 @@
 set -euo pipefail
 . "$(dirname "$0")/quiet.sh"
 name=$1; shift
-data=${DATA:-../shared/data/lm/tinyshakespeare_input.txt}
-other=${OTHER:-../shared/data/lm/tinystories_valid_sample.txt}
+data=${DATA:?set DATA to a plain-text corpus, e.g. tinyshakespeare input.txt}
+other=${OTHER:?set OTHER to a text of another domain, e.g. a TinyStories validation sample}
 out=${TRIES:-/tmp/tries}/$name
 start=$(date +%s)
 quiet 'distill: ' .venv/bin/boomerang distill --recipe paper --data "$data" --out "$out" --steps 150 --batch-size 8 \
