@@ -31,7 +31,7 @@ class ModelCache:
                 self._teachers[source] = load_teacher(source, device=self.device)
             return self._teachers[source]
 
-    def opened(self, student_folder: str, order: str = "last", ends: str = "student"):
+    def opened(self, student_folder: str, order: str = "best", ends: str = "student"):
         """The student folder opened as a family (boomerang.student.StudentFamily), once per folder, order and ends."""
 
         key = (str(Path(student_folder).expanduser().resolve()), order, ends)
@@ -54,7 +54,7 @@ class ModelCache:
                 self._families.setdefault(key, (teacher, family))
         return self._families[key]
 
-    def family(self, student_folder: str, order: str = "last", ends: str = "student"):
+    def family(self, student_folder: str, order: str = "best", ends: str = "student"):
         """(teacher, family) for a student folder."""
         opened = self.opened(student_folder, order, ends)
         return opened.teacher, opened.family

@@ -252,6 +252,9 @@ def pack(docs: list[str], tokenizer, seq_len: int, *, max_tokens: int | None = N
 HELDOUT_FILE = "heldout-tokens.pt"
 """In a student folder: token blocks of its distillation's held-out split (never trained on)."""
 HELDOUT_MAX_BLOCKS = 256
+HELDOUT_EVALUATED = 4096
+"""Held-out tokens an evaluation measures by default (the first ones); the blocks after them are a calibration
+split of the same text, which choosing a family's patch order and ranking the drop-bi baseline may read."""
 
 
 def save_heldout(heldout: torch.Tensor, folder: str | Path) -> Path | None:

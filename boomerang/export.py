@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from boomerang.errors import BoomerangError
-from boomerang.family import Family, SizeInfo, check_ends, layer_counts
+from boomerang.family import Family, SizeInfo, check_ends
 from boomerang.outputs import check_output_dir, replace_dir_atomically
 from boomerang.settings import Settings
-from boomerang.student import named_order, open_family, read_manifest
+from boomerang.student import named_schedule, open_family, read_manifest
 
 
 @dataclass
@@ -28,8 +28,9 @@ class ExportRequest(Settings):
     """The size, by its number of layers."""
     out: str
     """Folder to write."""
-    order: str = "last"
-    """Patch order named in the student's manifest: last | first | greedy (once computed)."""
+    order: str = "best"
+    """Patch order: best (the best measured per size, measured once if the manifest lacks it) | last | first |
+    greedy."""
     overwrite: bool = False
     """Replace an existing model folder at `out`."""
     teacher: str | None = None
@@ -47,12 +48,12 @@ class ExportRequest(Settings):
 
     def check(self) -> None:
         """Before any work: the student exists, the family has this size, the output folder may be written."""
-
         manifest = read_manifest(self.student)
-        if self.order == "greedy" and "greedy" not in manifest.patch_orders:
+        measured = set(manifest.patch_orders) | ({"best"} if manifest.best else set())
+        if self.order in ("greedy", "best") and self.order not in measured:
             counts = [self.layers]  # its sizes are known once the order is computed, when the export runs
         else:
-            counts = layer_counts(manifest.plan, named_order(manifest, self.order))
+            counts = sorted(named_schedule(manifest, self.order))
         if self.layers not in counts:
             raise BoomerangError(f"no size with {self.layers} layers in this family: its sizes are "
                                  f"{', '.join(map(str, counts))}")

@@ -21,7 +21,7 @@ every last-k size; the teacher's embeddings once the lowest one is, as in every 
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -31,7 +31,7 @@ from boomerang.arch import Arch, CausalLM, adapter_for
 from boomerang.errors import BoomerangError
 from boomerang.plan import LayerPlan
 
-ORDERS = ("last", "first", "greedy")
+ORDERS = ("last", "first", "greedy", "best")
 ENDS = ("student", "teacher", "auto")
 
 
@@ -158,18 +158,26 @@ class Family:
     """A teacher and a student of it, and every size in between, built on demand.
 
     `order` is "last" (patch the last student blocks first; the paper's default), "first" (the
-    paper's choice for Llama-3), "greedy" (needs `greedy_order` computed, see `greedy_patch_order`),
-    or an explicit sequence of student layers. `ends` is one of ENDS (see the module's docstring).
+    paper's choice for Llama-3), an explicit sequence of student layers (a greedy order once computed,
+    see `greedy_patch_order`), or a schedule `{layer count: patched student layers}` that need not be
+    nested (the best measured per size, see `best_schedule`). `ends` is one of ENDS (see the module's
+    docstring).
     """
 
     def __init__(self, teacher: CausalLM, student: CausalLM, plan: LayerPlan,
-                 order: str | Sequence[int] = "last", ends: str = "student"):
+                 order: str | Sequence[int] | Mapping[int, Sequence[int]] = "last", ends: str = "student"):
         self.teacher, self.student, self.plan, self.ends = teacher, student, plan, check_ends(ends)
         self.arch: Arch = adapter_for(teacher)
         if adapter_for(student) is not self.arch:
             raise BoomerangError("the student is not of the teacher's architecture")
         _check_shapes(self.arch, teacher, student, plan)
-        self.order = resolve_order(plan, order)
+        if isinstance(order, Mapping):
+            self.order: tuple[int, ...] | None = None
+            """The nested patch order, or None for a schedule that is not one."""
+            self.schedule = check_schedule(plan, order)
+        else:
+            self.order = resolve_order(plan, order)
+            self.schedule = schedule_of(plan, self.order)
         self._t_layers = list(self.arch.layer_list(teacher))
         self._s_layers = list(self.arch.layer_list(student))
         self._t_types = layer_types_of(teacher)
@@ -178,7 +186,7 @@ class Family:
     # sizes are named by their layer count
     @property
     def layer_counts(self) -> list[int]:
-        return layer_counts(self.plan, self.order)
+        return sorted(self.schedule)
 
     def patched_for(self, n_layers: int) -> tuple[int, ...]:
         counts = self.layer_counts
@@ -190,7 +198,7 @@ class Family:
                 f"no size with {n_layers} layers in this family: sizes are {counts[0]}..{counts[-1]} "
                 f"layers ({', '.join(map(str, counts))}); nearest: {nearest}"
             )
-        return tuple(self.order[: counts.index(n_layers)])
+        return self.schedule[n_layers]
 
     def build(self, n_layers: int) -> CausalLM:
         """The size with `n_layers` decoder layers, sharing every weight with teacher and student."""
@@ -276,6 +284,30 @@ def _check_shapes(arch: Arch, teacher: nn.Module, student: nn.Module, plan: Laye
             raise BoomerangError(f"student layer {j} does not have the shapes of teacher layer {i}")
 
 
+def schedule_of(plan: LayerPlan, order: Sequence[int]) -> dict[int, tuple[int, ...]]:
+    """{layer count: patched student layers} of a nested patch order, smallest size first."""
+    return {plan.n_layers(set(order[:k])): tuple(order[:k]) for k in range(len(order) + 1)}
+
+
+def check_schedule(plan: LayerPlan, sizes: Mapping) -> dict[int, tuple[int, ...]]:
+    """A per-size schedule checked against the plan: each size's patched layers are patchable, give it its layer
+    count, and the student and the teacher are among the sizes. Keys may be strings (a JSON file's)."""
+    out: dict[int, tuple[int, ...]] = {}
+    for n, patched in sizes.items():
+        layers = tuple(int(j) for j in patched)
+        wrong = sorted(set(layers) - set(plan.patchable))
+        if wrong or len(set(layers)) != len(layers):
+            raise BoomerangError(f"size {n}: {list(layers)} are not distinct patchable student layers "
+                                 f"(patchable: {list(plan.patchable)})")
+        if plan.n_layers(set(layers)) != int(n):
+            raise BoomerangError(f"size {n}: patching {list(layers)} gives {plan.n_layers(set(layers))} layers, not {n}")
+        out[int(n)] = layers
+    if plan.n_student not in out or plan.n_teacher not in out:
+        raise BoomerangError(f"a schedule must hold the student ({plan.n_student} layers) and the teacher "
+                             f"({plan.n_teacher}), got sizes {sorted(out)}")
+    return dict(sorted(out.items()))
+
+
 def layer_counts(plan: LayerPlan, order: Sequence[int]) -> list[int]:
     """The sizes (layer counts) a family with this plan and full patch order has, smallest first."""
     return [plan.n_layers(set(order[:k])) for k in range(len(order) + 1)]
@@ -313,20 +345,87 @@ def mean_kl(teacher_logits: torch.Tensor, logits: torch.Tensor) -> float:
 
 @torch.no_grad()
 def greedy_patch_order(teacher: CausalLM, student: CausalLM, plan: LayerPlan,
-                       calibration: torch.Tensor, on_step=None) -> tuple[int, ...]:
+                       calibration: torch.Tensor | list[torch.Tensor], on_step=None) -> tuple[int, ...]:
     """Size by size, patch the block that keeps the model closest to the teacher (mean KL).
 
-    `calibration` is a (B, T) batch of token ids; it costs about n^2/2 forwards for n blocks.
+    `calibration` is a (B, T) batch of token ids, or a list of them; it costs about n^2/2 forwards for n blocks.
     """
+    texts = calibration if isinstance(calibration, list) else [calibration]
     fam = Family(teacher, student, plan, order="last")
-    ref = teacher(calibration).logits
+    refs = [teacher(ids).logits for ids in texts]
     chosen: list[int] = []
     remaining = list(plan.patchable)
     while remaining:
-        scores = {j: mean_kl(ref, fam.build_patched({*chosen, j})(calibration).logits) for j in remaining}
+        scores = {j: kl_on(fam, {*chosen, j}, texts, refs) for j in remaining}
         best = min(scores, key=lambda j: scores[j])
         chosen.append(best)
         remaining.remove(best)
         if on_step:
             on_step(len(chosen), len(plan.patchable), best, scores[best])
     return tuple(chosen)
+
+
+# ----------------------------------------------------------------------------- the best order, size by size
+
+
+@dataclass(frozen=True)
+class BestSizes:
+    """Per size, the candidate patch order's layers that keep the model closest to the teacher on a calibration
+    text: what `Family(order=schedule)` builds, and how it was chosen."""
+
+    schedule: dict[int, tuple[int, ...]]
+    """{layer count: patched student layers}."""
+    kl: dict[int, dict[str, float]]
+    """{layer count: {candidate order: mean KL(teacher || size) on the calibration text}}."""
+    chosen: dict[int, str]
+    """{layer count: the candidate whose layers were taken ("last+greedy" when several gave the same ones)}."""
+    tokens: int
+    """Calibration tokens measured."""
+
+    def to_dict(self) -> dict:
+        return {"sizes": {str(n): list(p) for n, p in self.schedule.items()},
+                "kl": {str(n): v for n, v in self.kl.items()}, "chosen": {str(n): c for n, c in self.chosen.items()},
+                "tokens": self.tokens}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> BestSizes:
+        return cls({int(n): tuple(p) for n, p in data["sizes"].items()},
+                   {int(n): dict(v) for n, v in data["kl"].items()}, {int(n): c for n, c in data["chosen"].items()},
+                   int(data["tokens"]))
+
+
+def kl_on(family: Family, patched: Iterable[int], texts: list[torch.Tensor], refs: list[torch.Tensor]) -> float:
+    """Mean KL(teacher || the size with `patched`) over every position of the calibration batches."""
+    model = family.build_patched(set(patched))
+    total = sum(mean_kl(ref, model(ids).logits) * ids.numel() for ids, ref in zip(texts, refs, strict=True))
+    return total / sum(ids.numel() for ids in texts)
+
+
+@torch.no_grad()
+def best_schedule(teacher: CausalLM, student: CausalLM, plan: LayerPlan, texts: list[torch.Tensor],
+                  candidates: Mapping[str, Sequence[int]], on_size=None) -> BestSizes:
+    """Size by size, the candidate order whose patched layers are closest to the teacher (mean KL over the
+    calibration batches `texts`, each (B, T) token ids); a tie goes to the candidate named first.
+
+    Every size any candidate has is kept (orders through blocks of different spans have different sizes).
+    `on_size(done, total)` reports progress. The student's and the teacher's sizes are the same in every order.
+    """
+    fam = Family(teacher, student, plan, order="last")
+    refs = [teacher(ids).logits for ids in texts]
+    options: dict[int, dict[tuple[int, ...], list[str]]] = {}
+    for name, order in candidates.items():
+        for n, patched in schedule_of(plan, resolve_order(plan, order)).items():
+            options.setdefault(n, {}).setdefault(tuple(sorted(patched)), []).append(name)
+    rank = {name: k for k, name in enumerate(candidates)}
+    schedule, kl, chosen = {}, {}, {}
+    for done, n in enumerate(sorted(options), start=1):
+        scored = []
+        for patched, names in options[n].items():
+            value = 0.0 if n == plan.n_teacher else kl_on(fam, patched, texts, refs)
+            scored.append((value, min(rank[x] for x in names), patched, names))
+        kl[n] = {name: value for value, _, _, names in scored for name in names}
+        _, _, schedule[n], names = min(scored)
+        chosen[n] = "+".join(names)
+        if on_size:
+            on_size(done, len(options))
+    return BestSizes(schedule, kl, chosen, sum(int(ids.numel()) for ids in texts))

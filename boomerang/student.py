@@ -17,12 +17,23 @@ from importlib import resources
 from pathlib import Path
 
 import boomerang
+from boomerang import data as d
 from boomerang.arch import CausalLM, adapter_for
 from boomerang.errors import BoomerangError
-from boomerang.family import Family, assemble, greedy_patch_order, layer_types_of, resolve_order
+from boomerang.family import (
+    BestSizes,
+    Family,
+    assemble,
+    best_schedule,
+    greedy_patch_order,
+    layer_types_of,
+    resolve_order,
+    schedule_of,
+)
 from boomerang.models import Teacher, load_teacher
 from boomerang.outputs import replace_dir_atomically
 from boomerang.plan import LayerPlan, parse_layer_list
+from boomerang.progress import Phase, Phases
 
 MANIFEST = "boomerang.json"
 FORMAT = 1
@@ -60,6 +71,8 @@ class Manifest:
     """Hub commit of the teacher, when it came from the hub."""
     patch_orders: dict[str, list[int]] = field(default_factory=dict)
     """Named patch orders (student layers, first patched first): "last", "first", and "greedy" once computed."""
+    best: dict | None = None
+    """The best measured patch order, size by size (`family.BestSizes.to_dict()`), once measured."""
     distilled: dict | None = None
     """Training summary (steps, tokens, recipe file) once distilled; None for a freshly cut student."""
     library_version: str = boomerang.__version__
@@ -80,6 +93,7 @@ class Manifest:
             "alignment": [list(pair) for pair in self.plan.alignment],
             "patchable": list(self.plan.patchable),
             "patch_orders": self.patch_orders,
+            "best_sizes": self.best,
             "distilled": self.distilled,
         }
 
@@ -91,6 +105,7 @@ class Manifest:
         return cls(
             teacher_source=t["source"], teacher_fingerprint=t["fingerprint"], teacher_revision=t.get("revision"),
             plan=LayerPlan(p["n_teacher"], tuple(p["kept"])), patch_orders=data.get("patch_orders", {}),
+            best=data.get("best_sizes"),
             distilled=data.get("distilled"), library_version=data.get("library_version", "?"),
             created=data.get("created", ""),
         )
@@ -156,19 +171,93 @@ def named_order(manifest: Manifest, order: str | Sequence[int]) -> tuple[int, ..
     """A patch order named in the manifest (last, first, greedy once computed), a comma-separated list of
     student layers ("13,12,4-11"), or anything `resolve_order` accepts."""
     if isinstance(order, str) and order[:1].isdigit():
-
         order = parse_layer_list(order)
     named = manifest.patch_orders.get(order, order) if isinstance(order, str) else order
     return resolve_order(manifest.plan, named)
 
 
+Schedule = dict[int, tuple[int, ...]]
+
+
+def named_schedule(manifest: Manifest, order: str | Sequence[int]) -> Schedule:
+    """{layer count: patched student layers} of an order named in the manifest: "best" once measured, else as
+    `named_order`."""
+    if order == "best":
+        if manifest.best is None:
+            raise BoomerangError("this family's best order is not measured yet: open it once (boomerang family "
+                                 "--student DIR measures it and keeps it in the folder)")
+        return BestSizes.from_dict(manifest.best).schedule
+    return schedule_of(manifest.plan, named_order(manifest, order))
+
+
 def family_order(manifest: Manifest, order: str | Sequence[int], teacher: Teacher, student: CausalLM,
-                 calibration: str | None = None) -> tuple[int, ...]:
-    """The patch order to use: named in the manifest, explicit, or "greedy" computed now on a calibration text
-    (a file, default: a built-in text) when the manifest does not hold it."""
+                 calibration: str | None = None, folder: Path | None = None,
+                 phases: Phases | None = None) -> tuple[int, ...] | Schedule:
+    """The patch order to use: named in the manifest, explicit, "greedy" computed now on a calibration text (a file,
+    default: a built-in text) when the manifest does not hold it, or "best": the best measured per size, measured
+    now (and kept in `folder`'s manifest) when the manifest does not hold it (`measure_best`)."""
+    if order == "best":
+        if manifest.best is None:
+            measure_best(teacher, student, manifest, folder, calibration, phases)
+        return named_schedule(manifest, "best")
     if order != "greedy" or "greedy" in manifest.patch_orders:
         return named_order(manifest, order)
     return greedy_order(teacher, student, manifest.plan, calibration)
+
+
+BEST_CANDIDATES = ("last", "first", "greedy")
+"""The orders the best one is chosen from, size by size (a tie goes to the one named first)."""
+
+
+def calibration_texts(tokenizer, folder: Path | None, calibration: str | None = None) -> list:
+    """The text a family's best order is measured on: the held-out blocks of its run that an evaluation does not
+    read (those after the first `data.HELDOUT_EVALUATED` tokens, at most 1,024 tokens), and a general text (the
+    built-in one, or the file `calibration`), so that neither the training domain nor another is sacrificed."""
+    texts = []
+    held = folder / d.HELDOUT_FILE if folder is not None else None
+    if held is not None and held.is_file():
+        blocks = d.heldout_blocks(str(held), tokenizer, d.HELDOUT_EVALUATED + 1024)
+        spare = blocks[max(1, d.HELDOUT_EVALUATED // blocks.shape[1]):]  # as an evaluation splits it
+        if spare.numel():
+            texts.append(spare)
+    general = calibration_ids(tokenizer, calibration, max_tokens=1024)  # (1, T)
+    n = -(-general.shape[1] // 128)  # blocks of at most 128 tokens, as the held-out ones
+    texts.append(general[:, : (general.shape[1] // n) * n].reshape(n, -1))
+    return texts
+
+
+def measure_best(teacher: Teacher, student: CausalLM, manifest: Manifest, folder: Path | None = None,
+                 calibration: str | None = None, phases: Phases | None = None) -> BestSizes:
+    """Measure the best order size by size (`family.best_schedule` over BEST_CANDIDATES, the greedy one computed
+    on the same text) and keep it, with the greedy order, in the manifest (and in `folder`'s boomerang.json, when
+    it can be written: a read-only folder is measured again next time)."""
+    phases = phases or Phases()
+    texts = [t.to(teacher.device) for t in calibration_texts(teacher.tokenizer, folder, calibration)]
+    blocks = len(manifest.plan.patchable)
+    with phases.run("ranking blocks for the greedy order", blocks, "blocks") as step:
+        greedy = greedy_patch_order(teacher.model, student, manifest.plan, texts, on_step=lambda *_: step())
+    candidates = {"last": named_order(manifest, "last"), "first": named_order(manifest, "first"), "greedy": greedy}
+    sizes = len({n for order in candidates.values() for n in schedule_of(manifest.plan, order)})
+    with phases.run("choosing the best order per size", sizes, "sizes") as step:
+        best = best_schedule(teacher.model, student, manifest.plan, texts, candidates, on_size=lambda *_: step())
+    manifest.patch_orders["greedy"] = list(greedy)
+    manifest.best = best.to_dict()
+    if folder is not None:
+        write_manifest(folder, manifest)
+    return best
+
+
+def write_manifest(folder: Path, manifest: Manifest) -> None:
+    """Replace a student folder's boomerang.json atomically; a folder that cannot be written keeps the old one."""
+    path = Path(folder) / MANIFEST
+    tmp = path.with_name(f".{MANIFEST}.tmp")
+    try:
+        tmp.write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")
+        tmp.replace(path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        print(f"note: could not keep the measured order in {path} ({exc.strerror}): it is measured again next time",
+              file=sys.stderr)
 
 
 def calibration_ids(tokenizer, calibration: str | None = None, max_tokens: int = 256):
@@ -190,15 +279,17 @@ def greedy_order(teacher: Teacher, student: CausalLM, plan: LayerPlan, calibrati
     return greedy_patch_order(teacher.model, student, plan, ids)
 
 
-def open_family(folder: str | Path, *, teacher: Teacher | str | None = None, order: str | Sequence[int] = "last",
+def open_family(folder: str | Path, *, teacher: Teacher | str | None = None, order: str | Sequence[int] = "best",
                 device: str | None = None, dtype: str | None = None, calibration: str | None = None,
-                load: Callable[[str], Teacher] | None = None, ends: str = "student") -> StudentFamily:
+                load: Callable[[str], Teacher] | None = None, ends: str = "student",
+                on_phase: Callable[[Phase], None] | None = None) -> StudentFamily:
     """Open a student folder as a family, reading its manifest once.
 
     `teacher` is a loaded teacher, a source to load, or None for the manifest's own. `load` loads a
     source (default: `load_teacher` with `device` and `dtype`); a cache passes its own. The student
     follows the teacher's device, and is checked against the teacher's weights. `order`: see
-    `family_order` (`calibration` is the text for a greedy order not yet in the manifest); `ends`: see
+    `family_order`; the default, "best", is measured on first use and kept in the folder (`calibration` is the
+    general text for an order measured now); `on_phase` hears that measurement's phases. `ends`: see
     `family.ENDS`.
     """
     folder = Path(folder).expanduser().resolve()
@@ -212,7 +303,8 @@ def open_family(folder: str | Path, *, teacher: Teacher | str | None = None, ord
         teacher = load(teacher or manifest.teacher_source)
     student = _load_student_model(folder, manifest, teacher)
     family = Family(teacher.model, student, manifest.plan,
-                    order=family_order(manifest, order, teacher, student, calibration), ends=ends)
+                    order=family_order(manifest, order, teacher, student, calibration, folder, Phases(on_phase)),
+                    ends=ends)
     return StudentFamily(teacher, family, manifest, folder)
 
 

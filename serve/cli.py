@@ -29,7 +29,8 @@ def register(sub, helpers: dict) -> None:
     p.add_argument("--max-batch", type=int, default=8, help="requests of one size in one batch at most")
     p.add_argument("--workers", type=int, default=2, help="batches (of different sizes) running at once")
     p.add_argument("--name", default=None, help="the family's name in model ids (default: from the folder)")
-    p.add_argument("--order", default="last", help="patch order: last | first | greedy | a list")
+    p.add_argument("--order", default="best", help="patch order: best (the best measured per size, the default) | "
+                   "last | first | greedy | a list")
     p.add_argument("--ends", default="student", help="whose embeddings and final norm + head the sizes between "
                    "student and teacher use: student | teacher | auto (teacher ends on the patched side)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")

@@ -22,11 +22,11 @@ from boomerang.cli.flags import (
 )
 from boomerang.errors import BoomerangError
 from boomerang.export import ExportRequest, run_export
-from boomerang.family import compress_runs
+from boomerang.family import BestSizes, compress_runs
 from boomerang.generation import Sampling
 from boomerang.outputs import check_output_dir
 from boomerang.settings import add_flags, values_from_args
-from boomerang.student import Manifest, cut_student, save_student
+from boomerang.student import Manifest, cut_student, read_manifest, save_student
 
 
 def register(sub) -> None:
@@ -105,23 +105,34 @@ def cmd_teacher(args) -> int:
 def cmd_family(args) -> int:
     teacher, family, label = load_family(args)
     sizes = family.sizes()
+    stored = read_manifest(args.student).best if args.student and family.order is None else None
+    best = BestSizes.from_dict(stored) if stored else None
     if args.json:
         print(json.dumps({
             "teacher": teacher.source, "teacher_fingerprint": teacher.fingerprint, "student": label,
             "plan": family.plan.to_dict(), "alignment": [list(a) for a in family.plan.alignment],
-            "order": list(family.order), "sizes": [s.to_dict() for s in sizes],
+            "order": list(family.order) if family.order is not None else args.order,
+            "best": best.to_dict() if best else None, "sizes": [s.to_dict() for s in sizes],
         }, indent=2))
         return 0
     plan = family.plan
     print(f"teacher  {teacher.source}  ({plan.n_teacher} layers, {family.arch.family})")
     print(f"student  {label}  ({plan.n_student} layers)")
     print(f"kept     {list(plan.kept)}")
-    print(f"order    {list(family.order)}  (student layers, first patched first)\n")
+    if family.order is not None:
+        print(f"order    {list(family.order)}  (student layers, first patched first)\n")
+    else:
+        print(f"order    {args.order}: per size, the candidate order closest to the teacher (KL on "
+              f"{best.tokens if best else '?'} calibration tokens; a size's KL under each candidate below)\n")
     print(f"{'layers':>6}  {'params':>12}  {'no embed':>12}  {'patched':>7}  runs")
     for s in sizes:
         tag = " (teacher)" if s.is_teacher else " (student)" if s.is_student else ""
+        chosen = ""
+        if best and not (s.is_teacher or s.is_student):
+            kls = ", ".join(f"{name} {value:.3f}" for name, value in best.kl[s.n_layers].items())
+            chosen = f"  [{best.chosen[s.n_layers]}; KL {kls}]"
         print(f"{s.n_layers:>6}  {s.params:>12,}  {s.params_no_embed:>12,}  {len(s.patched):>7}  "
-              f"{compress_runs(s.layers)}{tag}")
+              f"{compress_runs(s.layers)}{tag}{chosen}")
     return 0
 
 

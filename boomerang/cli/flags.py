@@ -50,9 +50,11 @@ def add_plan(p: argparse.ArgumentParser) -> None:
 
 
 def add_order(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--order", default="last",
-                   help="patch order: last (paper default) | first (paper's choice for Llama-3) | greedy "
-                        "(closest to the teacher in KL at each size) | a list of student layers")
+    p.add_argument("--order", default="best",
+                   help="patch order: best (the default: the best of last, first and greedy measured size by size, "
+                        "kept in the student folder; last for a freshly cut student) | last (the paper's default) | "
+                        "first (the paper's choice for Llama-3) | greedy (closest to the teacher in KL at each size) | "
+                        "a list of student layers")
     p.add_argument("--calibration", default=None, help="text file for the greedy order (and eval's drop-bi ranking "
                    "when the held-out text has no spare blocks; default: a built-in text)")
     add_ends(p)
@@ -102,6 +104,6 @@ def load_family(args):
     plan = plan_from_args(args, teacher.n_layers)
     student = cut_student(teacher.model, plan, share=True)
     # the fresh student's manifest, unsaved: its orders resolve the way a student folder's do
-    order = family_order(Manifest(teacher.source, teacher.fingerprint, plan), args.order, teacher, student,
-                         args.calibration)
+    order = family_order(Manifest(teacher.source, teacher.fingerprint, plan),
+                         "last" if args.order == "best" else args.order, teacher, student, args.calibration)
     return teacher, Family(teacher.model, student, plan, order=order, ends=args.ends), "(freshly cut, undistilled)"

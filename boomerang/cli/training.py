@@ -40,7 +40,8 @@ def register(sub) -> None:
                        "(the distilled-at-size baseline; resumable); eval then shows them beside the family")
     p.add_argument("student", help="the family's student folder (RUN/student)")
     p.add_argument("--sizes", default=None, help="comma-separated layer counts (default: three spread over the family)")
-    p.add_argument("--order", default="last", help="the patch order whose sizes are meant (default: last)")
+    p.add_argument("--order", default="best", help="the patch order whose sizes are meant (default: best, the "
+                   "family's own)")
     p.set_defaults(func=cmd_baselines)
 
     p = sub.add_parser("snapshot", help="a running or stopped distillation's last checkpoint as a student folder "

@@ -36,7 +36,7 @@ from boomerang.evaluation.metrics import (
     metrics_of,
 )
 from boomerang.evaluation.results import ModelEntry, ResultStore, cell_key
-from boomerang.family import Family, check_ends, compress_runs, count_params, resolve_order
+from boomerang.family import Family, check_ends, compress_runs, count_params, resolve_order, schedule_of
 from boomerang.importance import block_influence, drop_order, dropped_teacher
 from boomerang.models import load_teacher
 from boomerang.plan import parse_layer_list
@@ -83,7 +83,7 @@ def baseline_candidates(family: Family, names: list[str], sizes: list[int] | Non
     out = []
     if "undistilled" in names:
         fresh = Family(family.teacher, cut_student(family.teacher, family.plan, share=True), family.plan,
-                       order=family.order)
+                       order=family.schedule)
         for n in counts:
             info = fresh.info(n)
             entry = ModelEntry(f"undistilled-{n}", "undistilled", n, info.params, info.params_no_embed, compress_runs(info.layers))
@@ -133,6 +133,16 @@ def _given(model: CausalLM) -> Callable[[], CausalLM]:
 
 def _distilled_student(folder: str, teacher) -> CausalLM:
     return open_family(folder, teacher=teacher).family.student
+
+
+def family_variant(family: Family) -> dict:
+    """What sets a family's sizes apart from the default ones (last-k order, student ends), for cell keys: {} for the
+    default, else its order (or per-size schedule) and ends."""
+    if family.schedule == schedule_of(family.plan, resolve_order(family.plan, "last")) and family.ends == "student":
+        return {}
+    if family.order is not None:
+        return {"order": list(family.order), "ends": family.ends}
+    return {"sizes": {str(n): list(p) for n, p in family.schedule.items()}, "ends": family.ends}
 
 
 def reference_candidate(source: str, model: CausalLM) -> Candidate:
@@ -263,8 +273,9 @@ class EvalRequest(Settings):
     """Folder of local evaluation files."""
     teacher: str | None = None
     """Teacher source (default: the student's own)."""
-    order: str = "last"
-    """Patch order: last | first | greedy (once in the manifest) | a comma-separated list of student layers."""
+    order: str = "best"
+    """Patch order: best (the best measured per size: the default, measured once if the manifest lacks it) | last |
+    first | greedy | a comma-separated list of student layers."""
     ends: str = "student"
     """Whose embeddings and final norm + head the sizes between student and teacher use: student | teacher |
     auto (the paper's reference code: teacher ends on the patched side)."""
@@ -280,7 +291,7 @@ class EvalRequest(Settings):
     standard evaluation takes every finished one of the run)."""
     heldout_data: str | None = None
     """Text file for label-free metrics (its last 10%), or a student's heldout-tokens.pt (all of it)."""
-    heldout_tokens: int = 4096
+    heldout_tokens: int = d.HELDOUT_EVALUATED
     """Held-out tokens measured (on each held-out text)."""
     general_data: str | None = None
     """Text of another domain for the same metrics (all of it held out): a file, or "shipped" (an excerpt of
@@ -399,8 +410,7 @@ def evaluate_student(req: EvalRequest, *, on_cell=None, should_stop=None, teache
     candidates += distilled_candidates(family, req.distilled, teacher)
     for ref in req.references:
         candidates.append(reference_candidate(ref, load_teacher(ref, device=req.device).model))
-    default = family.order == resolve_order(family.plan, "last") and family.ends == "student"
-    variant = {} if default else {"order": list(family.order), "ends": family.ends}
+    variant = family_variant(family)
     jobs = plan_cells(candidates, req.tasks, req.data_dir, req.settings, texts, req.cost, variant)
     if not jobs:
         raise BoomerangError("nothing to evaluate: give tasks, held-out data or cost")

@@ -14,9 +14,8 @@ import dataclasses
 from pathlib import Path
 
 from boomerang.errors import BoomerangError
-from boomerang.family import layer_counts
 from boomerang.plan import LayerPlan, parse_layer_list
-from boomerang.student import AT_SIZE, MANIFEST, named_order, read_manifest
+from boomerang.student import AT_SIZE, MANIFEST, named_schedule, read_manifest
 from boomerang.training.checkpoint import STUDENT
 from boomerang.training.recipe import DistillConfig, read_recipe
 
@@ -39,10 +38,13 @@ def default_sizes(counts: list[int]) -> list[int]:
 
 
 def at_size_configs(student: str | Path, sizes: str | list[int] | None = None, *,
-                    order: str = "last") -> list[DistillConfig]:
+                    order: str = "best") -> list[DistillConfig]:
     """One distillation per size, as the family's run was made (recipe, data, steps, batch, seed), with the plan
     the size implies and every step on that one size (no mixed sizes: the baseline is the best model of that size
-    the budget buys)."""
+    the budget buys).
+
+    The size is the one the family uses: in its best measured order by default (last-k for a folder whose best
+    order was never measured)."""
 
     folder = Path(student).expanduser().resolve()
     manifest = read_manifest(folder)
@@ -53,8 +55,10 @@ def at_size_configs(student: str | Path, sizes: str | list[int] | None = None, *
     if not run.is_dir():
         run = folder.parent  # a run folder moved as a whole
     recipe = read_recipe(run)
-    order_t = named_order(manifest, order)
-    counts = layer_counts(manifest.plan, order_t)
+    if order == "best" and manifest.best is None:
+        order = "last"
+    schedule = named_schedule(manifest, order)
+    counts = sorted(schedule)
     wanted = default_sizes(counts) if sizes in (None, "", "default") else (
         parse_layer_list(sizes) if isinstance(sizes, str) else list(sizes))
     inner = counts[1:-1]
@@ -64,7 +68,7 @@ def at_size_configs(student: str | Path, sizes: str | list[int] | None = None, *
                              f"{', '.join(map(str, inner))}")
     configs = []
     for n in wanted:
-        keep = implied_keep(manifest.plan, set(order_t[: counts.index(n)]))
+        keep = implied_keep(manifest.plan, set(schedule[n]))
         configs.append(dataclasses.replace(recipe, keep=keep, plan="rule", mix_prob=0.0, evaluate=False,
                                            out=str(folder.parent / AT_SIZE / str(n))))
     return configs

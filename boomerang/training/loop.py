@@ -28,7 +28,7 @@ from boomerang.family import Family
 from boomerang.models import Teacher, boomerang_home, load_teacher
 from boomerang.plan import LayerPlan
 from boomerang.progress import Phase, Phases
-from boomerang.student import Manifest, cut_student, save_student
+from boomerang.student import Manifest, cut_student, measure_best, read_manifest, save_student
 from boomerang.training import parallel, timing
 from boomerang.training.checkpoint import (
     CHECKPOINT,
@@ -165,7 +165,6 @@ def _setup(cfg: DistillConfig, out: Path, resume: bool, teacher: Teacher | None,
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg))
     run = Run(cfg, out, teacher, student, plan, data, optimizer, scheduler, device, sharded=sharded)
     if cfg.mix_prob:
-
         run.family = Family(teacher.model, student, plan, order="last")
     attach_capture(run)
     if from_checkpoint:
@@ -362,6 +361,11 @@ def distill(cfg: DistillConfig, *, on_step: Callable[[StepReport], None] | None 
             handle.remove()
     if parallel.world()[0] == 0:
         _record_timing(run, phases, result.last)
+        if result.student_dir is not None and not run.sharded:  # sharded: measured where the family is opened
+            # the family's patch order is chosen once, as it is saved: the best measured per size
+            manifest = read_manifest(result.student_dir)
+            with torch.no_grad():
+                measure_best(run.teacher, run.student.eval(), manifest, result.student_dir, phases=Phases(seen))
     return result
 
 

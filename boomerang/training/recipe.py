@@ -206,7 +206,6 @@ class DistillConfig(Settings):
         if self.device == "cpu" and self.processes > (os.cpu_count() or 1):
             raise BoomerangError(f"processes={self.processes} on the CPU, but this machine has {os.cpu_count()} cores")
         if self.data != "teacher" and not self.data.startswith("hub:"):
-
             path = Path(self.data).expanduser()
             if not path.exists():
                 raise BoomerangError(f"data not found: {path}")
