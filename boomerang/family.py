@@ -382,6 +382,16 @@ class BestSizes:
     tokens: int
     """Calibration tokens measured."""
 
+    def dominated(self) -> list[int]:
+        """Sizes whose chosen layers are farther from the teacher on the calibration text than a smaller size's."""
+        out, lowest = [], float("inf")
+        for n in sorted(self.schedule):
+            value = self.kl[n][self.chosen[n].split("+")[0]]
+            if value > lowest:
+                out.append(n)
+            lowest = min(lowest, value)
+        return out
+
     def to_dict(self) -> dict:
         return {"sizes": {str(n): list(p) for n, p in self.schedule.items()},
                 "kl": {str(n): v for n, v in self.kl.items()}, "chosen": {str(n): c for n, c in self.chosen.items()},

@@ -17,7 +17,7 @@ from boomerang.cli import main
 from boomerang.errors import BoomerangError
 from boomerang.evaluation.run import EvalRequest
 from boomerang.export import ExportRequest, run_export
-from boomerang.family import Family, best_schedule, check_schedule, greedy_patch_order, kl_on, schedule_of
+from boomerang.family import BestSizes, Family, best_schedule, check_schedule, greedy_patch_order, kl_on, schedule_of
 from boomerang.plan import LayerPlan
 from boomerang.student import MANIFEST, cut_student, open_family, read_manifest
 from boomerang.training.at_size import at_size_configs, implied_keep
@@ -146,3 +146,11 @@ def test_a_distillation_chooses_its_order_as_it_saves_the_family(tmp_path):
     assert manifest.best is not None and set(manifest.best["sizes"]) == {"5", "6", "7", "8"}
     assert manifest.best["tokens"] > 248  # the run's spare held-out blocks beside the built-in text
     assert "choosing the best order per size" in phases and "ranking blocks for the greedy order" in phases
+
+
+def test_sizes_farther_from_the_teacher_than_a_smaller_one_are_named():
+    best = BestSizes({5: (), 6: (0,), 7: (0, 1), 8: (0, 1, 2)},
+                     {5: {"last": 1.0}, 6: {"first": 1.2}, 7: {"last": 0.5, "greedy": 0.4}, 8: {"last": 0.0}},
+                     {5: "last", 6: "first", 7: "greedy", 8: "last"}, 100)
+    assert best.dominated() == [6]
+    assert BestSizes.from_dict(json.loads(json.dumps(best.to_dict()))) == best

@@ -133,6 +133,12 @@ def cmd_family(args) -> int:
             chosen = f"  [{best.chosen[s.n_layers]}; KL {kls}]"
         print(f"{s.n_layers:>6}  {s.params:>12,}  {s.params_no_embed:>12,}  {len(s.patched):>7}  "
               f"{compress_runs(s.layers)}{tag}{chosen}")
+    if best:
+        above = best.dominated()
+        if above:
+            print(f"\nfarther from the teacher than a smaller size on the calibration text: {', '.join(map(str, above))} "
+                  "layers (a smaller size does better; they stay in the family, listed here so that none is "
+                  "dropped unsaid)")
     return 0
 
 
