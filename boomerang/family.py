@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
@@ -381,6 +381,9 @@ class BestSizes:
     """{layer count: the candidate whose layers were taken ("last+greedy" when several gave the same ones)}."""
     tokens: int
     """Calibration tokens measured."""
+    left_out: dict[int, str] = field(default_factory=dict)
+    """{layer count: what builds it}: sizes only other candidates reach. The family keeps the first candidate's
+    sizes (each size costs models in every evaluation); these are listed, with their KL, not silently dropped."""
 
     def dominated(self) -> list[int]:
         """Sizes whose chosen layers are farther from the teacher on the calibration text than a smaller size's."""
@@ -395,13 +398,13 @@ class BestSizes:
     def to_dict(self) -> dict:
         return {"sizes": {str(n): list(p) for n, p in self.schedule.items()},
                 "kl": {str(n): v for n, v in self.kl.items()}, "chosen": {str(n): c for n, c in self.chosen.items()},
-                "tokens": self.tokens}
+                "tokens": self.tokens, "left_out": {str(n): why for n, why in self.left_out.items()}}
 
     @classmethod
     def from_dict(cls, data: dict) -> BestSizes:
         return cls({int(n): tuple(p) for n, p in data["sizes"].items()},
                    {int(n): dict(v) for n, v in data["kl"].items()}, {int(n): c for n, c in data["chosen"].items()},
-                   int(data["tokens"]))
+                   int(data["tokens"]), {int(n): why for n, why in data.get("left_out", {}).items()})
 
 
 def kl_on(family: Family, patched: Iterable[int], texts: list[torch.Tensor], refs: list[torch.Tensor]) -> float:
@@ -417,8 +420,10 @@ def best_schedule(teacher: CausalLM, student: CausalLM, plan: LayerPlan, texts: 
     """Size by size, the candidate order whose patched layers are closest to the teacher (mean KL over the
     calibration batches `texts`, each (B, T) token ids); a tie goes to the candidate named first.
 
-    Every size any candidate has is kept (orders through blocks of different spans have different sizes).
-    `on_size(done, total)` reports progress. The student's and the teacher's sizes are the same in every order.
+    The family keeps the sizes of the first candidate (its grid: last-k's, the paper's), each built from whichever
+    candidate is closest there, so at every size it is at least as close as the first candidate on this text.
+    Orders through blocks of different spans reach other sizes too: `left_out` lists them with the order that
+    builds them and their KL. `on_size(done, total)` reports progress.
     """
     fam = Family(teacher, student, plan, order="last")
     refs = [teacher(ids).logits for ids in texts]
@@ -438,4 +443,10 @@ def best_schedule(teacher: CausalLM, student: CausalLM, plan: LayerPlan, texts: 
         chosen[n] = "+".join(names)
         if on_size:
             on_size(done, len(options))
-    return BestSizes(schedule, kl, chosen, sum(int(ids.numel()) for ids in texts))
+    grid = set(schedule_of(plan, resolve_order(plan, next(iter(candidates.values())))))
+    left_out = {}
+    for n in sorted(set(schedule) - grid):
+        name = chosen[n].split("+")[0]
+        left_out[n] = f"--order {name} builds it (KL {kl[n][name]:.4f} on the calibration text)"
+        del schedule[n]
+    return BestSizes(schedule, kl, chosen, sum(int(ids.numel()) for ids in texts), left_out)

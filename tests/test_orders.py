@@ -57,21 +57,22 @@ def test_greedy_picks_first_the_block_whose_removal_costs_something_and_the_best
         assert set(kls) == {"last", "first", "greedy"}
 
 
-def test_the_best_of_several_orders_may_not_be_nested_and_every_size_of_any_order_is_kept():
+def test_the_best_of_several_orders_keeps_the_first_ones_sizes_and_lists_the_others():
     teacher = tiny_model("llama")
-    plan = LayerPlan(8, (0, 3, 4, 7))  # spans 3, 1, 3, 1: blocks 0 and 2 patchable, three layers each
+    plan = LayerPlan(8, (0, 3, 5, 6, 7))  # blocks of 3 and 2 teacher layers: last-k reaches 6, first-k 7
     student = cut_student(teacher, plan, share=True)
     x = [tokens(2, 16)]
-    best = best_schedule(teacher, student, plan, x, {"last": (2, 0), "first": (0, 2)})
-    assert sorted(best.schedule) == [4, 6, 8]
+    best = best_schedule(teacher, student, plan, x, {"last": (1, 0), "first": (0, 1)})
+    assert sorted(best.schedule) == [5, 6, 8] and list(best.left_out) == [7]
+    assert best.left_out[7].startswith("--order first builds it (KL ")
     fam = Family(teacher, student, plan, order=best.schedule)
-    assert fam.order is None and fam.layer_counts == [4, 6, 8] and fam.patched_for(6) in ((0,), (2,))
-    assert kl_on(fam, fam.patched_for(6), x, [teacher(x[0]).logits]) == pytest.approx(min(best.kl[6].values()))
-    with pytest.raises(BoomerangError, match="size 6: patching \\[0, 2\\] gives 8 layers, not 6"):
-        check_schedule(plan, {4: [], 6: [0, 2], 8: [0, 2]})
+    assert fam.order is None and fam.layer_counts == [5, 6, 8] and fam.patched_for(6) == (1,)
+    assert kl_on(fam, fam.patched_for(6), x, [teacher(x[0]).logits]) == pytest.approx(best.kl[6]["last"])
+    with pytest.raises(BoomerangError, match="size 6: patching \\[0\\] gives 7 layers, not 6"):
+        check_schedule(plan, {5: [], 6: [0], 8: [0, 1]})
     with pytest.raises(BoomerangError, match="must hold the student"):
-        check_schedule(plan, {6: [0], 8: [0, 2]})
-    assert schedule_of(plan, (2, 0)) == {4: (), 6: (2,), 8: (2, 0)}
+        check_schedule(plan, {6: [1], 8: [0, 1]})
+    assert schedule_of(plan, (0, 1)) == {5: (), 7: (0,), 8: (0, 1)}
 
 
 @pytest.fixture

@@ -133,6 +133,10 @@ def cmd_family(args) -> int:
             chosen = f"  [{best.chosen[s.n_layers]}; KL {kls}]"
         print(f"{s.n_layers:>6}  {s.params:>12,}  {s.params_no_embed:>12,}  {len(s.patched):>7}  "
               f"{compress_runs(s.layers)}{tag}{chosen}")
+    if best and best.left_out:
+        print("\nsizes other orders reach (not in the family: it keeps last-k's sizes, each in its best order):")
+        for n, why in best.left_out.items():
+            print(f"{n:>6}  {why}")
     if best:
         above = best.dominated()
         if above:
