@@ -32,9 +32,12 @@ class Sampling(Settings):
     top_p: float = 0.9
     """Nucleus sampling: the smallest set of tokens whose probability reaches top_p, in (0, 1]."""
     seed: int = 0
+    """Seed of the sampling: a 64-bit integer."""
 
     def __post_init__(self):
         self.check_types()
+        if not -(2**63) <= self.seed < 2**63:
+            raise BoomerangError(f"seed must be a 64-bit integer (from -2**63 to 2**63 - 1), got {self.seed}")
         if not 1 <= self.max_new_tokens <= 32_768:
             raise BoomerangError(f"max_new_tokens must be between 1 and 32,768, got {self.max_new_tokens}")
         if not 0 <= self.temperature <= 100:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from boomerang.errors import BoomerangError, excerpt
 from boomerang.generation import Sampling, prompt_ids
@@ -38,7 +39,7 @@ class ServerState:
 
 class ApiError(Exception):
     TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
-             429: "rate_limit_error", 503: "server_error"}
+             405: "invalid_request_error", 429: "rate_limit_error", 503: "server_error"}
 
     def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None):
         super().__init__(message)
@@ -56,6 +57,12 @@ def make_app(state: ServerState) -> FastAPI:
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError):
         return exc.response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):  # an unknown path, a wrong method
+        what = {404: f"no route {request.url.path}: the API serves /v1/models, /v1/completions and "
+                     "/v1/chat/completions", 405: f"{request.method} is not allowed on {request.url.path}"}
+        return ApiError(exc.status_code, what.get(exc.status_code, str(exc.detail))).response()
 
     @app.middleware("http")
     async def check_key(request: Request, call_next):
@@ -159,6 +166,10 @@ def number(body: dict, name: str, kind: type, default):
     return kind(value)
 
 
+UNSUPPORTED = ("logprobs", "top_logprobs", "echo")
+"""Request parameters that change what a reply holds and that this server does not compute."""
+
+
 def parse_request(body: dict, family: ServedFamily) -> tuple[int, Sampling, list[str]]:
     """(layers, sampling, stop strings) from a completion request; ApiError names the bad parameter."""
     model = body.get("model")
@@ -183,6 +194,10 @@ def parse_request(body: dict, family: ServedFamily) -> tuple[int, Sampling, list
         param = next((k for k in values if str(exc).startswith(k)), None)
         raise ApiError(400, str(exc).replace("max_new_tokens", "max_tokens"),
                        param="max_tokens" if param == "max_new_tokens" else param) from None
+    for name in UNSUPPORTED:  # asked for and silently left out, a harness would score garbage: refuse instead
+        if body.get(name) not in (None, False, 0):
+            raise ApiError(400, f"{name} is not supported by this server yet: leave it out", param=name,
+                           code="unsupported_parameter")
     stop = body.get("stop")
     stop = [stop] if isinstance(stop, str) else stop or []
     if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):

@@ -134,6 +134,9 @@ def test_errors_have_the_openai_shape_and_status(server):
         (400, {**body, "stop": [1]}, auth, "stop"),
         (400, {**body, "model": "fam-auto"}, auth, "max_latency_ms"),
         (404, {**body, "model": "fam-99L"}, auth, "model"),
+        (400, {**body, "seed": 2**80}, auth, "seed"),  # was a 500 ("Overflow when unpacking long long")
+        (400, {**body, "logprobs": True}, auth, "logprobs"),  # was silently ignored
+        (400, {**body, "top_logprobs": 3}, auth, "top_logprobs"),
         (401, body, {}, None),
         (401, body, {"Authorization": "Bearer wrong"}, None),
     ]
@@ -143,6 +146,12 @@ def test_errors_have_the_openai_shape_and_status(server):
         error = r.json()["error"]
         assert set(error) == {"message", "type", "param", "code"} and error["message"], error
         assert error["param"] == param, error
+    for method, path, status in (("GET", "/v1/chat/completions", 405), ("POST", "/v1/nothing", 404)):
+        r = httpx.request(method, base + path, headers=auth, timeout=10)  # was FastAPI's {"detail": ...}
+        assert r.status_code == status and set(r.json()["error"]) == {"message", "type", "param", "code"}, r.text
+    r = httpx.post(base + "/v1/completions", json={"model": "fam-23L", "prompt": "x", "echo": True}, headers=auth,
+                   timeout=10)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "echo"
     assert httpx.get(base + "/v1/models", timeout=10).status_code == 401
     assert httpx.get(base + "/health", timeout=10).status_code == 200  # health needs no key
 
