@@ -290,6 +290,16 @@ def heldout_blocks(source: str, tokenizer, tokens: int, *, seq_len: int = 128, f
     return held[skip_blocks: skip_blocks + max(1, tokens // seq_len)]
 
 
+def heldout_split(source: str, tokenizer, evaluated_tokens: int, calibration_tokens: int
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(evaluated blocks, calibration blocks) of a held-out text, read once: the first `evaluated_tokens` are
+    what an evaluation measures, up to `calibration_tokens` after them a calibration split no evaluation reads
+    (empty when the text ends first). The evaluation and the choice of a family's patch order split alike."""
+    held = heldout_blocks(source, tokenizer, evaluated_tokens + calibration_tokens)
+    evaluated = max(1, evaluated_tokens // held.shape[1])
+    return held[:evaluated], held[evaluated:]
+
+
 SHIPPED_GENERAL = "shipped"
 """`general_data` naming the general text shipped in the package (an excerpt of WikiText-2 test, see
 boomerang/resources/README.md)."""

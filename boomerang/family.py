@@ -308,11 +308,6 @@ def check_schedule(plan: LayerPlan, sizes: Mapping) -> dict[int, tuple[int, ...]
     return dict(sorted(out.items()))
 
 
-def layer_counts(plan: LayerPlan, order: Sequence[int]) -> list[int]:
-    """The sizes (layer counts) a family with this plan and full patch order has, smallest first."""
-    return [plan.n_layers(set(order[:k])) for k in range(len(order) + 1)]
-
-
 def resolve_order(plan: LayerPlan, order: str | Sequence[int]) -> tuple[int, ...]:
     """The full patch order (student layers) for "last", "first" or an explicit list."""
     blocks = plan.patchable

@@ -216,8 +216,7 @@ def calibration_texts(tokenizer, folder: Path | None, calibration: str | None = 
     texts = []
     held = folder / d.HELDOUT_FILE if folder is not None else None
     if held is not None and held.is_file():
-        blocks = d.heldout_blocks(str(held), tokenizer, d.HELDOUT_EVALUATED + 1024)
-        spare = blocks[max(1, d.HELDOUT_EVALUATED // blocks.shape[1]):]  # as an evaluation splits it
+        _, spare = d.heldout_split(str(held), tokenizer, d.HELDOUT_EVALUATED, 1024)
         if spare.numel():
             texts.append(spare)
     general = calibration_ids(tokenizer, calibration, max_tokens=1024)  # (1, T)

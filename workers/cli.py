@@ -34,7 +34,7 @@ def register(sub, helpers: dict) -> None:
     kinds = p.add_subparsers(title="kind", required=True)
     for kind, row in KINDS.items():  # one per registry row: its flags from the command that shares them, or its request
         command = helpers["requests"].get(kind)
-        k = kinds.add_parser(kind, help=command.help if command else row.help)
+        k = kinds.add_parser(kind, help=row.help)
         if command:
             command.add_flags(k)
         else:

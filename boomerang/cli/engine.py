@@ -82,7 +82,7 @@ def export_request_from_args(args) -> ExportRequest:
                             "out": args.out})
 
 
-REQUEST_COMMANDS = {"export": RequestCommand("queue an export of one size", add_export_flags, export_request_from_args)}
+REQUEST_COMMANDS = {"export": RequestCommand(add_export_flags, export_request_from_args)}
 
 
 def cmd_teacher(args) -> int:

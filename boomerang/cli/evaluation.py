@@ -65,8 +65,7 @@ def eval_request_from_args(args) -> EvalRequest:
     return EvalRequest.asked(**given)
 
 
-REQUEST_COMMANDS = {"eval": RequestCommand("queue an evaluation (same settings as `boomerang eval`)", add_eval_flags,
-                                           eval_request_from_args)}
+REQUEST_COMMANDS = {"eval": RequestCommand(add_eval_flags, eval_request_from_args)}
 
 
 def cmd_heldout(args) -> int:

@@ -19,9 +19,9 @@ from boomerang.training.checkpoint import is_run_folder, snapshot
 class RequestCommand:
     """How a command line builds one kind of job request: its flags and the request from parsed flags.
 
-    `boomerang submit KIND` (the jobs layer) is made from these; the direct commands share the flags."""
+    `boomerang submit KIND` (the jobs layer) is made from these, its help from the job registry's row; the direct
+    commands share the flags."""
 
-    help: str
     add_flags: Callable[[argparse.ArgumentParser], None]
     from_args: Callable[[argparse.Namespace], object]
 

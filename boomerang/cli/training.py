@@ -75,8 +75,7 @@ def distill_config_from_args(args, *, default_recipe: str = "auto") -> DistillCo
 
 
 REQUEST_COMMANDS = {
-    "distill": RequestCommand("queue a distillation (same settings as `boomerang distill`)", _submit_distill_flags,
-                              lambda args: distill_config_from_args(args, default_recipe="paper")),
+    "distill": RequestCommand(_submit_distill_flags, lambda args: distill_config_from_args(args, default_recipe="paper")),
 }
 
 

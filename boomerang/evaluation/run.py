@@ -397,10 +397,8 @@ def evaluate_student(req: EvalRequest, *, on_cell=None, should_stop=None, teache
         family.info(n)  # a size the family lacks fails before any work
     texts, calibration = {}, None
     if req.heldout_data:
-        # one read of the held-out text: the evaluated blocks, then the ones after them (a calibration split)
-        held = d.heldout_blocks(req.heldout_data, teacher.tokenizer, req.heldout_tokens + CALIBRATION_TOKENS)
-        evaluated = max(1, req.heldout_tokens // held.shape[1])
-        texts["heldout"], calibration = held[:evaluated], held[evaluated:]
+        texts["heldout"], calibration = d.heldout_split(req.heldout_data, teacher.tokenizer, req.heldout_tokens,
+                                                        CALIBRATION_TOKENS)
     if req.general_data:
         texts["general"] = d.general_blocks(req.general_data, teacher.tokenizer, req.heldout_tokens)
     if "drop-bi" in req.baselines and (calibration is None or calibration.shape[0] == 0):
