@@ -22,7 +22,8 @@ from app.common import (
     teacher_choices,
 )
 from boomerang.errors import BoomerangError
-from boomerang.export import export_size
+from boomerang.export import export_size, export_size_gguf, gguf_run_lines
+from boomerang.export_gguf import check_gguf_type, llama_cpp_available
 from boomerang.family import ENDS, check_ends
 from boomerang.generation import Sampling, stream_pair
 from boomerang.servers import running_servers
@@ -117,19 +118,42 @@ def chat_turn(services, student_id, n_layers, message: str, left: list, right: l
                f"{n_layers} layers: {a.stats()}", f"teacher: {b.stats()}")
 
 
-def export_chosen(services, student_id, n_layers, ends: str = "student") -> str:
+EXPORT_FORMATS = [("Hugging Face folder", "hf"), ("GGUF f16 (llama.cpp, Ollama)", "f16"), ("GGUF bf16", "bf16"),
+                  ("GGUF q8_0 (half the size)", "q8_0")]
+"""The Export choices; the llama.cpp k-quants join them where the optional extra is installed."""
+
+
+def export_formats() -> list[tuple[str, str]]:
+    extra = [("GGUF q4_k_m (llama.cpp's quantizer)", "q4_k_m")] if llama_cpp_available() else []
+    return EXPORT_FORMATS + extra
+
+
+def export_chosen(services, student_id, n_layers, ends: str = "student", fmt: str = "hf"):
+    """Write the chosen size; returns (message, the GGUF file to download or None)."""
     folder = student_folder(services, student_id)
     if folder is None:
         raise BoomerangError("pick a distilled family first" if not str(student_id or "").startswith(CUT) else
                              "nothing to export: the sizes of an undistilled family are the teacher with layers dropped")
     ends = check_ends(ends or "student")
+    fmt = fmt or "hf"
+    if fmt != "hf":
+        check_gguf_type(fmt)
     opened = services.models.opened(folder, ends=ends)
-    out = Path(services.exports_dir) / f"student-{student_id}-{int(n_layers)}L{'' if ends == 'student' else '-' + ends + '-ends'}"
+    name = f"student-{student_id}-{int(n_layers)}L{'' if ends == 'student' else '-' + ends + '-ends'}"
     Path(services.exports_dir).mkdir(parents=True, exist_ok=True)
+    if fmt != "hf":
+        out = Path(services.exports_dir) / f"{name}-{fmt}.gguf"
+        path = export_size_gguf(opened.family, int(n_layers), out, type_=fmt, tokenizer=opened.teacher.tokenizer,
+                                teacher_source=opened.teacher.source, student_source=folder, overwrite=True)
+        size = path.stat().st_size / 2**20
+        lines = gguf_run_lines(path).replace("\n", "  \n")
+        return (f"Exported the {int(n_layers)}-layer size as GGUF {fmt} ({size:.1f} MiB) to `{path}`, with an Ollama "
+                f"Modelfile beside it. Download it below, or  \n{lines}"), str(path)
+    out = Path(services.exports_dir) / name
     path = export_size(opened.family, int(n_layers), out, tokenizer=opened.teacher.tokenizer,
                        teacher_source=opened.teacher.source, student_source=folder, overwrite=out.exists(),
                        distilled=opened.manifest.distilled is not None)
-    return f"Exported the {int(n_layers)}-layer size to `{path}` (loads with plain transformers)."
+    return f"Exported the {int(n_layers)}-layer size to `{path}` (loads with plain transformers).", None
 
 
 def serving_snippet(services, student_id, n_layers) -> str:
@@ -198,7 +222,9 @@ def tab(services):
         regen = gr.Button("Regenerate")
         clear = gr.Button("Clear")
         export_btn = gr.Button("Export this size")
+        export_fmt = gr.Dropdown(export_formats(), value="hf", label="Export as", elem_id="export-format")
     export_md = gr.Markdown(elem_id="export-result")
+    export_file = gr.File(label="Exported file", elem_id="export-file", interactive=False)
     serve_md = gr.Markdown(elem_id="serve-snippet")
     last = gr.State("")
 
@@ -244,5 +270,6 @@ def tab(services):
     regen.click(drop_last, [left, right, last], [left, right, message]).then(
         bind(chat_turn, services), turn_inputs, outputs)
     clear.click(lambda: ([], [], "", ""), None, outputs)
-    export_btn.click(bind(export_chosen, services, refused="Not exported"), [family, size, ends], export_md)
+    export_btn.click(bind(export_chosen, services, refused="Not exported", blank=(None,)),
+                     [family, size, ends, export_fmt], [export_md, export_file])
     return family, (pick_family, [family], [size, size_md])

@@ -12,7 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from boomerang.errors import BoomerangError
-from boomerang.family import Family, SizeInfo, check_ends
+from boomerang.export_gguf import check_gguf_out, check_gguf_type, gguf_arch_for, modelfile_text, write_gguf
+from boomerang.family import Family, SizeInfo, check_ends, compress_runs
+from boomerang.models import classify_source, default_gguf_path
 from boomerang.outputs import check_output_dir, replace_dir_atomically
 from boomerang.settings import Settings
 from boomerang.student import named_schedule, open_family, read_manifest
@@ -20,14 +22,20 @@ from boomerang.student import named_schedule, open_family, read_manifest
 
 @dataclass
 class ExportRequest(Settings):
-    """One size of a student's family to write as a plain Hugging Face folder (a command or a queued job)."""
+    """One size of a student's family to write as a plain Hugging Face folder or one GGUF file (a command or a
+    queued job)."""
 
     student: str
     """Student folder."""
     layers: int
     """The size, by its number of layers."""
     out: str
-    """Folder to write."""
+    """Folder to write (format hf) or file (format gguf, ending in .gguf)."""
+    format: str = "hf"
+    """hf (a Hugging Face folder) | gguf (one file for llama.cpp, Ollama, LM Studio)."""
+    type: str = "f16"
+    """GGUF tensor type: f32 | f16 | bf16 | q8_0, or a llama.cpp k-quant (q4_k_m, ...) where llama-cpp-python is
+    installed."""
     order: str = "best"
     """Patch order: best (the best measured per size, measured once if the manifest lacks it) | last | first |
     greedy."""
@@ -45,6 +53,10 @@ class ExportRequest(Settings):
         self.out = str(Path(self.out).expanduser().resolve())
         if self.layers < 1:
             raise BoomerangError(f"layers must be at least 1, got {self.layers}")
+        if self.format not in FORMATS:
+            raise BoomerangError(f"unknown export format {self.format!r}: choose hf or gguf")
+        if self.format == "gguf":
+            self.type = check_gguf_type(self.type)
 
     def check(self) -> None:
         """Before any work: the student exists, the family has this size, the output folder may be written."""
@@ -57,7 +69,20 @@ class ExportRequest(Settings):
         if self.layers not in counts:
             raise BoomerangError(f"no size with {self.layers} layers in this family: its sizes are "
                                  f"{', '.join(map(str, counts))}")
-        check_output_dir(self.out, overwrite=self.overwrite)
+        if self.format == "gguf":
+            check_gguf_out(self.out, overwrite=self.overwrite)
+            gguf_arch_for(_folder_config(self.student))
+        else:
+            check_output_dir(self.out, overwrite=self.overwrite)
+
+
+FORMATS = ("hf", "gguf")
+
+
+def _folder_config(folder: str):
+    from transformers import AutoConfig  # transformers' config classes: only when a GGUF export is checked
+
+    return AutoConfig.from_pretrained(folder)
 
 
 def run_export(req: ExportRequest, *, teacher=None, device: str = "cpu", dtype: str | None = None,
@@ -67,6 +92,10 @@ def run_export(req: ExportRequest, *, teacher=None, device: str = "cpu", dtype: 
     req.check()
     opened = open_family(req.student, teacher=teacher or req.teacher, order=req.order, device=device, dtype=dtype,
                          calibration=calibration, ends=req.ends)
+    if req.format == "gguf":
+        return export_size_gguf(opened.family, req.layers, req.out, type_=req.type, tokenizer=opened.teacher.tokenizer,
+                                teacher_source=opened.teacher.source, student_source=str(opened.folder),
+                                overwrite=req.overwrite)
     return export_size(opened.family, req.layers, req.out, tokenizer=opened.teacher.tokenizer,
                        teacher_source=opened.teacher.source, student_source=str(opened.folder), overwrite=req.overwrite,
                        distilled=opened.manifest.distilled is not None)
@@ -81,6 +110,42 @@ def export_size(family: Family, n_layers: int, out: str | Path, *, tokenizer=Non
     card = model_card(info, teacher_source, student_source, family, distilled=distilled)
     meta = {"teacher": teacher_source, "student": student_source, **info.to_dict()}
     return export_model(family.build(n_layers), out, tokenizer=tokenizer, card=card, meta=meta, overwrite=overwrite)
+
+
+def source_gguf(teacher_source: str) -> Path | None:
+    """The GGUF file a teacher came from (the default teacher's included), whose tokenizer keys a GGUF export
+    carries verbatim; None for a folder or hub teacher."""
+    try:
+        kind = classify_source(teacher_source)
+    except BoomerangError:
+        return None
+    if kind == "default":
+        return default_gguf_path()
+    return Path(teacher_source) if kind == "gguf" else None
+
+
+def export_size_gguf(family: Family, n_layers: int, out: str | Path, *, type_: str = "f16", tokenizer=None,
+                     teacher_source: str = "?", student_source: str = "?", overwrite: bool = False) -> Path:
+    """Export the size with `n_layers` layers as one GGUF file at `out`, with an Ollama Modelfile beside it
+    (`<name>.Modelfile`); returns the file written."""
+    info = family.info(n_layers)
+    model = family.build(n_layers)
+    meta = {"teacher": teacher_source, "student": student_source, "layers": str(info.n_layers),
+            "patched": info.patched, "run": compress_runs(info.layers), "ends": family.ends,
+            "patch_order": family.order or "best"}
+    name = f"{Path(student_source).name} {info.n_layers}-layer size (boomerang)"
+    path = write_gguf(model, out, type_=type_, tokenizer=tokenizer, source_gguf=source_gguf(teacher_source),
+                      name=name, meta=meta, overwrite=overwrite)
+    path.with_suffix(".Modelfile").write_text(modelfile_text(path, tokenizer))
+    return path
+
+
+def gguf_run_lines(path: Path) -> str:
+    """How to run an exported GGUF file with llama.cpp's server and with Ollama."""
+    modelfile = path.with_suffix(".Modelfile")
+    tag = path.stem.lower().replace("_", "-")
+    return (f"run it with llama.cpp:  llama-server -m {path}\n"
+            f"or with Ollama:         cd {path.parent} && ollama create {tag} -f {modelfile.name} && ollama run {tag}")
 
 
 def export_model(model, out: str | Path, *, tokenizer=None, card: str | None = None, meta: dict | None = None,

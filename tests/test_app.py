@@ -201,10 +201,22 @@ def test_export_the_chosen_size(world):
 
     s = world["services"]
     (_, sid), = common.family_choices(s)
-    msg = chat.export_chosen(s, sid, 7)
+    msg, file = chat.export_chosen(s, sid, 7)
     folder = msg.split("`")[1]
-    assert AutoModelForCausalLM.from_pretrained(folder).config.num_hidden_layers == 7
-    assert "Exported" in chat.export_chosen(s, sid, 7)  # exporting again replaces the folder
+    assert file is None and AutoModelForCausalLM.from_pretrained(folder).config.num_hidden_layers == 7
+    assert "Exported" in chat.export_chosen(s, sid, 7)[0]  # exporting again replaces the folder
+
+
+def test_export_the_chosen_size_as_gguf_refuses_in_one_line_and_leaves_nothing(world):
+    """The tiny teacher's character tokenizer has no GGUF form (the real teacher's export: tests/test_gguf.py)."""
+    s = world["services"]
+    (_, sid), = common.family_choices(s)
+    before = sorted(Path(s.exports_dir).iterdir()) if Path(s.exports_dir).exists() else []
+    with pytest.raises(BoomerangError, match="tokenizer \\(WordLevel\\) is not a byte-level BPE.*--format hf"):
+        chat.export_chosen(s, sid, 7, "student", "q8_0")
+    with pytest.raises(BoomerangError, match="unknown GGUF type 'q9'"):
+        chat.export_chosen(s, sid, 7, "student", "q9")
+    assert (sorted(Path(s.exports_dir).iterdir()) if Path(s.exports_dir).exists() else []) == before
 
 
 def test_gradio_client_against_the_launched_app(world):

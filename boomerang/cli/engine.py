@@ -21,7 +21,7 @@ from boomerang.cli.flags import (
     plan_from_args,
 )
 from boomerang.errors import BoomerangError
-from boomerang.export import ExportRequest, run_export
+from boomerang.export import ExportRequest, gguf_run_lines, run_export
 from boomerang.family import BestSizes, compress_runs
 from boomerang.generation import Sampling
 from boomerang.outputs import check_output_dir
@@ -74,7 +74,7 @@ def add_export_flags(p: argparse.ArgumentParser) -> None:
     add_flags(p, ExportRequest, skip=("student", "layers", "out"))
     p.add_argument("--student", required=True, help="student folder")
     p.add_argument("--layers", type=int, required=True, help="the size, by its number of layers")
-    p.add_argument("--out", required=True, help="folder to write")
+    p.add_argument("--out", required=True, help="folder to write (--format hf) or file.gguf (--format gguf)")
 
 
 def export_request_from_args(args) -> ExportRequest:
@@ -161,6 +161,10 @@ def cmd_export(args) -> int:
     req = export_request_from_args(args)
     out = run_export(req, device=args.device, dtype=args.dtype, calibration=args.calibration,
                      teacher=load_teacher(args) if req.teacher else None)
+    if req.format == "gguf":
+        print(f"exported the {req.layers}-layer size as GGUF ({req.type}, {out.stat().st_size / 2**20:.1f} MiB) to {out}")
+        print(gguf_run_lines(out))
+        return 0
     params = json.loads((out / "boomerang-size.json").read_text())["params"]
     print(f"exported the {req.layers}-layer size ({params:,} parameters) to {out}")
     return 0
