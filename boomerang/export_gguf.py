@@ -333,9 +333,7 @@ def write_gguf(model, out: str | Path, *, type_: str = "f16", tokenizer=None, so
     if type_ in LLAMA_CPP_TYPES:
         return _quantize_with_llama_cpp(model, path, type_, tokenizer=tokenizer, source_gguf=source_gguf, name=name,
                                         meta=meta)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = _temp_beside(path)
     try:
         writer = gguf.GGUFWriter(str(tmp), spec.name)
         writer.add_name(name)
@@ -359,6 +357,16 @@ def write_gguf(model, out: str | Path, *, type_: str = "f16", tokenizer=None, so
     return path
 
 
+def _temp_beside(path: Path) -> Path:
+    """An empty temporary file in `path`'s folder (the final rename is then atomic)."""
+    try:
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    except OSError as exc:
+        raise BoomerangError(f"cannot write in {path.parent}: {exc.strerror}") from None
+    os.close(fd)
+    return Path(name)
+
+
 def llama_cpp_available() -> bool:
     import importlib.util
 
@@ -372,12 +380,11 @@ def _quantize_with_llama_cpp(model, path: Path, type_: str, **kw) -> Path:
     import llama_cpp
 
     ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{type_.upper()}")
-    with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as work:
+    with tempfile.TemporaryDirectory(prefix=f".{path.name}.") as work:
         f16 = write_gguf(model, Path(work) / "f16.gguf", type_="f16", **kw)
         params = llama_cpp.llama_model_quantize_default_params()
         params.ftype = ftype
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-        os.close(fd)
+        tmp_name = str(_temp_beside(path))
         try:
             rc = llama_cpp.llama_model_quantize(str(f16).encode(), tmp_name.encode(), params)
             if rc != 0:

@@ -242,7 +242,7 @@ def test_llama_cpp_runs_the_f16_size_as_boomerang_does(real_student, default_tea
 @pytest.mark.real
 @pytest.mark.llamacpp
 @pytest.mark.skipif(not llama_cpp_available(), reason="llama.cpp is not installed: bash scripts/install_llamacpp.sh")
-@pytest.mark.parametrize("type_, top1, kl", [("q8_0", 0.95, 0.01), ("q4_k_m", 0.8, 0.1)])
+@pytest.mark.parametrize("type_, top1, kl", [("q8_0", 0.93, 0.01), ("q4_k_m", 0.8, 0.1)])  # measured: 0.955, 0.0036
 def test_quantized_teacher_stays_close_in_llama_cpp(real_student, default_teacher, tmp_path, type_, top1, kl):
     f16 = run_export(ExportRequest(student=str(real_student), layers=30, out=str(tmp_path / "f16.gguf"),
                                    format="gguf", order="last"), teacher=default_teacher)

@@ -173,6 +173,8 @@ def evaluate(ctx: JobContext, req: EvalRequest) -> Outcome:
 def export(ctx: JobContext, req: ExportRequest) -> Outcome:
     out = run_export(req)
     ctx.progress(1, 1, force=True)
+    if req.format == "gguf":
+        return Outcome({"file": str(out), "layers": req.layers, "type": req.type, "bytes": out.stat().st_size})
     return Outcome({"folder": str(out), "layers": req.layers})
 
 
