@@ -1,6 +1,11 @@
 """The OpenAI API subset clients use, for every size of one family: /v1/models, /v1/chat/completions,
 /v1/completions (streamed as server-sent events or whole), /health.
 
+Completions take a prompt as text, as token ids, or a list of either (one choice per prompt), and answer
+`logprobs: N` (the chosen token's log-probability and the N most likely, N <= 5) and `echo` (the prompt
+returned before the completion, scored too), which is what scoring harnesses such as lm-eval's
+`local-completions` send: `echo, logprobs: 1, max_tokens: 0 or 1` on token ids.
+
 Errors have OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`: 400 for a bad parameter
 (named in `param`), 401 for a missing or wrong key, 404 for an unknown model, 429 when the queue is
 full, 503 while the family is loading.
@@ -108,15 +113,42 @@ def make_app(state: ServerState) -> FastAPI:
     async def completions(request: Request):
         body = await read_body(request)
         family = ready(state)
-        text = body.get("prompt")
-        if isinstance(text, list) and len(text) == 1 and isinstance(text[0], str):
-            text = text[0]
-        if not isinstance(text, str) or not text:
-            raise ApiError(400, "prompt must be a non-empty string", param="prompt")
-        prompt = family.tokenizer(text).input_ids
-        return await complete(request, state, body, prompt, chat=False)
+        prompts = parse_prompts(body.get("prompt"), family)
+        if len(prompts) == 1:
+            return await complete(request, state, body, prompts[0], chat=False)
+        if body.get("stream"):
+            raise ApiError(400, "stream takes one prompt: send the prompts as separate requests", param="stream")
+        answers = await asyncio.gather(*(complete(request, state, body, p, chat=False) for p in prompts))
+        if any(isinstance(a, JSONResponse) for a in answers):  # the client went away
+            return JSONResponse({}, status_code=499)
+        usage = {k: sum(a["usage"][k] for a in answers) for k in answers[0]["usage"]}
+        choices = [{**a["choices"][0], "index": i} for i, a in enumerate(answers)]
+        return {**answers[0], "choices": choices, "usage": usage}
 
     return app
+
+
+MAX_PROMPTS = 64
+"""Prompts in one completions request."""
+
+
+def parse_prompts(prompt, family: ServedFamily) -> list[list[int]]:
+    """A completions `prompt` (text, token ids, or a list of either) as token ids, one list per prompt."""
+    def ids_of(p, where: str) -> list[int]:
+        if isinstance(p, str) and p:
+            return family.tokenizer(p).input_ids
+        vocab = family.family.teacher.config.vocab_size
+        if isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
+            if not all(0 <= t < vocab for t in p):
+                raise ApiError(400, f"{where}: token ids must lie in [0, {vocab})", param="prompt")
+            return list(p)
+        raise ApiError(400, f"{where} must be a non-empty string or a non-empty list of token ids", param="prompt")
+
+    if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
+        if len(prompt) > MAX_PROMPTS:
+            raise ApiError(400, f"at most {MAX_PROMPTS} prompts per request, got {len(prompt)}", param="prompt")
+        return [ids_of(p, f"prompt[{i}]") for i, p in enumerate(prompt)]
+    return [ids_of(prompt, "prompt")]
 
 
 def ready(state: ServerState) -> ServedFamily:
@@ -166,12 +198,50 @@ def number(body: dict, name: str, kind: type, default):
     return kind(value)
 
 
-UNSUPPORTED = ("logprobs", "top_logprobs", "echo")
-"""Request parameters that change what a reply holds and that this server does not compute."""
+UNSUPPORTED = ("logprobs", "top_logprobs")
+"""Chat parameters that change what a reply holds and that this server does not compute (completions answer
+`logprobs` and `echo`)."""
+MAX_LOGPROBS = 5
+"""The most alternatives `logprobs` may ask for (OpenAI's limit)."""
 
 
-def parse_request(body: dict, family: ServedFamily) -> tuple[int, Sampling, list[str]]:
-    """(layers, sampling, stop strings) from a completion request; ApiError names the bad parameter."""
+@dataclass(frozen=True)
+class Scoring:
+    """What a completion returns besides its text: `logprobs` alternatives per token (None: no logprobs) and
+    whether the prompt is echoed (and scored) before it."""
+
+    logprobs: int | None = None
+    echo: bool = False
+
+
+def parse_scoring(body: dict, chat: bool) -> Scoring:
+    if chat:
+        for name in UNSUPPORTED + ("echo",):  # asked for and silently left out, a harness would score garbage
+            if body.get(name) not in (None, False, 0):
+                raise ApiError(400, f"{name} is not supported on chat completions: use /v1/completions", param=name,
+                               code="unsupported_parameter")
+        return Scoring()
+    if body.get("top_logprobs") not in (None, 0):
+        raise ApiError(400, "top_logprobs belongs to chat completions; on completions, logprobs: N gives the N most "
+                            "likely tokens", param="top_logprobs", code="unsupported_parameter")
+    echo = body.get("echo", False)
+    if not isinstance(echo, bool):
+        raise ApiError(400, f"echo must be true or false, got {excerpt(echo, 40)}", param="echo")
+    logprobs = body.get("logprobs")
+    if logprobs is not None:
+        logprobs = number(body, "logprobs", int, None)
+        if not 0 <= logprobs <= MAX_LOGPROBS:
+            raise ApiError(400, f"logprobs must be between 0 and {MAX_LOGPROBS}, got {logprobs}", param="logprobs")
+    if body.get("stream") and (echo or logprobs is not None):
+        raise ApiError(400, "echo and logprobs are answered on whole replies: leave out stream", param="stream",
+                       code="unsupported_parameter")
+    return Scoring(logprobs, echo)
+
+
+def parse_request(body: dict, family: ServedFamily, *, scoring_only: bool = False) -> tuple[int, Sampling, list[str]]:
+    """(layers, sampling, stop strings) from a completion request; ApiError names the bad parameter.
+
+    `scoring_only`: an echoed prompt with max_tokens 0 (nothing is generated; the sampling is not used)."""
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise ApiError(400, "model is required: one of GET /v1/models", param="model")
@@ -186,6 +256,8 @@ def parse_request(body: dict, family: ServedFamily) -> tuple[int, Sampling, list
     except BoomerangError as exc:
         raise ApiError(400, str(exc), param="max_params" if budget["max_params"] is not None else "max_latency_ms") from None
     max_tokens = number(body, "max_completion_tokens", int, None) or number(body, "max_tokens", int, 256)
+    if scoring_only:
+        max_tokens = 1
     values = {"max_new_tokens": max_tokens, "temperature": number(body, "temperature", float, 1.0),
               "top_p": number(body, "top_p", float, 1.0), "seed": number(body, "seed", int, 0)}
     try:
@@ -194,10 +266,6 @@ def parse_request(body: dict, family: ServedFamily) -> tuple[int, Sampling, list
         param = next((k for k in values if str(exc).startswith(k)), None)
         raise ApiError(400, str(exc).replace("max_new_tokens", "max_tokens"),
                        param="max_tokens" if param == "max_new_tokens" else param) from None
-    for name in UNSUPPORTED:  # asked for and silently left out, a harness would score garbage: refuse instead
-        if body.get(name) not in (None, False, 0):
-            raise ApiError(400, f"{name} is not supported by this server yet: leave it out", param=name,
-                           code="unsupported_parameter")
     stop = body.get("stop")
     stop = [stop] if isinstance(stop, str) else stop or []
     if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
@@ -229,6 +297,15 @@ class Reply:
             self._push(len(self.text) - self.hold)
         return True
 
+    def kept_ids(self) -> list[int]:
+        """The generated ids behind the text kept: a stop string cuts the text, and its tokens are not kept."""
+        if self.finish != "stop" or not self.stop:
+            return list(self.ids)
+        for k in range(len(self.ids) + 1):
+            if len(self.tokenizer.decode(self.ids[:k], skip_special_tokens=True)) >= len(self.text):
+                return self.ids[:k]
+        return list(self.ids)
+
     def on_done(self, job: Job) -> None:
         if job.error:
             self.finish = "error"
@@ -245,24 +322,72 @@ class Reply:
 
 async def complete(request: Request, state: ServerState, body: dict, prompt: list[int], *, chat: bool):
     family = ready(state)
-    n_layers, sampling, stop = parse_request(body, family)
+    scoring = parse_scoring(body, chat)
+    score_only = scoring.echo and body.get("max_tokens") == 0
+    n_layers, sampling, stop = parse_request(body, family, scoring_only=score_only)
+    new_tokens = 0 if score_only else sampling.max_new_tokens
     context = getattr(family.family.teacher.config, "max_position_embeddings", None)
-    if context and len(prompt) + sampling.max_new_tokens > context:
-        raise ApiError(400, f"the prompt ({len(prompt)} tokens) and max_tokens ({sampling.max_new_tokens}) exceed the "
+    if context and len(prompt) + new_tokens > context:
+        raise ApiError(400, f"the prompt ({len(prompt)} tokens) and max_tokens ({new_tokens}) exceed the "
                             f"context of {context} tokens", param="messages" if chat else "prompt",
                        code="context_length_exceeded")
+    meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", "created": int(time.time()),
+            "model": family.sizes[n_layers].name}
+    if score_only:
+        choice = {"index": 0, "text": family.tokenizer.decode(prompt), "finish_reason": "length",
+                  "logprobs": await score(family, n_layers, prompt, [], scoring)}
+        return {**meta, "object": "text_completion", "choices": [choice],
+                "usage": {"prompt_tokens": len(prompt), "completion_tokens": 0, "total_tokens": len(prompt)}}
     reply = Reply(family.tokenizer, stop, asyncio.get_running_loop())
     job = Job(n_layers, prompt, sampling, reply.on_token, reply.on_done)
     try:
         state.scheduler.submit(job)
     except QueueFull as exc:
         raise ApiError(429, str(exc), code="queue_full") from None
-    meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", "created": int(time.time()),
-            "model": family.sizes[n_layers].name}
     if body.get("stream"):
         usage = bool((body.get("stream_options") or {}).get("include_usage"))
         return StreamingResponse(stream(reply, job, meta, prompt, chat, usage), media_type="text/event-stream")
-    return await whole(request, reply, job, meta, prompt, chat)
+    answer = await whole(request, reply, job, meta, prompt, chat)
+    if isinstance(answer, dict) and (scoring.echo or scoring.logprobs is not None):
+        choice = answer["choices"][0]
+        if scoring.echo:
+            choice["text"] = family.tokenizer.decode(prompt) + choice["text"]
+        if scoring.logprobs is not None:
+            choice["logprobs"] = await score(family, n_layers, prompt, reply.kept_ids(), scoring)
+    return answer
+
+
+async def score(family: ServedFamily, n_layers: int, prompt: list[int], generated: list[int], scoring: Scoring) -> dict:
+    """OpenAI's completions `logprobs` object for the generated tokens (and the prompt's, if echoed): one
+    forward pass of the size over prompt + generated, in a thread (the event loop stays free)."""
+    import torch
+
+    def run() -> dict:
+        model = family.build(n_layers)
+        ids = prompt + generated
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[0].float()
+        logp = torch.log_softmax(logits, -1)
+        first = 0 if scoring.echo else len(prompt)
+        tokens, token_logprobs, top, offsets, at = [], [], [], [], 0
+        for i in range(first, len(ids)):
+            piece = family.tokenizer.decode([ids[i]])
+            tokens.append(piece)
+            offsets.append(at)
+            at += len(piece)
+            if i == 0:  # the first token has no context to be scored on
+                token_logprobs.append(None)
+                top.append(None)
+                continue
+            token_logprobs.append(float(logp[i - 1, ids[i]]))
+            if scoring.logprobs:
+                values, idx = logp[i - 1].topk(scoring.logprobs)
+                top.append({family.tokenizer.decode([int(t)]): float(v) for v, t in zip(values, idx, strict=True)})
+            else:
+                top.append(None)
+        return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
+
+    return await asyncio.to_thread(run)
 
 
 def usage_of(prompt: list[int], job: Job) -> dict:

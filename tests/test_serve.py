@@ -135,8 +135,9 @@ def test_errors_have_the_openai_shape_and_status(server):
         (400, {**body, "model": "fam-auto"}, auth, "max_latency_ms"),
         (404, {**body, "model": "fam-99L"}, auth, "model"),
         (400, {**body, "seed": 2**80}, auth, "seed"),  # was a 500 ("Overflow when unpacking long long")
-        (400, {**body, "logprobs": True}, auth, "logprobs"),  # was silently ignored
+        (400, {**body, "logprobs": True}, auth, "logprobs"),  # was silently ignored; answered on completions
         (400, {**body, "top_logprobs": 3}, auth, "top_logprobs"),
+        (400, {**body, "echo": True}, auth, "echo"),
         (401, body, {}, None),
         (401, body, {"Authorization": "Bearer wrong"}, None),
     ]
@@ -149,9 +150,13 @@ def test_errors_have_the_openai_shape_and_status(server):
     for method, path, status in (("GET", "/v1/chat/completions", 405), ("POST", "/v1/nothing", 404)):
         r = httpx.request(method, base + path, headers=auth, timeout=10)  # was FastAPI's {"detail": ...}
         assert r.status_code == status and set(r.json()["error"]) == {"message", "type", "param", "code"}, r.text
-    r = httpx.post(base + "/v1/completions", json={"model": "fam-23L", "prompt": "x", "echo": True}, headers=auth,
-                   timeout=10)
-    assert r.status_code == 400 and r.json()["error"]["param"] == "echo"
+    done = {"model": "fam-23L", "prompt": "x", "max_tokens": 2}
+    for payload, param in (({**done, "logprobs": 9}, "logprobs"), ({**done, "echo": "yes"}, "echo"),
+                           ({**done, "prompt": [5, 10**9]}, "prompt"), ({**done, "prompt": []}, "prompt"),
+                           ({**done, "prompt": ["a", "b"], "stream": True}, "stream"),
+                           ({**done, "logprobs": 1, "stream": True}, "stream"), ({**done, "top_logprobs": 2}, "top_logprobs")):
+        r = httpx.post(base + "/v1/completions", json=payload, headers=auth, timeout=10)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (payload, r.text)
     assert httpx.get(base + "/v1/models", timeout=10).status_code == 401
     assert httpx.get(base + "/health", timeout=10).status_code == 200  # health needs no key
 
@@ -225,3 +230,56 @@ def test_concurrent_streams_each_return_what_they_return_alone(client):
         t.join()
     assert together == alone
     assert json.dumps(together)  # plain strings
+
+
+def test_completions_score_token_id_prompts_with_echo_and_logprobs(server):
+    """What scoring harnesses send: token ids, echo, logprobs, max_tokens 0; checked against the size in process."""
+    import torch
+
+    from boomerang.student import open_family
+
+    base, auth = server["base"], {"Authorization": f"Bearer {KEY}"}
+    opened = open_family(server["tmp"] / "fam")
+    ids = opened.teacher.tokenizer("The boomerang came back to the hand that threw it.").input_ids
+    r = httpx.post(base + "/v1/completions", headers=auth, timeout=60,
+                   json={"model": "fam-23L", "prompt": ids, "echo": True, "logprobs": 2, "max_tokens": 0})
+    assert r.status_code == 200, r.text
+    lp = r.json()["choices"][0]["logprobs"]
+    with torch.no_grad():
+        want = torch.log_softmax(opened.family.build(23)(torch.tensor([ids])).logits[0].float(), -1)
+    assert lp["token_logprobs"][0] is None and len(lp["token_logprobs"]) == len(ids) == len(lp["tokens"])
+    for i in range(1, len(ids)):
+        assert abs(lp["token_logprobs"][i] - float(want[i - 1, ids[i]])) < 1e-4
+        assert len(lp["top_logprobs"][i]) <= 2 and abs(max(lp["top_logprobs"][i].values()) - float(want[i - 1].max())) < 1e-4
+    assert r.json()["choices"][0]["text"] == opened.teacher.tokenizer.decode(ids)
+    # a batch of prompts, text and ids mixed, with one greedy token each: one choice per prompt, in order
+    r = httpx.post(base + "/v1/completions", headers=auth, timeout=60,
+                   json={"model": "fam-23L", "prompt": ["The sea is", ids], "max_tokens": 1, "temperature": 0,
+                         "echo": True, "logprobs": 1})
+    choices = r.json()["choices"]
+    assert [c["index"] for c in choices] == [0, 1] and choices[1]["text"].startswith(opened.teacher.tokenizer.decode(ids))
+    last = choices[1]["logprobs"]
+    assert len(last["tokens"]) == len(ids) + 1
+    assert last["token_logprobs"][-1] == max(last["top_logprobs"][-1].values())  # greedy: the top token was taken
+
+
+def test_lm_eval_scores_a_size_over_http_as_it_does_in_process(server, monkeypatch):
+    """lm-eval's own `local-completions` client against `boomerang serve`: the same accuracy as in process."""
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+
+    from boomerang.evaluation.metrics import EvalSettings, lm_eval_task, run_lm_eval
+    from boomerang.evaluation.task_files import resolve
+    from boomerang.student import open_family
+
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    task = resolve(["arc_easy_mini"], None)[0]
+    settings = EvalSettings(limit=24, batch_size=4)
+    opened = open_family(server["tmp"] / "fam")
+    here = lm_eval_task(opened.family.build(23), opened.teacher.tokenizer, task, settings)
+    lm = LocalCompletionsAPI(base_url=server["base"] + "/v1/completions", model="fam-23L",
+                             tokenizer=str(server["tmp"] / "fam"), tokenizer_backend="huggingface",
+                             tokenized_requests=True, num_concurrent=2, max_retries=1, batch_size=1)
+    there = run_lm_eval(lm, task, settings)
+    for metric in ("acc,none", "acc_norm,none"):
+        assert there["results"][metric] == here["results"][metric], (metric, here["results"], there["results"])
+    assert there["n-samples"] == here["n-samples"]

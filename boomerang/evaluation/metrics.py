@@ -122,12 +122,18 @@ class EvalSettings(Settings):
 
 def lm_eval_task(model, tokenizer, task: dict | str, settings: EvalSettings) -> dict:
     """Run one lm-eval task on an in-memory model; returns lm-eval's own result for it, with settings."""
-    import lm_eval  # lm-eval takes seconds to import
     from lm_eval.models.huggingface import HFLM  # lm-eval takes seconds to import
+
+    return run_lm_eval(HFLM(pretrained=model, tokenizer=tokenizer, batch_size=settings.batch_size), task, settings)
+
+
+def run_lm_eval(lm, task: dict | str, settings: EvalSettings) -> dict:
+    """Run one lm-eval task on any lm-eval model object (in memory, or an API such as `local-completions`
+    pointed at `boomerang serve`); returns lm-eval's own result for it, with settings."""
+    import lm_eval  # lm-eval takes seconds to import
     from lm_eval.tasks import TaskManager  # lm-eval takes seconds to import
 
     local = isinstance(task, dict)
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=settings.batch_size)
     out = lm_eval.simple_evaluate(
         model=lm, tasks=[task], num_fewshot=settings.num_fewshot, limit=settings.limit,
         task_manager=TaskManager(include_defaults=not local), bootstrap_iters=0, log_samples=False,
