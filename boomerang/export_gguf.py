@@ -323,8 +323,8 @@ def write_gguf(model, out: str | Path, *, type_: str = "f16", tokenizer=None, so
                name: str = "boomerang size", meta: dict | None = None, overwrite: bool = False) -> Path:
     """Write `model` (any assembled size) as one GGUF file at `out`, atomically; returns its path.
 
-    Tokenizer keys come from `source_gguf` when given, else from `tokenizer`; with neither the file holds
-    weights and hyper-parameters only (enough for transformers' GGUF loader, not for llama.cpp)."""
+    Tokenizer keys come from `source_gguf` when given, else from `tokenizer`; with neither the file says it has
+    no vocabulary (`tokenizer.ggml.model = none`): llama.cpp and transformers then run it on token ids."""
     import gguf
 
     type_ = check_gguf_type(type_)
@@ -343,6 +343,8 @@ def write_gguf(model, out: str | Path, *, type_: str = "f16", tokenizer=None, so
             _copy_tokenizer_keys(writer, Path(source_gguf))
         elif tokenizer is not None:
             _write_hf_tokenizer(writer, tokenizer, model)
+        else:
+            writer.add_tokenizer_model("none")
         for key, value in (meta or {}).items():
             writer.add_string(f"boomerang.{key}", value if isinstance(value, str) else json.dumps(value))
         _write(writer, gguf_tensors(model, spec), type_)

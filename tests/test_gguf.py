@@ -2,6 +2,7 @@
 the metadata round-trips, bad requests leave nothing behind; and, where llama.cpp is installed
 (`bash scripts/install_llamacpp.sh`), llama.cpp itself runs the default teacher's sizes as we do."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -192,6 +193,31 @@ def heldout_ids(tokenizer, n=512):
     ids = tokenizer(files("boomerang.resources").joinpath("general_heldout.txt").read_text()).input_ids[:n]
     assert len(ids) == n
     return ids
+
+
+@pytest.mark.llamacpp
+@pytest.mark.skipif(not llama_cpp_available(), reason="llama.cpp is not installed: bash scripts/install_llamacpp.sh")
+@pytest.mark.parametrize("model_type", WRITTEN)
+def test_llama_cpp_runs_every_architecture_s_middle_size_to_our_logits(model_type, tmp_path):
+    """llama.cpp itself, on token ids: rotary layouts, Gemma's norms and moved sliding layers, Phi-3's fused
+    projections, GPT-2's transposed ones. A planted fault (Llama's query/key left unpermuted) must fail."""
+    teacher, student, plan, fam = without_sliding(model_type)
+    n = fam.layer_counts[1]
+    size = fam.build(n)
+    path = write_gguf(size, tmp_path / "s.gguf", type_="f32")
+    ids = tokens(1, 12)[0].tolist()  # longer than the tiny Gemmas' sliding window (6)
+    theirs, _ = llama_cpp_run(path, ids)
+    with torch.no_grad():
+        ours = size(torch.tensor([ids])).logits[0]
+    assert_close(theirs, ours, rtol=0, atol=3e-3)
+    if model_type == "llama":
+        import boomerang.export_gguf as eg
+
+        planted = dataclasses.replace(eg.GGUF_ARCHES["llama"], permute_qk=False)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setitem(eg.GGUF_ARCHES, "llama", planted)
+            wrong = write_gguf(size, tmp_path / "wrong.gguf", type_="f32")
+        assert (llama_cpp_run(wrong, ids)[0] - ours).abs().max() > 10 * 3e-3
 
 
 PROMPTS = ["The capital of France is", "Once upon a time, in a small village,", "def fibonacci(n):"]
