@@ -31,6 +31,7 @@ from boomerang.progress import format_eta
 from boomerang.settings import field_docs
 from boomerang.student import cut_student
 from boomerang.training import timing
+from boomerang.training.memory import estimate_for
 from boomerang.training.recipe import DistillConfig, named_recipe, recipe_names
 from boomerang.training.resolve import resolve_config
 from workers.submit import submit
@@ -75,6 +76,35 @@ def launch_estimate(services, teacher: str, data: str, steps, batch_size, seq_le
     return " ".join(lines)
 
 
+MEMORY_FIELDS = ("teacher", "keep_first", "every", "keep_last", "keep", "batch_size", "seq_len", "processes", "fsdp",
+                 "loss_chunk")
+
+
+def memory_line(services, teacher: str, keep_first, every, keep_last, keep, batch_size, seq_len, processes, fsdp,
+                loss_chunk) -> str:
+    """Peak memory per device of the form's job, from the teacher's config alone, and whether it fits this
+    machine (its GPU, else its RAM); blank while the form does not make a valid job (the launch says why)."""
+    source = (teacher or "default").strip()
+    try:
+        check_sources(services, source)
+        cfg = DistillConfig.from_dict({"teacher": source, **_plan_settings(keep_first, every, keep_last, keep),
+                                       "batch_size": int(batch_size), "seq_len": int(seq_len),
+                                       "processes": int(processes), "fsdp": bool(fsdp), "loss_chunk": int(loss_chunk or 0)})
+        est = estimate_for(cfg)
+    except (*USER_ERRORS, TypeError):
+        return ""
+    gib = 2**30
+    p = est.parts
+    parts = (f"teacher {p['teacher weights'] / gib:.2f}, student with gradients and AdamW "
+             f"{(p['student weights'] + p['gradients'] + p['optimizer (AdamW)']) / gib:.2f}, activations "
+             f"{p['activations'] / gib:.2f}, logits {p['logits'] / gib:.2f} GiB")
+    where = f"this machine's {'GPU' if est.device.startswith('cuda') else 'RAM'}"
+    verdict = (f"fits {where} ({est.available / gib:.1f} GiB)" if est.fits else
+               f"**does not fit** {where} ({est.available / gib:.1f} GiB): " + "; ".join(est.advice)) \
+        if est.available else ""
+    return f"**Memory:** about {est.total / gib:.1f} GiB per device ({parts}); {verdict}."
+
+
 def preview_on_load(services, teacher: str, keep_first, every, keep_last, keep, plan: str = "rule") -> tuple[str, list[list]]:
     """The preview the page shows when it opens, unless that would convert or download the teacher first
     (then the page says so and the button does it)."""
@@ -117,7 +147,7 @@ def preview_plan(services, teacher: str, keep_first, every, keep_last, keep, pla
 
 LAUNCH_FIELDS = ("teacher", "keep_first", "every", "keep_last", "keep", "plan", "data", "steps", "batch_size", "seq_len",
                  "lr", "warmup", "ce_weight", "kl_weight", "cosine_weight", "mse_weight", "local_weight", "mix_prob",
-                 "freeze_embeddings", "freeze_head", "freeze_single_blocks", "processes", "fsdp", "evaluate")
+                 "freeze_embeddings", "freeze_head", "freeze_single_blocks", "processes", "fsdp", "loss_chunk", "evaluate")
 """The DistillConfig fields the launch form shows (the form is built from their types, defaults and docs)."""
 
 
@@ -194,7 +224,7 @@ LABELS = {"keep_first": "Keep first", "every": "Every", "keep_last": "Keep last"
           "fsdp": "FSDP", "evaluate": "Evaluate when done"}
 ROWS = (("keep_first", "every", "keep_last"), ("keep", "plan"), ("data",), ("steps", "batch_size", "seq_len"),
         ("lr", "warmup", "mix_prob"), ("ce_weight", "kl_weight", "cosine_weight", "mse_weight", "local_weight"),
-        ("freeze_embeddings", "freeze_head", "freeze_single_blocks"), ("processes", "fsdp", "evaluate"))
+        ("freeze_embeddings", "freeze_head", "freeze_single_blocks"), ("processes", "fsdp", "loss_chunk", "evaluate"))
 """The launch form's layout: rows of DistillConfig fields (every name in LAUNCH_FIELDS but the teacher)."""
 
 
@@ -240,6 +270,7 @@ def tab(services):
                     for name in row:
                         fields[name] = _field(name, values[name], hints[name], docs[name])
             estimate_md = gr.Markdown(elem_id="launch-estimate")
+            memory_md = gr.Markdown(elem_id="launch-memory")
             launch_btn = gr.Button("Launch distillation", variant="primary", elem_id="launch-btn")
             launch_md = gr.Markdown(elem_id="launch-result")
     names = list(LAUNCH_FIELDS)
@@ -268,8 +299,15 @@ def tab(services):
         fields[name].change(bind(launch_estimate, services), estimate_inputs, estimate_md,
                             api_name=False, show_progress="hidden")
 
-    def on_load(*values):
-        n = len(plan_inputs) + 1
-        return *reported(preview_on_load, PLAN_REFUSED, ([],))(services, *values[:n]), launch_estimate(services, *values[n:])
+    memory_inputs = [fields[n] for n in MEMORY_FIELDS]
+    for name in MEMORY_FIELDS:
+        fields[name].change(bind(memory_line, services), memory_inputs, memory_md, api_name=False,
+                            show_progress="hidden")
 
-    return safe(on_load), [*plan_inputs, fields["plan"], *estimate_inputs], [preview_md, preview_table, estimate_md]
+    def on_load(*values):
+        n, m = len(plan_inputs) + 1, len(plan_inputs) + 1 + len(estimate_inputs)
+        return (*reported(preview_on_load, PLAN_REFUSED, ([],))(services, *values[:n]),
+                launch_estimate(services, *values[n:m]), memory_line(services, *values[m:]))
+
+    return (safe(on_load), [*plan_inputs, fields["plan"], *estimate_inputs, *memory_inputs],
+            [preview_md, preview_table, estimate_md, memory_md])

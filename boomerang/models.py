@@ -146,6 +146,31 @@ def teacher_layer_count(source: str) -> int:
     return teacher_limits(source)[0]
 
 
+def teacher_config(source: str):
+    """A teacher's transformers config without its weights: config.json (a hub teacher: that file alone), or a
+    GGUF file's header (the default teacher's included)."""
+    from transformers import AutoConfig  # the Auto classes take ~0.5 s to import
+
+    kind = classify_source(source)
+    if kind == "hub":
+        reason = hub_unreachable_reason()
+        if reason and not in_hub_cache(source):
+            raise BoomerangError(f"unknown teacher {source!r}: not a local folder, and the hub cannot be checked ({reason})")
+    try:
+        if kind in ("default", "gguf"):
+            gguf = (default_gguf_path() if kind == "default" else Path(source).expanduser()).resolve()
+            converted = [m.parent for m in (boomerang_home() / "teachers").glob(f"{gguf.stem}-*/boomerang-source.json")
+                         if json.loads(m.read_text()).get("gguf_file") == str(gguf)]
+            config = (AutoConfig.from_pretrained(converted[0]) if converted  # its conversion's config.json: instant
+                      else AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name))
+        else:
+            config = AutoConfig.from_pretrained(Path(source).expanduser() if kind == "folder" else source)
+    except (OSError, ValueError) as exc:
+        raise BoomerangError(f"cannot read the config of teacher {source}: {str(exc).splitlines()[0][:200]}") from None
+    adapter_for(config)
+    return config
+
+
 def teacher_limits(source: str) -> tuple[int, int | None]:
     """(layers, context length in tokens or None) of a teacher, from its config or GGUF header alone."""
     from transformers import AutoConfig  # the Auto classes take ~0.5 s to import

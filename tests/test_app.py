@@ -76,6 +76,17 @@ def test_the_launch_form_says_how_long_a_job_takes_from_this_machines_rates(worl
     assert launch.launch_estimate(s, "./no/such/teacher", "", 80, 2, 16, 0) == ""  # the launch says what is wrong
 
 
+def test_the_launch_form_says_how_much_memory_a_job_needs_and_whether_it_fits(world):
+    s, tmp = world["services"], world["tmp"]
+    teacher = str(tmp / "teacher")
+    text = launch.memory_line(s, teacher, 1, 2, 2, "", 2, 16, 1, False, 0)
+    assert text.startswith("**Memory:** about ") and "logits" in text and "fits this machine's" in text
+    huge = launch.memory_line(s, teacher, 1, 2, 2, "", 65536, 100_000, 1, False, 0)
+    assert "**does not fit**" in huge and "--grad-accum" in huge
+    assert launch.memory_line(s, "./no/such/teacher", 1, 2, 2, "", 2, 16, 1, False, 0) == ""
+    assert launch.memory_line(s, teacher, 1, 2, 2, "", 0, 16, 1, False, 0) == ""  # batch 0: the launch says why
+
+
 def test_preview_shows_the_plan_and_every_size(world):
     s, tmp = world["services"], world["tmp"]
     text, rows = previewed(s, str(tmp / "teacher"), 1, 2, 2, "")

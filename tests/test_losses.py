@@ -80,3 +80,20 @@ def test_relative_mse_is_zero_for_identical_states_and_sees_norms():
     s = h + 0.3 * logits(seed=1, shape=(2, 6, 8))
     halves = [relative_mse([s[i:i + 1]], [h[i:i + 1]], mask[i:i + 1]) for i in (0, 1)]
     assert relative_mse([s], [h], mask).item() == pytest.approx(sum(halves).item() / 2, rel=1e-6)
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 16])
+def test_chunked_losses_equal_the_whole_batch_and_their_gradients(chunk):
+    """Chunks of positions, each recomputed in the backward pass: the same losses and gradients (padding too)."""
+    torch.manual_seed(0)
+    s = torch.randn(3, 17, 151, requires_grad=True)
+    t = torch.randn(3, 17, 151)
+    ids = torch.randint(0, 151, (3, 17))
+    mask = torch.ones(3, 17)
+    mask[1, 12:] = 0
+    whole = next_token_cross_entropy(s, ids, mask) + 0.1 * kl_to_teacher(s, t, mask, 2.0)
+    (g_whole,) = torch.autograd.grad(whole, s)
+    parts = next_token_cross_entropy(s, ids, mask, chunk) + 0.1 * kl_to_teacher(s, t, mask, 2.0, chunk)
+    (g_parts,) = torch.autograd.grad(parts, s)
+    assert abs(float(whole) - float(parts)) < 1e-5
+    torch.testing.assert_close(g_parts, g_whole, rtol=0, atol=1e-6)

@@ -4,6 +4,7 @@ run's checkpoint as a family."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import time
@@ -20,6 +21,7 @@ from boomerang.settings import add_flags, values_from_args
 from boomerang.training.at_size import at_size_configs, is_done
 from boomerang.training.checkpoint import snapshot
 from boomerang.training.loop import distill
+from boomerang.training.memory import estimate_for
 from boomerang.training.parallel import launch_processes
 from boomerang.training.recipe import DistillConfig
 from boomerang.training.resolve import resolve_config
@@ -33,6 +35,11 @@ def register(sub) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("--stop-file", default=None,
                    help="stop after the current step, with a checkpoint, when this file appears (as Ctrl-C does)")
+    p.add_argument("--estimate", action="store_true",
+                   help="print the peak memory per device this run needs (teacher, student, gradients, optimizer, "
+                        "activations, logits), whether it fits and what would make it fit; from the teacher's config "
+                        "alone, nothing loaded or written")
+    p.add_argument("--json", action="store_true", help="with --estimate: as JSON")
     add_config_flags(p)
     p.set_defaults(func=cmd_distill)
 
@@ -81,6 +88,10 @@ REQUEST_COMMANDS = {
 
 def cmd_distill(args) -> int:
     cfg = distill_config_from_args(args)
+    if args.estimate:  # from the teacher's config alone: nothing is loaded, nothing written
+        est = estimate_for(cfg)
+        print(json.dumps(est.to_dict(), indent=2) if args.json else est.table())
+        return 0
     if os.environ.get("RANK", "0") == "0" and "WORLD_SIZE" not in os.environ:
         cfg.check()  # the teacher's config, the plan, the context length, the data: before any weight is loaded
     if cfg.processes > 1 and "WORLD_SIZE" not in os.environ:

@@ -40,6 +40,7 @@ from boomerang.training.checkpoint import (
     read_plan,
     save_checkpoint,
 )
+from boomerang.training.memory import check_fits
 from boomerang.training.recipe import DistillConfig, read_recipe, recipe_changes
 from boomerang.training.terms import LossInputs, active_terms, attach_capture, mixed_size, needs_of
 
@@ -140,6 +141,7 @@ def _setup(cfg: DistillConfig, out: Path, resume: bool, teacher: Teacher | None,
     rank, world = parallel.world()
     from_checkpoint = _prepare_out(cfg, out, resume) if rank == 0 else resume and (out / CHECKPOINT).is_file()
     parallel.barrier()
+    check_fits(cfg)  # a run that cannot fit is refused with the numbers before any weight is read
     with phases.run("loading the teacher", 1, "models") as step:
         if sharded:  # each process reads the teacher on the host and keeps only its shards on the device
             teacher = load_teacher(cfg.teacher, dtype=cfg.dtype, device="cpu")

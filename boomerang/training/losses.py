@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -17,30 +18,51 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (values * mask).sum() / mask.sum().clamp_min(1)
 
 
-def next_token_cross_entropy(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def _chunked_masked_mean(per_position, tensors: tuple[torch.Tensor, ...], mask: torch.Tensor, chunk: int) -> torch.Tensor:
+    """`_masked_mean(per_position(*tensors), mask)`, computed `chunk` positions at a time when `chunk` > 0.
+
+    Each chunk runs under activation checkpointing: its (chunk x V) float32 intermediates are freed after
+    the forward and recomputed in the backward, so no (B x T x V) float32 copy exists beyond the logits
+    themselves and their gradient. The same value (to float rounding) as the unchunked mean."""
+    if chunk <= 0 or chunk >= mask.shape[1]:
+        return _masked_mean(per_position(*tensors), mask)
+    m = mask.to(torch.float32)
+    total = m.new_zeros(())
+    for start in range(0, mask.shape[1], chunk):
+        parts = tuple(x[:, start:start + chunk] for x in tensors)
+        values = checkpoint(per_position, *parts, use_reentrant=False) if torch.is_grad_enabled() else per_position(*parts)
+        total = total + (values * m[:, start:start + chunk]).sum()
+    return total / m.sum().clamp_min(1)
+
+
+def next_token_cross_entropy(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor,
+                             chunk: int = 0) -> torch.Tensor:
     """Cross-entropy of predicting token t+1 from position t.
 
     logits (B, T, V), input_ids (B, T), mask (B, T). A position counts when both it and the next
-    token are valid.
+    token are valid. `chunk` > 0: computed that many positions at a time (see `_chunked_masked_mean`).
     """
-    pred = logits[:, :-1].float()  # (B, T-1, V)
-    target = input_ids[:, 1:]  # (B, T-1)
+    def per_position(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(pred.float().transpose(1, 2), target, reduction="none")  # (B, t)
+
     valid = mask[:, :-1] * mask[:, 1:]  # (B, T-1)
-    ce = F.cross_entropy(pred.transpose(1, 2), target, reduction="none")  # (B, T-1)
-    return _masked_mean(ce, valid)
+    return _chunked_masked_mean(per_position, (logits[:, :-1], input_ids[:, 1:]), valid, chunk)
 
 
 def kl_to_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,
-                  temperature: float = 1.0) -> torch.Tensor:
+                  temperature: float = 1.0, chunk: int = 0) -> torch.Tensor:
     """KL(teacher || student) per position on temperature-softened distributions, times T^2.
 
     student_logits, teacher_logits (B, T, V); mask (B, T). The T^2 factor keeps gradient scale
-    independent of the temperature (Hinton et al., 2015).
+    independent of the temperature (Hinton et al., 2015). `chunk` > 0: computed that many positions at a
+    time (see `_chunked_masked_mean`).
     """
-    t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)  # (B, T, V)
-    s = F.log_softmax(student_logits.float() / temperature, dim=-1)  # (B, T, V)
-    kl = (t.exp() * (t - s)).sum(-1)  # (B, T)
-    return _masked_mean(kl, mask) * temperature**2
+    def per_position(s_logits: torch.Tensor, t_logits: torch.Tensor) -> torch.Tensor:
+        t = F.log_softmax(t_logits.float() / temperature, dim=-1)  # (B, t, V)
+        s = F.log_softmax(s_logits.float() / temperature, dim=-1)  # (B, t, V)
+        return (t.exp() * (t - s)).sum(-1)  # (B, t)
+
+    return _chunked_masked_mean(per_position, (student_logits, teacher_logits), mask, chunk) * temperature**2
 
 
 def cosine_alignment(student_states: list[torch.Tensor], teacher_states: list[torch.Tensor],

@@ -87,6 +87,10 @@ class DistillConfig(Settings):
     whatever the other layers are; 0: off (paper)."""
     temperature: float = 1.0
     """Softmax temperature of the KL term."""
+    loss_chunk: int = 0
+    """Positions per chunk of the cross-entropy and KL terms, each chunk recomputed in the backward pass: no
+    float32 (tokens x vocabulary) copy beyond the logits and their gradient (0: the whole micro-batch at once).
+    For large vocabularies; `boomerang distill --estimate` says when it is needed."""
     freeze_embeddings: bool = False
     """Keep the input embeddings at the teacher's (with tied embeddings, the head too)."""
     freeze_head: bool = False
@@ -158,6 +162,8 @@ class DistillConfig(Settings):
             raise BoomerangError(f"plan must be rule or importance, got {self.plan!r}")
         if self.schedule not in ("cosine", "constant"):
             raise BoomerangError(f"schedule must be cosine or constant, got {self.schedule!r}")
+        if self.loss_chunk < 0:
+            raise BoomerangError(f"loss_chunk must be 0 (off) or a number of positions, got {self.loss_chunk}")
         if self.temperature <= 0:
             raise BoomerangError(f"temperature must be positive, got {self.temperature}")
         for beta in ("beta1", "beta2"):

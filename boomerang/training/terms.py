@@ -77,9 +77,9 @@ def _per_state(fn, states) -> torch.Tensor:
 
 TERMS: dict[str, Term] = {
     "ce": Term("ce_weight", frozenset({"student"}),
-               lambda x: next_token_cross_entropy(x.student(), x.ids, x.mask)),
+               lambda x: next_token_cross_entropy(x.student(), x.ids, x.mask, x.run.cfg.loss_chunk)),
     "kl": Term("kl_weight", frozenset({"student", "teacher"}),
-               lambda x: kl_to_teacher(x.student(), x.teacher(), x.mask, x.run.cfg.temperature)),
+               lambda x: kl_to_teacher(x.student(), x.teacher(), x.mask, x.run.cfg.temperature, x.run.cfg.loss_chunk)),
     "cosine": Term("cosine_weight", frozenset({"student", "teacher", "states"}),
                    lambda x: _per_state(lambda s, t: cosine_alignment(s, t, x.mask), x.aligned_states())),
     "mse": Term("mse_weight", frozenset({"student", "teacher", "states"}),
