@@ -141,6 +141,7 @@ def real_student(tmp_path_factory, default_teacher):
     return folder
 
 
+@pytest.mark.slow
 @pytest.mark.real
 def test_default_teacher_size_as_gguf_carries_its_tokenizer_and_reloads(real_student, default_teacher, tmp_path):
     from transformers import AutoTokenizer

@@ -1,6 +1,7 @@
 """Memory known before launch: the estimate from the config alone against the peak a real run reaches on this
 CPU (within ±20 %), on the default teacher and on two tiny configs, one with Qwen's 151,936-token vocabulary,
-with and without chunked losses; a run that cannot fit is refused before the teacher loads."""
+with and without chunked losses (each measurement a fresh process: marked slow, run by CI after the default
+suite); a run that cannot fit is refused before the teacher loads."""
 
 from __future__ import annotations
 
@@ -53,12 +54,14 @@ def measured_and_estimated(tmp_path, teacher: str, **settings) -> tuple[int, int
     return peak, estimate_for(DistillConfig.from_dict(cfg)).total
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape, settings", [("wide", dict(batch_size=8)), ("qwen-vocab", dict(batch_size=4))])
 def test_the_estimate_is_within_20_percent_of_the_measured_peak(tmp_path, shape, settings):
     peak, estimate = measured_and_estimated(tmp_path, teacher_folder(tmp_path, shape), **settings)
     assert 0.8 < estimate / peak < 1.2, (shape, peak / 2**20, estimate / 2**20)
 
 
+@pytest.mark.slow
 def test_chunked_losses_cut_the_peak_of_a_large_vocabulary_and_the_estimate_follows(tmp_path):
     teacher = teacher_folder(tmp_path, "qwen-vocab")
     whole, whole_est = measured_and_estimated(tmp_path, teacher, batch_size=4)
@@ -67,6 +70,7 @@ def test_chunked_losses_cut_the_peak_of_a_large_vocabulary_and_the_estimate_foll
     assert 0.8 < chunked_est / chunked < 1.2 and chunked_est < whole_est
 
 
+@pytest.mark.slow
 @pytest.mark.real
 def test_the_estimate_is_within_20_percent_on_the_default_teacher(tmp_path):
     peak, estimate = measured_and_estimated(tmp_path, "default", batch_size=4)

@@ -263,6 +263,7 @@ def test_completions_score_token_id_prompts_with_echo_and_logprobs(server):
     assert last["token_logprobs"][-1] == max(last["top_logprobs"][-1].values())  # greedy: the top token was taken
 
 
+@pytest.mark.slow
 def test_lm_eval_scores_a_size_over_http_as_it_does_in_process(server, monkeypatch):
     """lm-eval's own `local-completions` client against `boomerang serve`: the same accuracy as in process."""
     from lm_eval.models.openai_completions import LocalCompletionsAPI
