@@ -77,11 +77,11 @@ def launch_estimate(services, teacher: str, data: str, steps, batch_size, seq_le
 
 
 MEMORY_FIELDS = ("teacher", "keep_first", "every", "keep_last", "keep", "batch_size", "seq_len", "processes", "fsdp",
-                 "loss_chunk")
+                 "loss_chunk", "checkpointing")
 
 
 def memory_line(services, teacher: str, keep_first, every, keep_last, keep, batch_size, seq_len, processes, fsdp,
-                loss_chunk) -> str:
+                loss_chunk, checkpointing=False) -> str:
     """Peak memory per device of the form's job, from the teacher's config alone, and whether it fits this
     machine (its GPU, else its RAM); blank while the form does not make a valid job (the launch says why)."""
     source = (teacher or "default").strip()
@@ -89,7 +89,8 @@ def memory_line(services, teacher: str, keep_first, every, keep_last, keep, batc
         check_sources(services, source)
         cfg = DistillConfig.from_dict({"teacher": source, **_plan_settings(keep_first, every, keep_last, keep),
                                        "batch_size": int(batch_size), "seq_len": int(seq_len),
-                                       "processes": int(processes), "fsdp": bool(fsdp), "loss_chunk": int(loss_chunk or 0)})
+                                       "processes": int(processes), "fsdp": bool(fsdp), "loss_chunk": int(loss_chunk or 0),
+                                       "checkpointing": bool(checkpointing)})
         est = estimate_for(cfg)
     except (*USER_ERRORS, TypeError):
         return ""
@@ -147,7 +148,7 @@ def preview_plan(services, teacher: str, keep_first, every, keep_last, keep, pla
 
 LAUNCH_FIELDS = ("teacher", "keep_first", "every", "keep_last", "keep", "plan", "data", "steps", "batch_size", "seq_len",
                  "lr", "warmup", "ce_weight", "kl_weight", "cosine_weight", "mse_weight", "local_weight", "mix_prob",
-                 "freeze_embeddings", "freeze_head", "freeze_single_blocks", "processes", "fsdp", "loss_chunk", "evaluate")
+                 "freeze_embeddings", "freeze_head", "freeze_single_blocks", "processes", "fsdp", "checkpointing", "loss_chunk", "evaluate")
 """The DistillConfig fields the launch form shows (the form is built from their types, defaults and docs)."""
 
 
@@ -224,7 +225,7 @@ LABELS = {"keep_first": "Keep first", "every": "Every", "keep_last": "Keep last"
           "fsdp": "FSDP", "evaluate": "Evaluate when done"}
 ROWS = (("keep_first", "every", "keep_last"), ("keep", "plan"), ("data",), ("steps", "batch_size", "seq_len"),
         ("lr", "warmup", "mix_prob"), ("ce_weight", "kl_weight", "cosine_weight", "mse_weight", "local_weight"),
-        ("freeze_embeddings", "freeze_head", "freeze_single_blocks"), ("processes", "fsdp", "loss_chunk", "evaluate"))
+        ("freeze_embeddings", "freeze_head", "freeze_single_blocks"), ("processes", "fsdp", "checkpointing", "loss_chunk", "evaluate"))
 """The launch form's layout: rows of DistillConfig fields (every name in LAUNCH_FIELDS but the teacher)."""
 
 

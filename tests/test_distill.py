@@ -270,3 +270,17 @@ def test_a_mixed_size_step_trains_the_student_through_the_teachers_blocks(teache
             handle.remove()
     with pytest.raises(BoomerangError, match="mix_prob and fsdp"):
         DistillConfig(mix_prob=0.5, fsdp=True)
+
+
+@pytest.mark.parametrize("settings", [dict(checkpointing=True), dict(loss_chunk=5), dict(checkpointing=True, mix_prob=0.5)])
+def test_checkpointing_and_chunked_losses_train_the_same_student(teacher_dir, settings):
+    """Activation checkpointing and chunked losses change what is kept in memory, never what is learned: the
+    same losses and weights as the plain run after 4 steps (cosine alignment on, so the hooks see recomputed layers)."""
+    same = {k: v for k, v in settings.items() if k not in ("checkpointing", "loss_chunk")}
+    plain = distill(config(teacher_dir, "plain", cosine_weight=2.0, **same))
+    other = distill(config(teacher_dir, "other", cosine_weight=2.0, **settings))
+    losses = [[json.loads(line)["loss"] for line in (r.out / METRICS).read_text().splitlines()] for r in (plain, other)]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+    a, b = student_weights(plain.out), student_weights(other.out)
+    for k in a:
+        assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)

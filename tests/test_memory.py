@@ -24,13 +24,14 @@ TEXT = ("The boomerang came back to the hand that threw it, and the crowd cheere
 SHAPES = {
     "wide": dict(vocab_size=32000, hidden_size=256, intermediate_size=1024, num_hidden_layers=8),
     "qwen-vocab": dict(vocab_size=151936, hidden_size=64, intermediate_size=256, num_hidden_layers=4),
+    "deep": dict(vocab_size=512, hidden_size=256, intermediate_size=1024, num_hidden_layers=16),  # activations dominate
 }
 
 
 def teacher_folder(tmp_path, shape: str) -> str:
     folder = tmp_path / shape
     config = CONFIG_MAPPING["llama"](**SHAPES[shape], num_attention_heads=4, num_key_value_heads=2,
-                                     max_position_embeddings=256)
+                                     max_position_embeddings=512)
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(folder)
     tiny_tokenizer().save_pretrained(folder)
@@ -41,7 +42,7 @@ def measured_and_estimated(tmp_path, teacher: str, **settings) -> tuple[int, int
     """The peak a fresh process reaches (teacher loaded, student cut, two optimizer steps) and the estimate."""
     (tmp_path / "corpus.txt").write_text(TEXT)
     cfg = dict(teacher=teacher, data=str(tmp_path / "corpus.txt"), out=str(tmp_path / f"run-{len(os.listdir(tmp_path))}"),
-               steps=2, checkpoint_every=1000, device="cpu", seq_len=128, **settings)
+               steps=2, checkpoint_every=1000, device="cpu", **{"seq_len": 128, **settings})
     code = ("import json, sys; from boomerang.training.measure import measure_peak; "
             "from boomerang.training.recipe import DistillConfig; "
             "print('PEAK', measure_peak(DistillConfig.from_dict(json.loads(sys.argv[1]))))")
@@ -71,6 +72,15 @@ def test_chunked_losses_cut_the_peak_of_a_large_vocabulary_and_the_estimate_foll
 
 
 @pytest.mark.slow
+def test_activation_checkpointing_cuts_the_peak_of_a_deep_student_and_the_estimate_follows(tmp_path):
+    teacher = teacher_folder(tmp_path, "deep")
+    kept, kept_est = measured_and_estimated(tmp_path, teacher, batch_size=8, seq_len=256)
+    ckpt, ckpt_est = measured_and_estimated(tmp_path, teacher, batch_size=8, seq_len=256, checkpointing=True)
+    assert ckpt < 0.7 * kept, (kept / 2**20, ckpt / 2**20)  # measured: 847 -> 436 MiB
+    assert 0.8 < kept_est / kept < 1.2 and 0.8 < ckpt_est / ckpt < 1.2
+
+
+@pytest.mark.slow
 @pytest.mark.real
 def test_the_estimate_is_within_20_percent_on_the_default_teacher(tmp_path):
     peak, estimate = measured_and_estimated(tmp_path, "default", batch_size=4)
@@ -89,6 +99,7 @@ def test_a_big_teacher_is_estimated_from_its_config_alone():
     est = estimate_memory(config, kept, cfg, device="cuda", available=80 * 2**30)
     assert est.fits is False and est.parts["optimizer (AdamW)"] == 2 * student * 4
     assert any("--loss-chunk" in a for a in est.advice) and any("--fsdp" in a for a in est.advice)
+    assert any("--checkpointing" in a for a in est.advice)
     sharded = estimate_memory(config, kept, DistillConfig.from_dict({"device": "cpu", "batch_size": 1, "seq_len": 2048,
                                                                      "processes": 8, "fsdp": True, "loss_chunk": 256,
                                                                      "dtype": "bfloat16"}),

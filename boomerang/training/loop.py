@@ -158,6 +158,8 @@ def _setup(cfg: DistillConfig, out: Path, resume: bool, teacher: Teacher | None,
 
     student = cut_student(teacher.model, plan).train().requires_grad_(True)
     _freeze(student, cfg, plan)
+    if cfg.checkpointing:
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if sharded:
         parallel.shard(teacher.model, device, world)
         parallel.shard(student, device, world)
@@ -312,6 +314,8 @@ def optimizer_step(run: Run, step: int) -> tuple[float, dict[str, float], float]
         ids = batch[rank * cfg.batch_size:(rank + 1) * cfg.batch_size].to(run.device)  # (B, T)
         p = loss_step(run, ids, mixed_size(cfg, run.plan, step, micro))
         (p.total / cfg.grad_accum).backward()
+        for store in run.captured.values():  # a checkpointed layer's hooks fire again as the backward recomputes it
+            store.clear()
         parts.append(p)
     params = [p for p in run.student.parameters() if p.requires_grad]
     if not run.sharded:  # FSDP has already reduced (and averaged) each gradient shard

@@ -31,11 +31,22 @@ BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # (x hidden size, x intermediate size), and float32 (tokens x vocabulary) tensors alive at the peak (both
 # models' logits, the log-softmaxes, the teacher's probabilities, the gradient); with `loss_chunk` only the
 # logits, their gradient and one chunk's intermediates.
-ACT_PER_HIDDEN = 8.0
+ACT_PER_HIDDEN = 14.0
 ACT_PER_INTERMEDIATE = 4.0
+CHECKPOINTED_PER_HIDDEN = 6.0
+"""With activation checkpointing: values kept per token per student layer (x hidden size), besides one layer's
+full activations while the backward recomputes it."""
 LOGITS_COPIES = 8.0
 LOGITS_COPIES_CHUNKED = 2.8
 """Plus (LOGITS_COPIES - LOGITS_COPIES_CHUNKED) x the chunk's share of the sequence."""
+
+
+def activation_values(cfg, layers: int, hidden: int, inter: int) -> float:
+    """Values the student's backward keeps per token, over all its layers."""
+    one_layer = ACT_PER_HIDDEN * hidden + ACT_PER_INTERMEDIATE * inter
+    if getattr(cfg, "checkpointing", False):
+        return layers * CHECKPOINTED_PER_HIDDEN * hidden + one_layer
+    return layers * one_layer
 
 
 def logits_copies(cfg) -> float:
@@ -125,8 +136,7 @@ def estimate_memory(config, kept: list[int], cfg, *, device: str = "cpu", availa
         "student weights": student_p * w // shard,
         "gradients": student_p * w // shard,
         "optimizer (AdamW)": 2 * student_p * w // shard,
-        "activations": int(tokens * act * (len(kept) * (ACT_PER_HIDDEN * hidden + ACT_PER_INTERMEDIATE * inter)
-                                           + aligned * hidden)),
+        "activations": int(tokens * act * (activation_values(cfg, len(kept), hidden, inter) + aligned * hidden)),
         "logits": int(tokens * config.vocab_size * 4 * logits_copies(cfg)),
     }
     est = MemoryEstimate(teacher_p, student_p, parts, device, available if available is not None else device_memory(device))
@@ -142,6 +152,9 @@ def advice(est: MemoryEstimate, cfg) -> list[str]:
     if p["logits"] > 0.3 * est.total and not cfg.loss_chunk:
         out.append(f"chunked losses: --loss-chunk {max(1, cfg.seq_len // 8)} cuts the logits part by ~2.5x at a "
                    "few % more time")
+    if p["activations"] > 0.2 * est.total and not cfg.checkpointing:
+        out.append("activation checkpointing: --checkpointing keeps one layer's activations instead of every "
+                   "layer's, at about a third more compute")
     if p["logits"] + p["activations"] > 0.3 * est.total and cfg.batch_size > 1:
         out.append(f"a smaller micro-batch: --batch-size {max(1, cfg.batch_size // 4)} --grad-accum "
                    f"{cfg.grad_accum * 4} keeps the tokens per step and cuts activations and logits by ~4x")

@@ -87,6 +87,9 @@ class DistillConfig(Settings):
     whatever the other layers are; 0: off (paper)."""
     temperature: float = 1.0
     """Softmax temperature of the KL term."""
+    checkpointing: bool = False
+    """Activation checkpointing: keep only each student layer's input and recompute the rest in the backward pass
+    (activations fall to about one layer's, at about a third more compute)."""
     loss_chunk: int = 0
     """Positions per chunk of the cross-entropy and KL terms, each chunk recomputed in the backward pass: no
     float32 (tokens x vocabulary) copy beyond the logits and their gradient (0: the whole micro-batch at once).
