@@ -85,6 +85,8 @@ def memory_line(services, teacher: str, keep_first, every, keep_last, keep, batc
     """Peak memory per device of the form's job, from the teacher's config alone, and whether it fits this
     machine (its GPU, else its RAM); blank while the form does not make a valid job (the launch says why)."""
     source = (teacher or "default").strip()
+    if not quick_to_load(source):  # the page's first paint must not wait on reading a GGUF file's header
+        return ""
     try:
         check_sources(services, source)
         cfg = DistillConfig.from_dict({"teacher": source, **_plan_settings(keep_first, every, keep_last, keep),
