@@ -91,6 +91,11 @@ ARCHES: tuple[Arch, ...] = (
 )
 
 
+def intermediate_size(config) -> int:
+    """The width of a layer's MLP (GPT-2 calls it `n_inner`, and leaves it unset for 4 x hidden)."""
+    return getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * config.hidden_size
+
+
 def supported_model_types() -> list[str]:
     return sorted(t for arch in ARCHES for t in arch.model_types)
 

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from boomerang.arch import adapter_for
+from boomerang.arch import adapter_for, intermediate_size
 from boomerang.errors import BoomerangError
 
 NATIVE_TYPES = ("f32", "f16", "bf16", "q8_0")
@@ -104,14 +104,6 @@ def check_gguf_out(out: str | Path, *, overwrite: bool = False) -> Path:
     return path
 
 
-def _config_value(config, *names, default=None):
-    for name in names:
-        value = getattr(config, name, None)
-        if value is not None:
-            return value
-    return default
-
-
 def _rope_thetas(config) -> tuple[float | None, float | None]:
     """(base frequency of full-attention layers, of sliding-window layers where they differ)."""
     params = getattr(config, "rope_parameters", None) or {}
@@ -160,14 +152,13 @@ def gguf_tensors(model, spec: GgufArch):
     import gguf
 
     config = model.config
-    n_layers = _config_value(config, "num_hidden_layers", "n_layer")
-    names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, spec.enum), n_layers)
+    names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, spec.enum), config.num_hidden_layers)
     arch = adapter_for(model)
     embed: torch.Tensor = arch.token_embedding(model).weight
     head: torch.Tensor = arch.head_module(model).weight  # type: ignore[assignment]
     tied = head.data_ptr() == embed.data_ptr()
-    n_head = _config_value(config, "num_attention_heads", "n_head")
-    n_kv = _config_value(config, "num_key_value_heads", default=n_head)
+    n_head = config.num_attention_heads
+    n_kv = getattr(config, "num_key_value_heads", None) or n_head
     for hf_name, param in model.named_parameters():  # a weight shared by two names comes once
         if hf_name.endswith("lm_head.weight") and tied:
             continue
@@ -188,26 +179,24 @@ def gguf_tensors(model, spec: GgufArch):
 
 def _hyper_parameters(writer, model, spec: GgufArch) -> None:
     config = model.config
-    n_layers = _config_value(config, "num_hidden_layers", "n_layer")
-    hidden = _config_value(config, "hidden_size", "n_embd")
-    n_head = _config_value(config, "num_attention_heads", "n_head")
+    n_layers, hidden, n_head = config.num_hidden_layers, config.hidden_size, config.num_attention_heads
     writer.add_block_count(n_layers)
-    writer.add_context_length(_config_value(config, "max_position_embeddings", "n_positions"))
+    writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(hidden)
-    writer.add_feed_forward_length(_config_value(config, "intermediate_size", "n_inner", default=4 * hidden))
+    writer.add_feed_forward_length(intermediate_size(config))
     writer.add_head_count(n_head)
     writer.add_vocab_size(config.vocab_size)
     if spec.name == "gpt2":
         writer.add_layer_norm_eps(config.layer_norm_epsilon)
         return
-    writer.add_head_count_kv(_config_value(config, "num_key_value_heads", default=n_head))
+    writer.add_head_count_kv(getattr(config, "num_key_value_heads", None) or n_head)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     theta, theta_swa = _rope_thetas(config)
     if theta is not None:
         writer.add_rope_freq_base(theta)
     if theta_swa is not None and spec.swa_array:
         writer.add_rope_freq_base_swa(theta_swa)
-    head_dim = _config_value(config, "head_dim", default=hidden // n_head)
+    head_dim = getattr(config, "head_dim", None) or hidden // n_head
     writer.add_rope_dimension_count(int(head_dim * getattr(config, "partial_rotary_factor", 1.0)))
     if spec.head_dim_keys:
         writer.add_key_length(head_dim)

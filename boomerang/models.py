@@ -173,20 +173,10 @@ def teacher_config(source: str):
 
 def teacher_limits(source: str) -> tuple[int, int | None]:
     """(layers, context length in tokens or None) of a teacher, from its config or GGUF header alone."""
-    from transformers import AutoConfig  # the Auto classes take ~0.5 s to import
-
     kind = classify_source(source)
     if kind in ("default", "gguf"):
         return _gguf_limits(default_gguf_path() if kind == "default" else Path(source).expanduser())
-    if kind == "hub":
-        reason = hub_unreachable_reason()
-        if reason and not in_hub_cache(source):
-            raise BoomerangError(f"unknown teacher {source!r}: not a local folder, and the hub cannot be checked ({reason})")
-    try:
-        config = AutoConfig.from_pretrained(Path(source).expanduser() if kind == "folder" else source)
-    except (OSError, ValueError) as exc:
-        raise BoomerangError(f"cannot read the config of teacher {source}: {str(exc).splitlines()[0][:200]}") from None
-    adapter_for(config)
+    config = teacher_config(source)
     context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     return config.num_hidden_layers, context
 

@@ -20,6 +20,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -360,8 +361,6 @@ async def complete(request: Request, state: ServerState, body: dict, prompt: lis
 async def score(family: ServedFamily, n_layers: int, prompt: list[int], generated: list[int], scoring: Scoring) -> dict:
     """OpenAI's completions `logprobs` object for the generated tokens (and the prompt's, if echoed): one
     forward pass of the size over prompt + generated, in a thread (the event loop stays free)."""
-    import torch
-
     def run() -> dict:
         model = family.build(n_layers)
         ids = prompt + generated

@@ -93,7 +93,7 @@ def test_a_big_teacher_is_estimated_from_its_config_alone():
                                      num_attention_heads=32, num_key_value_heads=8, head_dim=128,
                                      tie_word_embeddings=False, max_position_embeddings=40960)
     kept = list(DistillConfig.from_dict({"device": "cpu"}).plan_for(36).kept)
-    teacher, student, _ = parameter_counts(config, kept)
+    teacher, student = parameter_counts(config, kept)
     assert abs(teacher - 8.19e9) < 0.02e9  # "8.2B" on the model card
     cfg = DistillConfig.from_dict({"device": "cpu", "batch_size": 8, "seq_len": 2048})
     est = estimate_memory(config, kept, cfg, device="cuda", available=80 * 2**30)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from boomerang.arch import adapter_for
+from boomerang.arch import adapter_for, intermediate_size
 from boomerang.errors import BoomerangError
 from boomerang.models import resolve_device, teacher_config
 
@@ -44,7 +44,7 @@ LOGITS_COPIES_CHUNKED = 2.8
 def activation_values(cfg, layers: int, hidden: int, inter: int) -> float:
     """Values the student's backward keeps per token, over all its layers."""
     one_layer = ACT_PER_HIDDEN * hidden + ACT_PER_INTERMEDIATE * inter
-    if getattr(cfg, "checkpointing", False):
+    if cfg.checkpointing:
         return layers * CHECKPOINTED_PER_HIDDEN * hidden + one_layer
     return layers * one_layer
 
@@ -93,8 +93,8 @@ class MemoryEstimate:
                 "advice": self.advice}
 
 
-def parameter_counts(config, kept: list[int]) -> tuple[int, int, list[int]]:
-    """(teacher parameters, student parameters, per-layer parameters) from a config, on the meta device."""
+def parameter_counts(config, kept: list[int]) -> tuple[int, int]:
+    """(teacher parameters, student parameters) from a config, on the meta device."""
     from transformers import AutoModelForCausalLM  # transformers' Auto classes: only when an estimate is made
 
     with torch.device("meta"):
@@ -102,7 +102,7 @@ def parameter_counts(config, kept: list[int]) -> tuple[int, int, list[int]]:
     layers = [sum(p.numel() for p in layer.parameters()) for layer in adapter_for(model).layer_list(model)]
     total = sum(p.numel() for p in model.parameters())
     ends = total - sum(layers)
-    return total, ends + sum(layers[i] for i in kept), layers
+    return total, ends + sum(layers[i] for i in kept)
 
 
 def device_memory(device: str) -> int | None:
@@ -122,13 +122,13 @@ def estimate_memory(config, kept: list[int], cfg, *, device: str = "cpu", availa
     """Peak memory per device of distilling a student with teacher layers `kept` as `cfg` (a DistillConfig) says."""
     if cfg.dtype not in BYTES:
         raise BoomerangError(f"dtype must be one of {', '.join(BYTES)}, got {cfg.dtype!r}")
-    teacher_p, student_p, layers = parameter_counts(config, kept)
+    teacher_p, student_p = parameter_counts(config, kept)
     w = BYTES[cfg.dtype]
     world = max(1, cfg.processes)
     shard = world if cfg.fsdp else 1
     act = 2 if device.startswith("cuda") else w  # bf16 autocast on CUDA
     hidden = config.hidden_size
-    inter = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * hidden
+    inter = intermediate_size(config)
     tokens = cfg.batch_size * cfg.seq_len
     aligned = len(kept) if cfg.cosine_weight or cfg.mse_weight else 0
     parts = {
