@@ -129,10 +129,12 @@ def _generate(model, tokenizer, ids, sampling: Sampling, stop: threading.Event, 
         reply.done = True
 
 
-def stream_pair(sides: list[tuple], tokenizer, sampling: Sampling, stop: threading.Event, every: float = 0.05):
+def stream_pair(sides: list[tuple], tokenizer, sampling: Sampling, stop: threading.Event, every: float = 0.1):
     """Generate on every (model, messages) side at once, one thread each; yield the list of Replies.
 
-    Yields a snapshot about every `every` seconds while any side runs, and once more at the end.
+    Yields a snapshot at most every `every` seconds while any side runs, only when some reply's text
+    changed (each yield re-renders both panes in the browser, which on a busy 2-core machine starved the
+    page: a Stop click once waited a minute), and once more at the end.
     """
     replies = [Reply() for _ in sides]
     threads = [threading.Thread(target=_generate, daemon=True,
@@ -140,9 +142,13 @@ def stream_pair(sides: list[tuple], tokenizer, sampling: Sampling, stop: threadi
                for (model, messages), reply in zip(sides, replies, strict=False)]
     for t in threads:
         t.start()
+    shown: list[str] | None = None
     while any(t.is_alive() for t in threads):
         time.sleep(every)
-        yield replies
+        texts = [r.text for r in replies]
+        if texts != shown:
+            shown = texts
+            yield replies
     yield replies
 
 
