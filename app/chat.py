@@ -7,6 +7,7 @@ import uuid
 from pathlib import Path
 
 import gradio as gr
+import torch
 
 from app.common import (
     CUT,
@@ -27,6 +28,7 @@ from boomerang.export_gguf import check_gguf_type, llama_cpp_available
 from boomerang.family import ENDS, check_ends
 from boomerang.generation import Sampling, stream_pair
 from boomerang.servers import running_servers
+from boomerang.student import open_family
 
 
 def loads_at_once(family_id: str) -> bool:
@@ -139,6 +141,8 @@ def export_chosen(services, student_id, n_layers, ends: str = "student", fmt: st
     if fmt != "hf":
         check_gguf_type(fmt)
     opened = services.models.opened(folder, ends=ends)
+    if next(opened.family.student.parameters()).dtype != torch.float32:  # chat runs in bfloat16; export as trained
+        opened = open_family(folder, ends=ends, dtype="float32", device=services.models.device)
     name = f"student-{student_id}-{int(n_layers)}L{'' if ends == 'student' else '-' + ends + '-ends'}"
     Path(services.exports_dir).mkdir(parents=True, exist_ok=True)
     if fmt != "hf":

@@ -32,7 +32,7 @@ from boomerang.settings import field_docs
 from boomerang.student import cut_student
 from boomerang.training import timing
 from boomerang.training.memory import estimate_for
-from boomerang.training.recipe import DistillConfig, named_recipe, recipe_names
+from boomerang.training.recipe import PRECISIONS, DistillConfig, named_recipe, recipe_names
 from boomerang.training.resolve import resolve_config
 from workers.submit import submit
 
@@ -150,7 +150,7 @@ def preview_plan(services, teacher: str, keep_first, every, keep_last, keep, pla
 
 LAUNCH_FIELDS = ("teacher", "keep_first", "every", "keep_last", "keep", "plan", "data", "steps", "batch_size", "seq_len",
                  "lr", "warmup", "ce_weight", "kl_weight", "cosine_weight", "mse_weight", "local_weight", "mix_prob",
-                 "freeze_embeddings", "freeze_head", "freeze_single_blocks", "processes", "fsdp", "checkpointing", "loss_chunk", "evaluate")
+                 "freeze_embeddings", "freeze_head", "freeze_single_blocks", "processes", "fsdp", "precision", "checkpointing", "loss_chunk", "evaluate")
 """The DistillConfig fields the launch form shows (the form is built from their types, defaults and docs)."""
 
 
@@ -224,10 +224,10 @@ LABELS = {"keep_first": "Keep first", "every": "Every", "keep_last": "Keep last"
           "kl_weight": "KL weight", "cosine_weight": "Cosine weight", "mse_weight": "Norm (MSE) weight",
           "local_weight": "Blockwise weight", "mix_prob": "Mixed sizes", "freeze_embeddings": "Freeze embeddings",
           "freeze_head": "Freeze head", "freeze_single_blocks": "Freeze single-layer blocks", "processes": "Processes",
-          "fsdp": "FSDP", "evaluate": "Evaluate when done"}
+          "fsdp": "FSDP", "precision": "Precision", "evaluate": "Evaluate when done"}
 ROWS = (("keep_first", "every", "keep_last"), ("keep", "plan"), ("data",), ("steps", "batch_size", "seq_len"),
         ("lr", "warmup", "mix_prob"), ("ce_weight", "kl_weight", "cosine_weight", "mse_weight", "local_weight"),
-        ("freeze_embeddings", "freeze_head", "freeze_single_blocks"), ("processes", "fsdp", "checkpointing", "loss_chunk", "evaluate"))
+        ("freeze_embeddings", "freeze_head", "freeze_single_blocks"), ("processes", "fsdp", "precision", "checkpointing", "loss_chunk", "evaluate"))
 """The launch form's layout: rows of DistillConfig fields (every name in LAUNCH_FIELDS but the teacher)."""
 
 
@@ -243,6 +243,8 @@ def _field(name: str, value, kind, doc: str):
         return gr.Number(value, **common)
     if name == "plan":
         return gr.Radio(["rule", "importance"], value=value, **common)
+    if name == "precision":
+        return gr.Radio(list(PRECISIONS), value=value, **common)
     return gr.Textbox(value, **common)
 
 

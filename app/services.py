@@ -21,14 +21,14 @@ class ModelCache:
     A size is then built from the teacher and student already in memory: switching sizes is instant.
     """
 
-    def __init__(self, device: str = "cpu"):
-        self.device = device
+    def __init__(self, device: str = "cpu", dtype: str = "auto"):
+        self.device, self.dtype = device, dtype
         self._teachers, self._families, self._lock = {}, {}, threading.Lock()
 
     def teacher(self, source: str):
         with self._lock:
             if source not in self._teachers:
-                self._teachers[source] = load_teacher(source, device=self.device)
+                self._teachers[source] = load_teacher(source, device=self.device, dtype=self.dtype)
             return self._teachers[source]
 
     def opened(self, student_folder: str, order: str = "best", ends: str = "student"):

@@ -5,7 +5,10 @@ state returned, losses computed the straightforward way with boolean-mask copies
 states. Both train the same freshly cut student on the same batches with the same optimizer
 settings; steps alternate between the two so that machine noise hits both alike.
 
-    python bench/bench_distill.py [--teacher default] [--batch-size 4] [--seq-len 128] [--steps 3]
+    python bench/bench_distill.py [--teacher default] [--batch-size 4] [--seq-len 128] [--steps 5] [--precision auto]
+
+Ours runs as `boomerang distill` does (`--precision auto`: bf16 autocast on a GPU, and on a CPU with native
+bfloat16 measured faster; float32 master weights); the reference in float32 on a CPU, bf16 autocast on a GPU.
 
 Also prints achieved FLOP/s against 6*N_student*tokens + 2*N_teacher*tokens.
 """
@@ -59,19 +62,21 @@ def main() -> None:
     parser.add_argument("--data", default=str(Path(__file__).resolve().parents[1] / "boomerang/resources/calibration.txt"))
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--precision", default="auto", help="ours: auto | bf16 | fp32")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         cfg = DistillConfig(teacher=args.teacher, data=args.data, out=f"{tmp}/run", steps=1000,
                             batch_size=args.batch_size, seq_len=args.seq_len, device=args.device,
-                            heldout_fraction=0.01, warmup=0.0, schedule="constant")
+                            heldout_fraction=0.01, warmup=0.0, schedule="constant", precision=args.precision)
         run = setup(cfg)
         ref_student = copy.deepcopy(run.student)
         ref_opt = make_optimizer(ref_student, cfg)
         device = run.device
         print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), "
-              f"torch threads {torch.get_num_threads()}, batch {args.batch_size} x {args.seq_len} tokens")
+              f"torch threads {torch.get_num_threads()}, batch {args.batch_size} x {args.seq_len} tokens; ours computes "
+              f"in {cfg.autocast_dtype(device) or 'float32'} (--precision {args.precision})")
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         ours, ref = [], []
         for step in range(args.steps + 1):  # the first step of each is a warm-up

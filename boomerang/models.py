@@ -71,15 +71,20 @@ def boomerang_home() -> Path:
     return Path(os.environ.get("BOOMERANG_HOME", "~/.boomerang")).expanduser()
 
 
-def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device = "cpu") -> torch.dtype:
+    """A torch dtype from a name; None is float32, "auto" what `boomerang.precision` picks for `device`."""
     if dtype is None:
         return torch.float32
     if isinstance(dtype, torch.dtype):
         return dtype
+    if dtype == "auto":
+        from boomerang.precision import auto_dtype
+
+        dtype = auto_dtype(device)
     try:
         return _DTYPES[dtype]
     except KeyError:
-        raise BoomerangError(f"unknown dtype {dtype!r}: use one of {sorted(_DTYPES)}") from None
+        raise BoomerangError(f"unknown dtype {dtype!r}: use auto or one of {sorted(_DTYPES)}") from None
 
 
 def default_gguf_path() -> Path:
@@ -194,24 +199,51 @@ def load_teacher(source: str = DEFAULT_TEACHER, *, dtype: str | torch.dtype | No
                  device: str = "cpu", trust_remote_code: bool = False) -> Teacher:
     """Load a teacher model and tokenizer from any source, frozen and in eval mode."""
     kind = classify_source(source)
-    torch_dtype = resolve_dtype(dtype)
+    torch_dtype = resolve_dtype(dtype, device)
+    # the fingerprint samples the weights as stored: a teacher stored in float32 and asked for in bfloat16 is
+    # loaded in float32, fingerprinted, then cast (its student folders match it in every dtype)
+    load_dtype = torch.float32 if torch_dtype != torch.float32 and _stored_in_float32(source, kind) else torch_dtype
     revision = None
     if kind in ("default", "gguf"):
         gguf = default_gguf_path() if kind == "default" else Path(source).expanduser().resolve()
         folder = cached_gguf_folder(gguf)
-        model, tok = _load_folder(folder, torch_dtype, trust_remote_code)
+        model, tok = _load_folder(folder, load_dtype, trust_remote_code)
         norm_source = DEFAULT_TEACHER if kind == "default" else str(gguf)
     elif kind == "folder":
         norm_source = str(Path(source).expanduser().resolve())
-        model, tok = _load_folder(Path(norm_source), torch_dtype, trust_remote_code)
+        model, tok = _load_folder(Path(norm_source), load_dtype, trust_remote_code)
     else:
-        model, tok = _load_hub(source, torch_dtype, trust_remote_code)
+        model, tok = _load_hub(source, load_dtype, trust_remote_code)
         norm_source = source
         revision = getattr(model.config, "_commit_hash", None)
 
     adapter_for(model)  # unsupported architectures fail here, before any work
+    fingerprint = weights_fingerprint(model)
+    cast_parameters(model, torch_dtype)
     model.to(device).eval().requires_grad_(False)
-    return Teacher(model, tok, norm_source, weights_fingerprint(model), revision)
+    return Teacher(model, tok, norm_source, fingerprint, revision)
+
+
+def cast_parameters(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Cast the weights to `dtype` in place as `from_pretrained(dtype=...)` would have loaded them: buffers keep
+    their dtype (`model.to(dtype)` would round the rotary frequencies to bfloat16 too)."""
+    if next(model.parameters()).dtype == dtype:
+        return
+    with torch.no_grad():
+        for p in model.parameters():
+            p.data = p.data.to(dtype)
+    model.config.dtype = dtype
+
+
+def _stored_in_float32(source: str, kind: str) -> bool:
+    """Whether a teacher's weights are stored in float32 (a GGUF teacher's conversion always is)."""
+    if kind in ("default", "gguf"):
+        return True
+    try:
+        stored = getattr(teacher_config(source), "dtype", None)
+    except BoomerangError:
+        return False  # the load itself says what is wrong
+    return stored is None or str(stored).removeprefix("torch.") == "float32"
 
 
 def _load_folder(folder: Path, dtype: torch.dtype, trust_remote_code: bool, **kwargs):

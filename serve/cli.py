@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from boomerang.errors import BoomerangError
+from boomerang.precision import DTYPE_HELP
 
 
 def register(sub, helpers: dict) -> None:
@@ -34,7 +35,7 @@ def register(sub, helpers: dict) -> None:
     p.add_argument("--ends", default="student", help="whose embeddings and final norm + head the sizes between "
                    "student and teacher use: student | teacher | auto (teacher ends on the patched side)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    p.add_argument("--dtype", default="float32")
+    p.add_argument("--dtype", default="auto", help=DTYPE_HELP)
     p.set_defaults(func=cmd_serve)
 
 

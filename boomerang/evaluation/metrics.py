@@ -124,7 +124,10 @@ def lm_eval_task(model, tokenizer, task: dict | str, settings: EvalSettings) -> 
     """Run one lm-eval task on an in-memory model; returns lm-eval's own result for it, with settings."""
     from lm_eval.models.huggingface import HFLM  # lm-eval takes seconds to import
 
-    return run_lm_eval(HFLM(pretrained=model, tokenizer=tokenizer, batch_size=settings.batch_size), task, settings)
+    # log-likelihoods in float32 whatever the model runs in (a bfloat16 log-softmax over the vocabulary loses the
+    # small differences between choices)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=settings.batch_size, softmax_dtype=torch.float32)
+    return run_lm_eval(lm, task, settings)
 
 
 def run_lm_eval(lm, task: dict | str, settings: EvalSettings) -> dict:

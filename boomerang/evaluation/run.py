@@ -164,9 +164,12 @@ class CellJob:
 
 
 def plan_cells(candidates: list[Candidate], task_names: list[str], data_dir, settings: EvalSettings,
-               texts: dict[str, torch.Tensor], cost: bool, variant: dict | None = None) -> list[CellJob]:
+               texts: dict[str, torch.Tensor], cost: bool, variant: dict | None = None,
+               dtype: str = "float32") -> list[CellJob]:
     """The cells to compute. `texts`: token blocks per label-free task (LABEL_FREE); `variant`: how the family's
-    sizes were built when not the default (patch order, ends), part of every score's key."""
+    sizes were built when not the default (patch order, ends), part of every score's key; `dtype`: what the models
+    run in, part of every key when not float32 (float32 keys are those of before dtypes were chosen)."""
+    extra = {} if dtype == "float32" else {"dtype": dtype}
     specs = task_files.resolve(task_names, data_dir) if task_names else []
     # a cell's key: how it was measured, then "@" and the family's variant when not the default (cells of one
     # measurement compare across variants and families; see chart.measurement)
@@ -174,13 +177,13 @@ def plan_cells(candidates: list[Candidate], task_names: list[str], data_dir, set
     jobs = []
     for cand in candidates:
         for name, spec in zip(task_names, specs, strict=False):
-            jobs.append(CellJob(cand, name, spec, cell_key(spec, asdict(settings)) + suffix))
+            jobs.append(CellJob(cand, name, spec, cell_key(spec, {**asdict(settings), **extra}) + suffix))
         for name, blocks in texts.items():
             digest = hashlib.sha256(blocks.numpy().tobytes()).hexdigest()[:12]
             key = {"heldout": digest} if name == "heldout" else {name: digest}
-            jobs.append(CellJob(cand, name, name, cell_key(key, {}) + suffix))
+            jobs.append(CellJob(cand, name, name, cell_key(key, extra) + suffix))
         if cost:
-            jobs.append(CellJob(cand, "cost", "cost", cell_key({"cost": 1, "threads": torch.get_num_threads()}, {})))
+            jobs.append(CellJob(cand, "cost", "cost", cell_key({"cost": 1, "threads": torch.get_num_threads(), **extra}, {})))
     return jobs
 
 
@@ -309,8 +312,9 @@ class EvalRequest(Settings):
     """Metric of the charts."""
     device: str = "cpu"
     """cpu, cuda, cuda:1, ..."""
-    dtype: str = "float32"
-    """float32 (default on CPU) | bfloat16 | float16."""
+    dtype: str = "auto"
+    """auto (bfloat16 where this machine does it natively and faster, else float32; see boomerang.precision) | float32 |
+    bfloat16 | float16. Part of every cell's key when not float32: numbers measured in other dtypes are not mixed."""
 
     def __post_init__(self):
         self.check_types()
@@ -406,10 +410,11 @@ def evaluate_student(req: EvalRequest, *, on_cell=None, should_stop=None, teache
     candidates = family_candidates(family, sizes) + baseline_candidates(
         family, req.baselines, sizes, None if calibration is None else calibration.to(teacher.device))
     candidates += distilled_candidates(family, req.distilled, teacher)
+    dtype = str(next(teacher.model.parameters()).dtype).removeprefix("torch.")
     for ref in req.references:
-        candidates.append(reference_candidate(ref, load_teacher(ref, device=req.device).model))
+        candidates.append(reference_candidate(ref, load_teacher(ref, device=req.device, dtype=dtype).model))
     variant = family_variant(family)
-    jobs = plan_cells(candidates, req.tasks, req.data_dir, req.settings, texts, req.cost, variant)
+    jobs = plan_cells(candidates, req.tasks, req.data_dir, req.settings, texts, req.cost, variant, dtype)
     if not jobs:
         raise BoomerangError("nothing to evaluate: give tasks, held-out data or cost")
     store = ResultStore(req.out or Path(req.student) / "eval")

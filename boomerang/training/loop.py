@@ -281,7 +281,8 @@ def loss_step(run: Run, ids: torch.Tensor, patched: frozenset[int] | set[int] = 
     cfg, mask = run.cfg, torch.ones_like(ids)
     terms = active_terms(cfg)
     needs = needs_of(cfg)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if run.device.type == "cuda" else nullcontext()
+    compute = cfg.autocast_dtype(run.device)
+    autocast = torch.autocast(run.device.type, dtype=compute) if compute is not None else nullcontext()
     with autocast:
         student_logits = teacher_logits = None
         if "student" in needs:

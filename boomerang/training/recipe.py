@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from boomerang import precision
 from boomerang.arch import CausalLM
 from boomerang.data import read_documents
 from boomerang.errors import BoomerangError
@@ -29,6 +30,7 @@ RECIPE = "recipe.json"
 """The file in a run folder that holds the run's full settings."""
 
 
+PRECISIONS = ("auto", "bf16", "fp32")
 LIMITS = {"steps": (0, 10_000_000), "batch_size": (1, 65_536), "seq_len": (1, 1_048_576), "grad_accum": (1, 65_536),
           "checkpoint_every": (1, 10_000_000), "teacher_docs": (1, 1_000_000), "processes": (1, 4_096),
           "max_tokens": (1, 10**13)}
@@ -126,7 +128,10 @@ class DistillConfig(Settings):
     device: str = "auto"
     """auto (CUDA if present) | cpu | cuda | cuda:N."""
     dtype: str = "float32"
-    """Weights' dtype; on CUDA the forward runs under bf16 autocast."""
+    """Weights' (and the optimizer's) dtype."""
+    precision: str = "auto"
+    """The forward passes' compute type, under autocast with the weights in `dtype`: auto (bf16 on CUDA, and on a CPU
+    with native bfloat16 measured faster here; else fp32) | bf16 | fp32."""
     processes: int = 1
     """Processes (one per GPU) sharing each global batch; `boomerang distill` and the workers start them with torchrun."""
     fsdp: bool = False
@@ -161,6 +166,8 @@ class DistillConfig(Settings):
             raise BoomerangError(f"warmup is a fraction of the steps in [0, 1), got {self.warmup}")
         if not 0 < self.heldout_fraction < 1:
             raise BoomerangError(f"heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
+        if self.precision not in PRECISIONS:
+            raise BoomerangError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.plan not in ("rule", "importance"):
             raise BoomerangError(f"plan must be rule or importance, got {self.plan!r}")
         if self.schedule not in ("cosine", "constant"):
@@ -173,6 +180,14 @@ class DistillConfig(Settings):
             if not 0 <= getattr(self, beta) < 1:
                 raise BoomerangError(f"{beta} must be in [0, 1), got {getattr(self, beta)}")
         PaperRule(self.keep_first, self.every, self.keep_last)  # validates the rule's numbers
+
+    def autocast_dtype(self, device: torch.device) -> torch.dtype | None:
+        """The dtype the forward passes autocast to on `device` (None: they run in the weights' dtype)."""
+        if self.precision == "fp32" or device.type not in ("cpu", "cuda"):
+            return None
+        if self.precision == "bf16" or (device.type == "cuda" and not torch.cuda.is_available()):
+            return torch.bfloat16  # asked for; or planned (an estimate) for a GPU this host does not have
+        return torch.bfloat16 if precision.auto_dtype(device) == "bfloat16" else None
 
     @classmethod
     def loss_weights(cls) -> tuple[str, ...]:

@@ -9,6 +9,7 @@
 # Results go to $RUNS/NAME-at-size, which compare pairs with NAME's sizes; TAG=23 writes NAME-at-size-23 instead,
 # for a later batch when a table already holds a NAME-at-size family (compare refuses two families of one name).
 set -euo pipefail
+export BOOMERANG_DTYPE="${BOOMERANG_DTYPE:-float32}"  # the recorded numbers were measured in float32
 . "$(dirname "$0")/quiet.sh"
 name=$1 recipe=$2 steps=$3; shift 3
 run=${RUNS:-/tmp/fid}/$name

@@ -6,6 +6,7 @@
 #   OTHER=us_inaugural_addresses_1789-2021.txt bash docs/recipes/best_order.sh
 #   env: RUNS (default /tmp/best-order), OTHER (a text file of another domain: required; its last 10 % is read)
 set -euo pipefail
+export BOOMERANG_DTYPE="${BOOMERANG_DTYPE:-float32}"  # the recorded numbers were measured in float32
 cd "$(dirname "$0")/../.."
 source docs/recipes/quiet.sh
 other=${OTHER:?set OTHER to a text of another domain, e.g. the US inaugural addresses 1789-2021 as plain text}

@@ -2,6 +2,7 @@
 # The evaluation of a distilled family recorded in docs/evaluation.md: every size on held-out text,
 # four multiple-choice sets (20 items each) and cost, then the two baselines at 16, 20, 24 and 28 layers.
 set -euo pipefail
+export BOOMERANG_DTYPE="${BOOMERANG_DTYPE:-float32}"  # the recorded numbers were measured in float32
 student=$1; out=$2
 evaldata=${EVALDATA:?set EVALDATA to a folder of lm-eval-style .jsonl task files}
 heldout=${HELDOUT:?set HELDOUT to a plain-text corpus, e.g. tinyshakespeare input.txt}

@@ -5,6 +5,7 @@
 # Usage: docs/recipes/fidelity_eval.sh BASELINE_RUN RUN [RUN...]     (runs under $RUNS, default /tmp/fid)
 #        SIZES=20,23 for other distilled-at-size sizes; SKIP_BASELINES=1 to use the ones already made
 set -euo pipefail
+export BOOMERANG_DTYPE="${BOOMERANG_DTYPE:-float32}"  # the recorded numbers were measured in float32
 . "$(dirname "$0")/quiet.sh"
 runs=${RUNS:-/tmp/fid}
 base=$1; shift

@@ -4,6 +4,7 @@
 # 4,096 tokens of another domain (TinyStories valid). The flags change the paper's recipe.
 # Usage: docs/recipes/try.sh NAME [distill flags...]      (SKIP_OTHER=1: the training domain only)
 set -euo pipefail
+export BOOMERANG_DTYPE="${BOOMERANG_DTYPE:-float32}"  # the recorded numbers were measured in float32
 . "$(dirname "$0")/quiet.sh"
 name=$1; shift
 data=${DATA:?set DATA to a plain-text corpus, e.g. tinyshakespeare input.txt}
