@@ -5,6 +5,7 @@ within a budget, and each interpolated size beside the student distilled at it."
 from __future__ import annotations
 
 import csv
+import functools
 import math
 import tempfile
 from pathlib import Path
@@ -17,6 +18,7 @@ from boomerang.errors import BoomerangError
 from boomerang.evaluation import chart
 from boomerang.evaluation import compare as compare_module
 from db import crud
+from db.models import OPEN, Student
 
 
 def result_rows(services, student_id) -> list[dict]:
@@ -32,6 +34,39 @@ def result_rows(services, student_id) -> list[dict]:
                          "task": r.task, "metric": r.metric, "value": r.value, "stderr": r.stderr, "blocks": blocks,
                          "cell": r.cell})
     return rows
+
+
+def evaluation_in_progress(services, student_id) -> str:
+    """A line saying the chart is partial while an evaluation of the family is queued or running ("" otherwise)."""
+    if not student_id:
+        return ""
+    with Session(services.engine) as s:
+        student = s.get(Student, int(student_id))
+        if student is None:
+            return ""
+        jobs = [j for j in crud.list_jobs(session=s, limit=200) if j.kind == "eval" and j.status in OPEN
+                and (j.settings or {}).get("student") == student.folder]
+        if not jobs:
+            return ""
+        job = jobs[-1]  # the oldest open one: the one running
+        cells = f"{job.step} of {job.total} cells" if job.total else "starting"
+        return (f"**Partial results:** evaluation job #{job.id} is {job.status.value.lower()} ({cells}); the chart "
+                "fills in as cells land (the family's label-free metrics first, then its tasks, then the baselines).")
+
+
+def fill_in(services, student_id, task_v, metric_v, n_seen, *rest):
+    """The Compare tab's tick while an evaluation runs: when rows have landed since the chart was drawn (`n_seen`),
+    (task, metric, plot, table, csv, budget line) redrawn keeping the task and metric picked, else left as they
+    are (gr.skip); then the rows now charted and the partial-results line."""
+    note = evaluation_in_progress(services, student_id)
+    n = len(result_rows(services, student_id)) if student_id else 0
+    if n == n_seen:
+        return (*(gr.skip() for _ in range(6)), n_seen, note)
+    tasks, metrics = task_metric_choices(services, student_id)
+    t = task_v if task_v in tasks else (tasks[0] if tasks else None)
+    m = metric_v if metric_v in metrics else ("acc" if "acc" in metrics else (metrics[0] if metrics else None))
+    return (gr.update(choices=tasks, value=t), gr.update(choices=metrics, value=m),
+            *compare(services, student_id, t, m, *rest), n, note)
 
 
 def task_metric_choices(services, student_id) -> tuple[list[str], list[str]]:
@@ -154,6 +189,7 @@ def tab(services):
                              "checkpoints): one chart, one Pareto frontier")
         published = gr.File(None, file_types=[".csv"], type="filepath", label="…and a families.csv (boomerang compare)",
                             elem_id="compare-published", height=120)
+    partial_md = gr.Markdown(elem_id="compare-partial")
     budget_md = gr.Markdown(elem_id="budget-result")
     plot = gr.Plot(elem_id="compare-plot")
     table = gr.Dataframe(headers=["model", "series", "layers", "params", "task", "metric", "value", "stderr", "pareto"],
@@ -177,9 +213,17 @@ def tab(services):
         t = task_update.get("value") if isinstance(task_update, dict) else None
         m = metric_update.get("value") if isinstance(metric_update, dict) else None
         others_update = gr.update(choices=[c for c in family_choices(services) if c[1] != student_id])
-        return (task_update, metric_update, others_update, *compare(services, student_id, t, m, *rest))
+        return (task_update, metric_update, others_update, *compare(services, student_id, t, m, *rest),
+                len(result_rows(services, student_id)), evaluation_in_progress(services, student_id))
 
-    show = (show_family, [family, log_x, budget_kind, budget, others, published], [task, metric, others, *outputs])
+    seen = gr.State(0)  # rows charted: a tick redraws only when cells have landed since
+    show = (show_family, [family, log_x, budget_kind, budget, others, published],
+            [task, metric, others, *outputs, seen, partial_md])
+
+    timer = gr.Timer(10.0)
+    timer.tick(safe(functools.partial(fill_in, services)),
+               [family, task, metric, seen, log_x, budget_kind, budget, others, published],
+               [task, metric, *outputs, seen, partial_md], show_progress="hidden", api_name=False)
     family.input(safe(show[0]), *show[1:])
     for control in (task, metric, budget):
         control.input(bind(compare, services), inputs, outputs)

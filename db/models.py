@@ -26,6 +26,7 @@ class JobStatus(str, Enum):
 
 
 FINISHED = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
+OPEN = (JobStatus.QUEUED, JobStatus.RUNNING)
 
 
 class TeacherBase(SQLModel):

@@ -520,3 +520,42 @@ def test_distilled_at_size_baselines_from_the_jobs_tab_and_families_compared_on_
                        (Path(jobs.__file__), "families.csv")):
         with pytest.raises(Exception, match=words):
             compare.compare(s, sid, "general", "perplexity", False, "parameters", None, [], str(bad))
+
+
+def test_a_running_evaluation_draws_a_partial_chart_that_fills_in(tmp_path):
+    """The Compare tab while an evaluation runs: what has landed is charted and marked partial; a tick redraws
+    only when rows have landed since, keeping the task picked; the mark goes when the job ends."""
+    from db.models import JobCreate, JobStatus
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'partial.db'}")
+    s = Services(engine=engine, celery=None, models=ModelCache(), exports_dir=tmp_path / "exports")
+    folder = str(tmp_path / "student")
+
+    def row(key, series, n, task, metric, value):
+        return {"key": key, "series": series, "n_layers": n, "params": n * 1000, "task": task, "metric": metric,
+                "value": value, "stderr": 0.01, "cell": f"{task}.abc.json"}
+
+    with Session(engine) as ses:
+        student = crud.upsert_student(session=ses, folder=folder, manifest={}, sizes=[])
+        sid = str(student.id)
+        job_id = crud.create_job(session=ses, job_in=JobCreate(kind="eval", settings={"student": folder})).id
+        crud.update_progress(session=ses, job_id=job_id, status=JobStatus.RUNNING, step=2, total=6)
+        # the first cells of the standard order: the family's label-free metrics
+        crud.record_eval_rows(session=ses, student_id=int(sid), job_id=job_id, rows=[
+            row("student-4", "student", 4, "general", "kl_to_teacher", 0.9),
+            row("teacher-8", "teacher", 8, "general", "kl_to_teacher", 0.0)])
+    assert f"evaluation job #{job_id} is running (2 of 6 cells)" in compare.evaluation_in_progress(s, sid)
+    rest = (False, "parameters", None, [], None)
+    task_u, metric_u, fig, *_, seen, note = compare.fill_in(s, sid, None, None, 0, *rest)
+    assert task_u["value"] == "general" and metric_u["value"] == "kl_to_teacher" and seen == 2 and "Partial" in note
+    assert sum(len(t.x) for t in fig.data if t.name in ("student", "teacher")) == 2
+    skipped = compare.fill_in(s, sid, "general", "kl_to_teacher", 2, *rest)  # nothing new: nothing redrawn
+    assert all(isinstance(u, dict) and u.get("__type__") == "update" and len(u) == 1 for u in skipped[:6])
+    with Session(engine) as ses:  # a task's cells land; the user keeps looking at KL
+        crud.record_eval_rows(session=ses, student_id=int(sid), job_id=job_id, rows=[
+            row("student-4", "student", 4, "quiz", "acc", 0.4), row("teacher-8", "teacher", 8, "quiz", "acc", 0.6),
+            row("interpolated-6", "interpolated", 6, "general", "kl_to_teacher", 0.4)])
+        crud.finish_job(session=ses, job_id=job_id, status=JobStatus.SUCCEEDED)
+    task_u, _, fig, *_, seen, note = compare.fill_in(s, sid, "general", "kl_to_teacher", 2, *rest)
+    assert task_u["value"] == "general" and "quiz" in task_u["choices"] and seen == 5 and note == ""
+    assert sum(len(t.x) for t in fig.data if t.name in ("student", "interpolated", "teacher")) == 3

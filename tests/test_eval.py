@@ -165,3 +165,29 @@ def test_eval_command_end_to_end_and_resume(tmp_path, capsys):
     assert "0 cells computed, 35 already on disk" in capsys.readouterr().out
     assert main([*argv[:-2], "--out", str(tmp_path / "results"), "--limit", "2"]) == 0
     assert "21 cells computed, 14 already on disk" in capsys.readouterr().out  # a new limit: new lm-eval cells only
+
+
+def test_cells_land_cheap_and_telling_first_and_each_cells_rows_are_heard_as_it_lands(tmp_path):
+    """The standard order: the family's label-free cells, its tasks, its cost, then the baselines'; `on_rows` hears
+    every cell's rows as it lands, and together they are the report's rows."""
+    from boomerang.evaluation.run import EvalRequest, evaluate_student
+
+    save_tiny_teacher(tmp_path / "teacher", "llama")
+    main(["cut", "--teacher", str(tmp_path / "teacher"), "--out", str(tmp_path / "student")])
+    data = write_eval_files(tmp_path / "data")
+    (tmp_path / "held.txt").write_text("Held-out text for label-free metrics. " * 80)
+    heard: list[list[dict]] = []
+    req = EvalRequest(student=str(tmp_path / "student"), tasks=["quiz"], data_dir=str(data), baselines=["undistilled"],
+                      heldout_data=str(tmp_path / "held.txt"), cost=True, sizes="5,7,8", out=str(tmp_path / "results"))
+    report = evaluate_student(req, on_rows=heard.append)
+    assert len(heard) == report.total == 5 * 3  # 3 sizes + 2 undistilled, 3 cells each
+    order = [(rows[0]["series"], rows[0]["task"]) for rows in heard]
+    family = [task for series, task in order[:9]]
+    assert family == ["heldout"] * 3 + ["quiz"] * 3 + ["cost"] * 3  # every size's KL before any task
+    assert {series for series, _ in order[:9]} == {"student", "interpolated", "teacher"}
+    assert order[9:] == [("undistilled", "heldout")] * 2 + [("undistilled", "quiz")] * 2 + [("undistilled", "cost")] * 2
+    ident = {(r["key"], r["task"], r["metric"], r["value"]) for rows in heard for r in rows}
+    assert ident == {(r["key"], r["task"], r["metric"], r["value"]) for r in report.rows}
+    heard.clear()  # resumed: cells already on disk are heard too (a chart made from a resumed job is complete)
+    evaluate_student(req, on_rows=heard.append)
+    assert len(heard) == 15 and {(r["key"], r["task"], r["metric"], r["value"]) for rows in heard for r in rows} == ident

@@ -148,7 +148,14 @@ def _distill_processes(ctx: JobContext, cfg: DistillConfig, resume: bool, on_ste
 
 
 def evaluate(ctx: JobContext, req: EvalRequest) -> Outcome:
-    start, computed = time.monotonic(), {"n": 0}
+    start, computed, added = time.monotonic(), {"n": 0}, {"rows": 0}
+    with Session(ctx.engine) as s:
+        student = s.exec(select(Student).where(Student.folder == req.student)).first()
+        student_id = student.id if student else None
+
+    def on_rows(rows):  # each cell's rows reach the results table as the cell lands: the Compare tab fills in
+        with Session(ctx.engine) as s:
+            added["rows"] += crud.record_eval_rows(session=s, student_id=student_id, job_id=ctx.job.id, rows=rows)
 
     def on_cell(done, total, key, task, skipped):
         ctx.log(f"{done}/{total} {key} {task}{' (cached)' if skipped else ''}")
@@ -156,14 +163,11 @@ def evaluate(ctx: JobContext, req: EvalRequest) -> Outcome:
         per_cell = (time.monotonic() - start) / computed["n"] if computed["n"] else None
         ctx.progress(done, total, force=done == total, eta_s=per_cell * (total - done) if per_cell else None)
 
-    report = evaluate_student(req, on_cell=on_cell, should_stop=ctx.should_stop)
+    report = evaluate_student(req, on_cell=on_cell, should_stop=ctx.should_stop, on_rows=on_rows)
     if ctx.should_stop():
         raise Cancelled
-    with Session(ctx.engine) as s:
-        student = s.exec(select(Student).where(Student.folder == req.student)).first()
-        added = crud.record_eval_rows(session=s, student_id=student.id if student else None, job_id=ctx.job.id,
-                                      rows=report.rows)
-    return Outcome({"cells": report.total, "computed": report.computed, "rows_added": added,
+    on_rows(report.rows)  # the same rows: none is added twice
+    return Outcome({"cells": report.total, "computed": report.computed, "rows_added": added["rows"],
                     "table": str(report.table), "charts": [str(c) for c in report.charts]})
 
 

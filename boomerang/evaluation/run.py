@@ -184,12 +184,25 @@ def plan_cells(candidates: list[Candidate], task_names: list[str], data_dir, set
             jobs.append(CellJob(cand, name, name, cell_key(key, extra) + suffix))
         if cost:
             jobs.append(CellJob(cand, "cost", "cost", cell_key({"cost": 1, "threads": torch.get_num_threads(), **extra}, {})))
-    return jobs
+    return sorted(jobs, key=cell_phase)  # stable: within a phase, model by model as planned
+
+
+FAMILY_SERIES = ("teacher", "student", "interpolated")
+"""The family's own models; the rest (undistilled, drop-bi, distilled at a size, references) are baselines."""
+
+
+def cell_phase(job: CellJob) -> int:
+    """When a cell is computed: the cheap, telling ones first, so a chart can be drawn within minutes and fills in.
+    The family's label-free cells (every size in a few passes over each text), its tasks, its cost; then the
+    baselines' in the same order."""
+    kind = 0 if job.task_name in LABEL_FREE else 2 if job.task_name == "cost" else 1
+    return kind + (0 if job.candidate.entry.series in FAMILY_SERIES else 3)
 
 
 def run_cells(jobs: list[CellJob], store: ResultStore, *, family: Family, tokenizer, settings: EvalSettings,
-              texts: dict[str, torch.Tensor], on_cell=None, should_stop=None) -> int:
-    """Compute every cell not on disk yet; returns how many were computed.
+              texts: dict[str, torch.Tensor], on_cell=None, should_stop=None, on_rows=None) -> int:
+    """Compute every cell not on disk yet; returns how many were computed. `on_rows(rows)` hears each cell's rows
+    (`ResultStore.rows`) as it lands or is found on disk: a chart can show them before the whole evaluation ends.
 
     Cost depends on a model's shape alone (layers, widths, dtype, device), not on its weights: a baseline
     with the same layer count and parameters as a size measured in this run takes that size's cost cell
@@ -220,6 +233,8 @@ def run_cells(jobs: list[CellJob], store: ResultStore, *, family: Family, tokeni
             skipped = False
         else:
             skipped = True
+        if on_rows:
+            on_rows(store.rows(cells=[store.path(entry.key, job.task_name, job.key)]))
         if on_cell:
             on_cell(done, len(jobs), entry.key, job.task_name, skipped)
         if should_stop and should_stop():
@@ -390,8 +405,9 @@ class EvalReport:
     rows: list
 
 
-def evaluate_student(req: EvalRequest, *, on_cell=None, should_stop=None, teacher=None) -> EvalReport:
-    """Evaluate a student's family (and baselines, references) as `req` says; resumable."""
+def evaluate_student(req: EvalRequest, *, on_cell=None, should_stop=None, teacher=None, on_rows=None) -> EvalReport:
+    """Evaluate a student's family (and baselines, references) as `req` says; resumable. `on_cell` hears
+    progress, `on_rows` each cell's rows as it lands (see `run_cells`)."""
 
     opened = open_family(req.student, teacher=teacher or req.teacher, order=req.order, device=req.device,
                          dtype=req.dtype, ends=req.ends, calibration=req.calibration)
@@ -419,7 +435,7 @@ def evaluate_student(req: EvalRequest, *, on_cell=None, should_stop=None, teache
         raise BoomerangError("nothing to evaluate: give tasks, held-out data or cost")
     store = ResultStore(req.out or Path(req.student) / "eval")
     computed = run_cells(jobs, store, family=family, tokenizer=teacher.tokenizer, settings=req.settings,
-                         texts=texts, on_cell=on_cell, should_stop=should_stop)
+                         texts=texts, on_cell=on_cell, should_stop=should_stop, on_rows=on_rows)
     rows = store.rows(cells=[store.path(j.candidate.entry.key, j.task_name, j.key) for j in jobs])
     charts: list[Path] = []
     for task in [*req.tasks, *(["average"] if len(req.tasks) > 1 else [])]:
