@@ -54,19 +54,39 @@ def evaluation_in_progress(services, student_id) -> str:
                 "fills in as cells land (the family's label-free metrics first, then its tasks, then the baselines).")
 
 
+def chart_notes(services, student_id) -> str:
+    """The lines above the chart: whether it is partial, and which measurement tells the family's sizes apart."""
+    lines = [evaluation_in_progress(services, student_id)]
+    telling = chart.most_telling(result_rows(services, student_id)) if student_id else None
+    if telling:
+        task, metric, snr = telling
+        lines.append(f"Opens on **{task} {metric}**: the family's sizes span {snr:.0f} standard errors there, more than on "
+                     "any other measurement (pick another above).")
+    return "  \n".join(line for line in lines if line)
+
+
 def fill_in(services, student_id, task_v, metric_v, n_seen, *rest):
     """The Compare tab's tick while an evaluation runs: when rows have landed since the chart was drawn (`n_seen`),
     (task, metric, plot, table, csv, budget line) redrawn keeping the task and metric picked, else left as they
     are (gr.skip); then the rows now charted and the partial-results line."""
-    note = evaluation_in_progress(services, student_id)
+    note = chart_notes(services, student_id)
     n = len(result_rows(services, student_id)) if student_id else 0
     if n == n_seen:
         return (*(gr.skip() for _ in range(6)), n_seen, note)
     tasks, metrics = task_metric_choices(services, student_id)
-    t = task_v if task_v in tasks else (tasks[0] if tasks else None)
-    m = metric_v if metric_v in metrics else ("acc" if "acc" in metrics else (metrics[0] if metrics else None))
+    t, m = (task_v, metric_v) if task_v in tasks and metric_v in metrics else opening(services, student_id)
     return (gr.update(choices=tasks, value=t), gr.update(choices=metrics, value=m),
             *compare(services, student_id, t, m, *rest), n, note)
+
+
+def opening(services, student_id) -> tuple[str | None, str | None]:
+    """The (task, metric) a family's chart opens on: the measurement that tells its sizes apart best (on the quick
+    start: KL to the teacher, not the tasks), else the first task's accuracy."""
+    tasks, metrics = task_metric_choices(services, student_id)
+    telling = chart.most_telling(result_rows(services, student_id))
+    if telling:
+        return telling[0], telling[1]
+    return (tasks[0] if tasks else None), ("acc" if "acc" in metrics else (metrics[0] if metrics else None))
 
 
 def task_metric_choices(services, student_id) -> tuple[list[str], list[str]]:
@@ -189,7 +209,7 @@ def tab(services):
                              "checkpoints): one chart, one Pareto frontier")
         published = gr.File(None, file_types=[".csv"], type="filepath", label="…and a families.csv (boomerang compare)",
                             elem_id="compare-published", height=120)
-    partial_md = gr.Markdown(elem_id="compare-partial")
+    partial_md = gr.Markdown(elem_id="compare-note")
     budget_md = gr.Markdown(elem_id="budget-result")
     plot = gr.Plot(elem_id="compare-plot")
     table = gr.Dataframe(headers=["model", "series", "layers", "params", "task", "metric", "value", "stderr", "pareto"],
@@ -200,9 +220,8 @@ def tab(services):
         if not student_id:
             return gr.update(), gr.update()
         tasks, metrics = task_metric_choices(services, student_id)
-        default_metric = "acc" if "acc" in metrics else (metrics[0] if metrics else None)
-        return (gr.update(choices=tasks, value=tasks[0] if tasks else None),
-                gr.update(choices=metrics, value=default_metric))
+        t, m = opening(services, student_id)
+        return gr.update(choices=tasks, value=t), gr.update(choices=metrics, value=m)
 
     inputs = [family, task, metric, log_x, budget_kind, budget, others, published]
     outputs = [plot, table, csv_file, budget_md]
@@ -214,7 +233,7 @@ def tab(services):
         m = metric_update.get("value") if isinstance(metric_update, dict) else None
         others_update = gr.update(choices=[c for c in family_choices(services) if c[1] != student_id])
         return (task_update, metric_update, others_update, *compare(services, student_id, t, m, *rest),
-                len(result_rows(services, student_id)), evaluation_in_progress(services, student_id))
+                len(result_rows(services, student_id)), chart_notes(services, student_id))
 
     seen = gr.State(0)  # rows charted: a tick redraws only when cells have landed since
     show = (show_family, [family, log_x, budget_kind, budget, others, published],

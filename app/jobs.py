@@ -188,9 +188,18 @@ def _job(services, job_id):
         return crud.get_job(session=s, job_id=int(job_id))
 
 
+def default_job(services) -> int | None:
+    """The job the Jobs tab opens on when none is picked: the one running (the oldest, if several), else the newest."""
+    with Session(services.engine) as s:
+        listed = crud.list_jobs(session=s, limit=100)  # newest first
+        running = [j.id for j in listed if j.status == JobStatus.RUNNING]
+        return running[-1] if running else (listed[0].id if listed else None)
+
+
 # ----------------------------------------------------------------------------- the tab
 
-def tab(services) -> None:
+def tab(services):
+    """The Jobs tab; returns its job field (the page opens the tab on `default_job` when the field is empty)."""
     table = gr.Dataframe(jobs_table(services), headers=JOB_COLUMNS, interactive=False, elem_id="jobs-table")
     with gr.Row():
         job_id = gr.Number(label="Job", precision=0, elem_id="job-id")
@@ -231,3 +240,4 @@ def tab(services) -> None:
     snap_btn.click(bind(snapshot_job, services, refused="No family"), job_id, action_md, api_name="snapshot")
     at_size_btn.click(bind(at_size_job, services, refused="Not queued"), job_id, action_md, api_name="at_size")
     eval_btn.click(bind(evaluate_job, services, refused="Not queued"), [job_id, tasks, data_dir, limit], action_md)
+    return job_id

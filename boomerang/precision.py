@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from boomerang.errors import BoomerangError
+from boomerang.paths import boomerang_home
 
 MIN_SPEEDUP = 1.2
 """bfloat16 is chosen on a CPU only where it beats float32 by this much on the measured product."""
@@ -83,8 +84,6 @@ def measure_cpu_speedup(size: int = 1024, reps: int = 5) -> float:
 
 
 def _record_path() -> Path:
-    from boomerang.models import boomerang_home
-
     return boomerang_home() / FILE
 
 

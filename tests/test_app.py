@@ -545,6 +545,9 @@ def test_a_running_evaluation_draws_a_partial_chart_that_fills_in(tmp_path):
             row("student-4", "student", 4, "general", "kl_to_teacher", 0.9),
             row("teacher-8", "teacher", 8, "general", "kl_to_teacher", 0.0)])
     assert f"evaluation job #{job_id} is running (2 of 6 cells)" in compare.evaluation_in_progress(s, sid)
+    with Session(engine) as ses:  # a newer job queued behind it: the Jobs tab still opens on the running one
+        queued = crud.create_job(session=ses, job_in=JobCreate(kind="eval", settings={"student": folder})).id
+    assert jobs.default_job(s) == job_id
     rest = (False, "parameters", None, [], None)
     task_u, metric_u, fig, *_, seen, note = compare.fill_in(s, sid, None, None, 0, *rest)
     assert task_u["value"] == "general" and metric_u["value"] == "kl_to_teacher" and seen == 2 and "Partial" in note
@@ -556,6 +559,24 @@ def test_a_running_evaluation_draws_a_partial_chart_that_fills_in(tmp_path):
             row("student-4", "student", 4, "quiz", "acc", 0.4), row("teacher-8", "teacher", 8, "quiz", "acc", 0.6),
             row("interpolated-6", "interpolated", 6, "general", "kl_to_teacher", 0.4)])
         crud.finish_job(session=ses, job_id=job_id, status=JobStatus.SUCCEEDED)
+        crud.finish_job(session=ses, job_id=queued, status=JobStatus.CANCELLED)
     task_u, _, fig, *_, seen, note = compare.fill_in(s, sid, "general", "kl_to_teacher", 2, *rest)
-    assert task_u["value"] == "general" and "quiz" in task_u["choices"] and seen == 5 and note == ""
+    assert task_u["value"] == "general" and "quiz" in task_u["choices"] and seen == 5 and "Partial" not in note
+    assert jobs.default_job(s) == queued  # none running: the newest
     assert sum(len(t.x) for t in fig.data if t.name in ("student", "interpolated", "teacher")) == 3
+
+
+def test_the_chart_opens_on_the_measurement_that_tells_the_sizes_apart():
+    from boomerang.evaluation.chart import most_telling
+
+    def row(key, series, n, task, metric, value, stderr):
+        return {"key": key, "series": series, "n_layers": n, "params": n, "task": task, "metric": metric,
+                "value": value, "stderr": stderr, "cell": f"{task}.k.json"}
+
+    models = [("student-4", "student", 4), ("interpolated-6", "interpolated", 6), ("teacher-8", "teacher", 8)]
+    rows = [row(k, s, n, "quiz", "acc", 0.40 + 0.02 * i, 0.05) for i, (k, s, n) in enumerate(models)]  # 0.8 se
+    rows += [row(k, s, n, "general", "kl_to_teacher", 2.0 - i, 0.05 if i < 2 else 0.0) for i, (k, s, n) in enumerate(models)]
+    rows += [row("drop-bi-4", "drop-bi", 4, "quiz", "acc", 0.9, 0.05)]  # a baseline's spread does not count
+    task, metric, snr = most_telling(rows)
+    assert (task, metric) == ("general", "kl_to_teacher") and snr == pytest.approx(2.0 / 0.05)  # the teacher's 0 se left out
+    assert most_telling([{**r, "stderr": None} for r in rows]) is None

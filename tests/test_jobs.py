@@ -305,9 +305,10 @@ def test_a_job_on_two_processes_that_fail_fails_with_their_output_and_the_worker
     assert done.status == JobStatus.SUCCEEDED, done.error
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.slow)])
 def any_database(request, tmp_path):
-    """A fresh database of each kind: a SQLite file, or a new database on the local PostgreSQL server."""
+    """A fresh database of each kind: a SQLite file, or a new database on the local PostgreSQL server (a minute
+    of repeated kills: in the slow run; the default suite runs PostgreSQL through tests/test_db.py)."""
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'jobs.db'}"
         return

@@ -163,7 +163,7 @@ def test_evaluation_cells_are_keyed_by_dtype_and_float32_keys_are_unchanged():
 
     class Cand:
         def __init__(self):
-            self.entry = type("E", (), {"key": "m"})()
+            self.entry = type("E", (), {"key": "m", "series": "student"})()
 
     blocks = {"general": torch.arange(12).reshape(2, 6)}
     f32 = plan_cells([Cand()], [], None, None, blocks, True)

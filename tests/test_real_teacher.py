@@ -42,6 +42,7 @@ def test_every_block_patched_back_is_the_real_teacher(default_teacher):
         assert_close(full(ids).logits, model(ids).logits, rtol=0, atol=0)
 
 
+@pytest.mark.slow  # converts the GGUF file again (40 s): CI runs it after the default suite
 def test_gguf_conversion_cache_is_bit_identical_and_reused(tmp_path, monkeypatch):
     """The default teacher's GGUF file, converted into a fresh cache, equals a direct GGUF load."""
     from transformers import AutoModelForCausalLM

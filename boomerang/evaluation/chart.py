@@ -79,6 +79,30 @@ def points(rows: list[dict], task: str, metric: str) -> list[dict]:
     return out
 
 
+FAMILY_SERIES = ("teacher", "student", "interpolated")
+"""A family's own models (the rest of a chart's points are baselines and other families)."""
+
+
+def most_telling(rows: list[dict]) -> tuple[str, str, float] | None:
+    """(task, metric, signal-to-noise) of the measurement that tells the family's own models apart best: the spread
+    of their values in units of their median standard error (zero errors, as the teacher's KL to itself, left out).
+    None when no measurement of at least three of them has standard errors."""
+    best = None
+    tasks = sorted({r["task"] for r in rows if r["task"] != "cost"})
+    lm_tasks = [t for t in tasks if t not in NOT_AVERAGED]
+    for task in tasks + (["average"] if len(lm_tasks) > 1 else []):
+        for metric in sorted({r["metric"] for r in rows if r["task"] in (lm_tasks if task == "average" else [task])}):
+            pts = [p for p in points(rows, task, metric) if p["series"] in FAMILY_SERIES]
+            errs = sorted(p["stderr"] for p in pts if p.get("stderr"))
+            if len(pts) < 3 or not errs:
+                continue
+            spread = max(p["value"] for p in pts) - min(p["value"] for p in pts)
+            snr = spread / errs[len(errs) // 2]
+            if best is None or snr > best[2]:
+                best = (task, metric, snr)
+    return best
+
+
 def noise_note(pts: list[dict]) -> str:
     """One sentence on how large a difference has to be before it means anything; "" without stderrs."""
     errs = sorted(p["stderr"] for p in pts if p.get("stderr"))

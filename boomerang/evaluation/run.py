@@ -26,7 +26,7 @@ from boomerang.arch import CausalLM
 from boomerang.data import HELDOUT_FILE, SHIPPED_GENERAL
 from boomerang.errors import BoomerangError
 from boomerang.evaluation import chart, task_files
-from boomerang.evaluation.chart import LABEL_FREE, LABEL_FREE_METRICS
+from boomerang.evaluation.chart import FAMILY_SERIES, LABEL_FREE, LABEL_FREE_METRICS
 from boomerang.evaluation.metrics import (
     EvalSettings,
     label_free,
@@ -185,10 +185,6 @@ def plan_cells(candidates: list[Candidate], task_names: list[str], data_dir, set
         if cost:
             jobs.append(CellJob(cand, "cost", "cost", cell_key({"cost": 1, "threads": torch.get_num_threads(), **extra}, {})))
     return sorted(jobs, key=cell_phase)  # stable: within a phase, model by model as planned
-
-
-FAMILY_SERIES = ("teacher", "student", "interpolated")
-"""The family's own models; the rest (undistilled, drop-bi, distilled at a size, references) are baselines."""
 
 
 def cell_phase(job: CellJob) -> int:
