@@ -81,6 +81,14 @@ def test_activation_checkpointing_cuts_the_peak_of_a_deep_student_and_the_estima
 
 
 @pytest.mark.slow
+def test_the_estimate_follows_bf16_autocast(tmp_path):
+    """Under bf16 autocast (forced: the suite pins `auto` to float32) activations cost less, not half."""
+    peak, estimate = measured_and_estimated(tmp_path, teacher_folder(tmp_path, "deep"), batch_size=8, seq_len=256,
+                                            precision="bf16")
+    assert 0.8 < estimate / peak < 1.2, (peak / 2**20, estimate / 2**20)  # measured 710 MiB
+
+
+@pytest.mark.slow
 @pytest.mark.real
 def test_the_estimate_is_within_20_percent_on_the_default_teacher(tmp_path):
     peak, estimate = measured_and_estimated(tmp_path, "default", batch_size=4)
