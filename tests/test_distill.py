@@ -284,3 +284,21 @@ def test_checkpointing_and_chunked_losses_train_the_same_student(teacher_dir, se
     a, b = student_weights(plain.out), student_weights(other.out)
     for k in a:
         assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_a_run_in_progress_records_its_rate_a_few_steps_in(teacher_dir, monkeypatch):
+    """The Launch form's duration line uses the rates of a run still going: recorded after RATE_AFTER_STEPS steps
+    (and at every checkpoint), not only when the run ends."""
+    from boomerang.training import timing
+    from boomerang.training.loop import RATE_AFTER_STEPS
+
+    monkeypatch.setenv("BOOMERANG_HOME", str(teacher_dir / "home"))
+    fingerprint = load_teacher(str(teacher_dir / "teacher")).fingerprint
+    seen = {}
+
+    def on_step(report):
+        seen[report.step] = timing.estimate(fingerprint, "cpu", steps=10, tokens_per_step=32, mixed=False)
+
+    distill(config(teacher_dir, "run", steps=RATE_AFTER_STEPS + 2), on_step=on_step)
+    assert all(seen[s] is None for s in range(1, RATE_AFTER_STEPS))
+    assert seen[RATE_AFTER_STEPS] is not None and seen[RATE_AFTER_STEPS].parts["training"] > 0

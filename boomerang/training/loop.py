@@ -361,8 +361,17 @@ def distill(cfg: DistillConfig, *, on_step: Callable[[StepReport], None] | None 
             on_phase(p)
 
     run = setup(cfg, resume=resume, teacher=teacher, on_phase=seen)
+
+    def heard(report: StepReport) -> None:
+        # the rates so far, recorded a few steps in and at every checkpoint: the next launch's duration line (and
+        # one made while this run goes on) uses them without waiting for the run to end
+        if parallel.world()[0] == 0 and (report.step - run.start_step == RATE_AFTER_STEPS or report.checkpoint):
+            _record_timing(run, phases, report)
+        if on_step:
+            on_step(report)
+
     try:
-        result = run_loop(run, on_step=on_step, should_stop=should_stop)
+        result = run_loop(run, on_step=heard, should_stop=should_stop)
     finally:
         for handle in run.hooks:
             handle.remove()
@@ -374,6 +383,10 @@ def distill(cfg: DistillConfig, *, on_step: Callable[[StepReport], None] | None 
             with torch.no_grad():
                 measure_best(run.teacher, run.student.eval(), manifest, result.student_dir, phases=Phases(seen))
     return result
+
+
+RATE_AFTER_STEPS = 3
+"""Steps after which a run first records its training rate (the first step's warm-up averaged with two more)."""
 
 
 def _record_timing(run: Run, phases: dict[str, Phase], last: StepReport | None) -> None:

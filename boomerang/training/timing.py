@@ -9,12 +9,11 @@ by phase, from the closest record; with none it says so (nothing is guessed from
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from boomerang.models import boomerang_home
+from boomerang.paths import boomerang_home, write_record
 
 FILE = "timing.json"
 
@@ -42,14 +41,7 @@ def record(fingerprint: str, device: str, mixed: bool, **rates: float | None) ->
     entry = data.setdefault(_key(fingerprint, device, mixed), {})
     entry.update({k: float(v) for k, v in rates.items() if v is not None and v > 0})
     entry["at"] = time.strftime("%Y-%m-%d %H:%M")
-    path = _path()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{FILE}.{os.getpid()}")
-        tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
-        tmp.replace(path)
-    except OSError:  # a read-only home loses the record, never the run
-        pass
+    write_record(_path(), data)  # a read-only home loses the record, never the run
 
 
 @dataclass
