@@ -312,11 +312,27 @@ AT_SIZE = "at-size"
 data and budget (the distilled-at-size baseline; `boomerang baselines`)."""
 
 
+SPLIT = "split"
+"""`at-size/splitK/N/`: a student distilled at N layers with 1/K of the family's budget, one of K whose budgets add
+up to the family's (`boomerang baselines --split`: the equal-total-budget comparison)."""
+
+
 def at_size_students(folder: str | Path) -> list[Path]:
-    """The finished distilled-at-size students of a student folder's run, smallest first."""
+    """The finished distilled-at-size students of a student folder's run, smallest first: those with the family's
+    budget each, then those with a split of it (`SPLIT`)."""
     root = Path(folder).expanduser().resolve().parent / AT_SIZE
     found = [p.parent for p in root.glob("*/student/" + MANIFEST) if p.parent.parent.name.isdigit()]
-    return sorted(found, key=lambda p: int(p.parent.name))
+    split = [p.parent for p in root.glob(f"{SPLIT}*/*/student/" + MANIFEST)
+             if p.parent.parent.name.isdigit() and p.parent.parent.parent.name.removeprefix(SPLIT).isdigit()]
+    return sorted(found, key=lambda p: int(p.parent.name)) + sorted(
+        split, key=lambda p: (int(p.parent.parent.name.removeprefix(SPLIT)), int(p.parent.name)))
+
+
+def split_of(folder: str | Path) -> int | None:
+    """K for a student distilled with 1/K of its family's budget (`RUN/at-size/splitK/N/student`), else None."""
+    run = Path(folder).resolve().parent
+    k = run.parent.name.removeprefix(SPLIT)
+    return int(k) if run.parent.name.startswith(SPLIT) and k.isdigit() and run.parent.parent.name == AT_SIZE else None
 
 
 def check_teacher(manifest: Manifest, teacher: Teacher) -> None:

@@ -184,7 +184,10 @@ def record_eval_rows(*, session: Session, student_id: int | None, job_id: int | 
             continue
         session.add(EvalResult(student_id=student_id, job_id=job_id, model_key=r["key"], series=r["series"],
                                n_layers=r["n_layers"], params=r["params"], task=r["task"], metric=r["metric"],
-                               value=r["value"], stderr=r.get("stderr"), cell=r["cell"], settings=r.get("settings", {})))
+                               value=r["value"], stderr=r.get("stderr"), cell=r["cell"],
+                               settings={**(r.get("settings") or {}),  # and how the number was made, when known
+                                         **({"provenance": r["provenance"]} if r.get("provenance") else {}),
+                                         **({"params_no_embed": r["params_no_embed"]} if r.get("params_no_embed") else {})}))
         existing.add(ident)
         added += 1
     session.commit()

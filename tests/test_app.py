@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import json
 import time
 import uuid
 from pathlib import Path
@@ -166,7 +168,7 @@ def test_compare_chart_table_csv_and_budget(world):
     # Evaluate runs the standard evaluation with the form's tasks: the run's held-out text, the shipped general
     # text, cost, both baselines
     assert tasks == ["average", "cost", "fill", "general", "heldout", "quiz"] and "acc" in metrics
-    fig, table, csv_path, msg = compare.compare(s, sid, "quiz", "acc", True, "parameters", None)
+    fig, table, csv_path, msg, _ = compare.compare(s, sid, "quiz", "acc", True, "parameters", None)
     names = {t.name for t in fig.data}
     assert {"student", "interpolated", "teacher", "undistilled", "drop-bi", "Pareto frontier"} <= names
     assert sum(len(t.x) for t in fig.data if t.name in ("student", "interpolated", "teacher")) == 4
@@ -182,12 +184,48 @@ def test_compare_chart_table_csv_and_budget(world):
     assert {r[5] for r in table if r[4] == "general"} == {"perplexity", "kl_to_teacher", "top1_agreement"}
     assert {r[5] for r in table if r[4] == "cost"} == {"weights_mb", "prefill_ms", "decode_tokens_per_s"}
     assert open(csv_path).read().startswith("model,series,layers,params,task,metric,value,stderr")
+    assert "Measured with lm-eval" in msg and "on cpu, in float32" in msg  # how the numbers were made
+    made = next(r for r in csv.DictReader(open(csv_path)) if r["task"] == "quiz")
+    assert made["device"] == "cpu" and made["items"] == "5" and made["task_hash"]
     rows = compare.result_rows(s, sid)
     smallest = min(r["params"] for r in rows)
-    fig, _, _, msg = compare.compare(s, sid, "quiz", "acc", False, "parameters", smallest)
+    fig, _, _, msg, _ = compare.compare(s, sid, "quiz", "acc", False, "parameters", smallest)
     assert "Best within the budget:**" in msg and "(5 layers," in msg and any(t.name == "fits the budget" for t in fig.data)
     assert "Nothing fits" in compare.compare(s, sid, "quiz", "acc", False, "parameters", 10)[3]
     assert "Best within the budget:**" in compare.compare(s, sid, "quiz", "acc", False, "latency (ms)", 1e6)[3]
+
+
+def test_two_models_item_by_item_in_the_compare_tab(world):
+    """The two-model view: which items the family's middle size gets right that the teacher does not and the
+    reverse, counted as a hand count over the cells on disk, with McNemar's test; every model's training tokens."""
+    from db.models import Student
+
+    s = world["services"]
+    (_, sid), = common.family_choices(s)
+    models, tasks, a, b = compare.item_choices(s, sid)
+    assert b == "teacher-8" and a in ("interpolated-6", "interpolated-7") and tasks == ["fill", "quiz"]
+    assert models[0] in ("student-5", "undistilled-5", "drop-bi-5") and models[-1] == "teacher-8"
+    summary, table = compare.items_view(s, sid, a, b, "quiz", "acc")
+    with Session(s.engine) as session:
+        cells = Path(session.get(Student, int(sid)).folder) / "eval" / "cells"
+    right = {k: [i["scores"]["acc"] >= 0.5 for i in json.loads(next((cells / k).glob("quiz.*.json")).read_text())["items"]]
+             for k in (a, b)}
+    only_a = sum(x and not y for x, y in zip(right[a], right[b], strict=True))
+    only_b = sum(y and not x for x, y in zip(right[a], right[b], strict=True))
+    assert f"only {a} {only_a}, only {b} {only_b}," in summary and "McNemar exact test" in summary
+    assert len(table) == only_a + only_b and all(r[1] in (f"only {a}", f"only {b}") for r in table)
+    assert compare.items_view(s, sid, a, a, "quiz", "acc")[0] == "Pick two different models."
+    with pytest.raises(BoomerangError, match="nope-3 has no quiz acc result"):
+        compare.items_view(s, sid, a, "nope-3", "quiz", "acc")
+    # the panel a tick redraws keeps the user's picks where the family has them, else the defaults
+    rows = compare.result_rows(s, sid)
+    kept = compare.item_panel(s, sid, rows, models[0], b, "fill", "acc_norm")
+    assert [u["value"] for u in kept[:4]] == [models[0], b, "fill", "acc_norm"] and "acc_norm" in kept[4]
+    fresh = compare.item_panel(s, sid, rows, "gone-3", None, "vanished")
+    assert [u["value"] for u in fresh[:4]] == [a, b, "fill", "acc"] and fresh[4].startswith("**fill acc,")
+    tokens = {r["key"]: r["train_tokens"] for r in compare.result_rows(s, sid)}
+    assert tokens["interpolated-6"] == tokens["student-5"] == 8 * 2 * 16  # the family's one run, shared
+    assert tokens["undistilled-6"] == 0 and tokens["teacher-8"] == ""
 
 
 def test_chat_streams_both_sides_and_stop_ends_both(world):
@@ -407,13 +445,44 @@ def test_bad_input_through_the_api_is_answered_fast_and_short_and_changes_nothin
         assert "lr must be a finite number" in launched(s, form(tmp, lr=bad))
     with Session(s.engine) as ses:
         assert len(crud.list_jobs(session=ses)) == before
-    fig, table, _, message = compare.compare(s, common.family_choices(s)[0][1], "quiz", "acc", False, "parameters", float("inf"))
+    fig, table, _, message, _ = compare.compare(s, common.family_choices(s)[0][1], "quiz", "acc", False, "parameters", float("inf"))
     assert message.startswith("**Budget refused:**") and table
     with pytest.raises(Exception, match="compare at most 8 other families at once, got 100000"):
         compare.compare(s, common.family_choices(s)[0][1], "quiz", "acc", False, "parameters", None,
                   [str(i) for i in range(10**6, 10**6 + 10**5)])
     with pytest.raises(ValueError):
         compare.compare(s, common.family_choices(s)[0][1], "quiz", "acc", False, "parameters", None, ["abc"])
+
+
+def test_the_chart_on_the_axes_a_deployment_cares_about_chance_normalised_and_per_task(world):
+    s = world["services"]
+    (_, sid), = common.family_choices(s)
+    rows = compare.result_rows(s, sid)
+    cost = {r["key"]: r["value"] for r in rows if r["task"] == "cost" and r["metric"] == "decode_tokens_per_s"}
+    fig, table, _, msg, _ = compare.compare(s, sid, "quiz", "acc", False, "parameters", None, None, None,
+                                            "decode latency (ms/token)")
+    drawn = {c[0]: x for t in fig.data if t.customdata is not None for c, x in zip(t.customdata, t.x, strict=True)}
+    assert drawn and all(x == pytest.approx(1000 / cost[k]) for k, x in drawn.items())
+    assert fig.layout.xaxis.title.text == "decode latency (ms/token)"
+    assert all(r[10] == round(1000 / cost[r[0]], 4) for r in table if r[0] in cost)  # the table's x column
+    body = {r["key"]: r["params_no_embed"] for r in rows}
+    fig = compare.compare(s, sid, "quiz", "acc", False, "parameters", None, None, None, "parameters without embeddings")[0]
+    drawn = {c[0]: x for t in fig.data if t.customdata is not None for c, x in zip(t.customdata, t.x, strict=True)}
+    assert drawn and all(x == body[k] < next(r["params"] for r in rows if r["key"] == k) for k, x in drawn.items())
+    # fit my budget on the same axes: the best within 1 ms of decode latency per token (or nothing)
+    fastest = min(1000 / v for v in cost.values())
+    assert "Best within the budget:**" in compare.compare(s, sid, "quiz", "acc", False, "decode latency (ms/token)",
+                                                          fastest * 1.0001)[3]
+    # chance-normalised: quiz has 3 choices an item, so (acc - 1/3) / (2/3)
+    raw = {r["key"]: r["value"] for r in rows if r["task"] == "quiz" and r["metric"] == "acc"}
+    fig, _, _, msg, _ = compare.compare(s, sid, "quiz", "acc", False, "parameters", None, None, None, "parameters", True)
+    drawn = {c[0]: y for t in fig.data if t.customdata is not None for c, y in zip(t.customdata, t.y, strict=True)}
+    assert drawn and all(y == pytest.approx((raw[k] - 1 / 3) / (2 / 3)) for k, y in drawn.items())
+    assert "0 is guessing" in msg
+    fig = compare.compare(s, sid, "average", "acc", False, "parameters", None, None, None, "parameters", False, True)[0]
+    assert [a.text for a in fig.layout.annotations] == ["average", "fill", "quiz"]  # a panel per task
+    with pytest.raises(BoomerangError, match="unknown x axis"):
+        compare.compare(s, sid, "quiz", "acc", False, "parameters", None, None, None, "vibes")
 
 
 def test_fit_my_budget_computes_memory_and_says_when_latency_was_not_measured():
@@ -485,7 +554,7 @@ def test_distilled_at_size_baselines_from_the_jobs_tab_and_families_compared_on_
 
         folders = {str(st.id): st.folder for st in ses.exec(select(Student))}
     sid = next(v for _, v in choices if folders[v] == crud.get_job(session=Session(s.engine), job_id=job).result["student_dir"])
-    fig, table, _, msg = compare.compare(s, sid, "quiz", "acc", False, "parameters", None)
+    fig, table, _, msg, _ = compare.compare(s, sid, "quiz", "acc", False, "parameters", None)
     assert sum(len(t.x) for t in fig.data if t.name == "distilled") == 2
     # the paper's central comparison in words, size by size, with the table's own numbers
     assert "**Interpolated sizes beside students distilled at the size**" in msg, msg
@@ -500,7 +569,7 @@ def test_distilled_at_size_baselines_from_the_jobs_tab_and_families_compared_on_
     req = EvalRequest.standard(folder, tasks=["quiz"], data_dir=s.eval_data_dir, settings=EvalSettings(limit=5))
     new = submit(engine=s.engine, app=s.celery, kind="eval", settings=req.to_dict(), queue=s.queue)
     assert run_job(new.id, engine=s.engine, worker="test") == "SUCCEEDED"
-    fig, table, _, msg = compare.compare(s, sid, "general", "perplexity", False, "parameters", None, [snap])
+    fig, table, _, msg, _ = compare.compare(s, sid, "general", "perplexity", False, "parameters", None, [snap])
     names = {t.name for t in fig.data}
     assert {f"interpolated · #{sid}", f"interpolated · #{snap}", "teacher", "Pareto frontier"} <= names, names
     assert {r[0].split(":")[0] for r in table if ":" in r[0]} == {f"#{sid}", f"#{snap}"}
@@ -510,7 +579,7 @@ def test_distilled_at_size_baselines_from_the_jobs_tab_and_families_compared_on_
     from boomerang.evaluation.compare import compare_families
 
     written = compare_families([folder], world["tmp"] / "published", names=["snapshot"]).table
-    fig2, table2, _, _ = compare.compare(s, sid, "general", "perplexity", False, "parameters", None, [], str(written))
+    fig2, table2, _, _, _ = compare.compare(s, sid, "general", "perplexity", False, "parameters", None, [], str(written))
     assert {f"interpolated · #{sid}", "interpolated · snapshot", "teacher"} <= {t.name for t in fig2.data}
     def general(rows, name):
         return sorted([str(c).replace(name, "FAMILY:") for c in r] for r in rows if r[4] == "general")
@@ -553,7 +622,7 @@ def test_a_running_evaluation_draws_a_partial_chart_that_fills_in(tmp_path):
     assert task_u["value"] == "general" and metric_u["value"] == "kl_to_teacher" and seen == 2 and "Partial" in note
     assert sum(len(t.x) for t in fig.data if t.name in ("student", "teacher")) == 2
     skipped = compare.fill_in(s, sid, "general", "kl_to_teacher", 2, *rest)  # nothing new: nothing redrawn
-    assert all(isinstance(u, dict) and u.get("__type__") == "update" and len(u) == 1 for u in skipped[:6])
+    assert all(isinstance(u, dict) and u.get("__type__") == "update" and len(u) == 1 for u in skipped[:7])
     with Session(engine) as ses:  # a task's cells land; the user keeps looking at KL
         crud.record_eval_rows(session=ses, student_id=int(sid), job_id=job_id, rows=[
             row("student-4", "student", 4, "quiz", "acc", 0.4), row("teacher-8", "teacher", 8, "quiz", "acc", 0.6),

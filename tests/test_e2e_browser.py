@@ -114,13 +114,14 @@ def test_launch_watch_evaluate_compare_chat_stop(stack):
         page.get_by_text("Evaluate this family").click()
         page.locator("#eval-btn").click()
         expect(page.locator("#job-action")).to_contain_text("Evaluation job 2 queued")
-        job.fill("2")
-        job.press("Enter")
-        expect(page.locator("#job-status")).to_have_attribute("data-job", "2")  # not job 1's old status
-        expect(page.locator("#job-status")).to_have_attribute("data-status", "SUCCEEDED", timeout=180_000)
 
-        # Compare: a point per size and per baseline size, with error bars, and what they mean
+        # Compare, while the evaluation runs: a partial chart, marked so, that fills in as cells land (every 10 s)
         page.get_by_role("tab", name="Compare").click()  # opens on the newest family
+        note = page.locator("#compare-note")
+        expect(note).to_contain_text("Partial results", timeout=30_000)
+        expect(note).to_contain_text("evaluation job #2")
+        expect(note).not_to_contain_text("Partial results", timeout=180_000)  # done: the tick drew it whole
+        # a point per size and per baseline size, with error bars, and what they mean
         try:
             # 4 sizes of the family, the undistilled and drop-bi baselines at the 3 sizes below the teacher
             expect(page.locator("#compare-plot .scatterlayer .point")).to_have_count(4 + 3 + 3, timeout=60_000)
@@ -131,6 +132,12 @@ def test_launch_watch_evaluate_compare_chat_stop(stack):
             expect(page.locator("#compare-plot .legendtext", has_text=series)).to_have_count(1)
         assert page.locator("#compare-plot .errorbar").count() >= 4 + 3 + 3  # one bar per point
         page.screenshot(path=str(shots / "compare.png"), full_page=True)
+        # what a size loses, item by item: the middle size against the teacher, counted, with McNemar's test
+        page.get_by_text("What a size loses, item by item").click()
+        summary = page.locator("#items-summary")
+        expect(summary).to_contain_text("items: both right")
+        expect(summary).to_contain_text("McNemar exact test")
+        expect(summary).to_contain_text("against teacher-8 (B)")
         # a published families.csv (here: this family's own numbers, as `boomerang compare` writes them) joins
         # the chart: its student and sizes and undistilled baselines are new points; its drop-bi models and
         # teacher are the ones already drawn, measured alike, so they are drawn once

@@ -1,6 +1,7 @@
 """Evaluation: lm-eval offline on local files, a rigged model scores 1.0, results and charts, resume."""
 
 import csv
+import hashlib
 import json
 
 import pytest
@@ -19,6 +20,11 @@ from boomerang.student import cut_student
 from tiny import N_LAYERS, save_tiny_teacher, tiny_model, tiny_tokenizer, tokens
 
 ANSWER = "xyz"
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
 
 
 def write_eval_files(folder):
@@ -98,6 +104,38 @@ def test_a_model_rigged_for_a_distractor_scores_zero(tmp_path):
     assert metrics_of(lm_eval_task(model, tok, spec, EvalSettings()))["acc"][0] == 0.0
 
 
+def test_what_a_model_gets_right_that_another_does_not_item_by_item_on_a_planted_task(tmp_path):
+    """Golds planted so the model rigged for "xyz" is right on items 0-2, the one rigged for "xzy" on 3-4, and
+    neither on 5 (gold "yxz"): the two-model counts equal that hand count, McNemar's test says within noise."""
+    from boomerang.evaluation import items
+
+    golds = ["xyz", "xyz", "xyz", "xzy", "xzy", "yxz"]
+    rows = [{"query": f"Question: item {i}?", "choices": ["xyz", "xzy", "yxz"], "gold": ["xyz", "xzy", "yxz"].index(g)}
+            for i, g in enumerate(golds)]
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "planted.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec = tasks.resolve(["planted"], tmp_path / "data")[0]
+    scored = {}
+    for name, chain in (("gold", GOLD_CHAIN), ("wrong", WRONG_CHAIN)):
+        model, tok = rigged_model(chain)
+        scored[name] = lm_eval_task(model, tok, spec, EvalSettings(batch_size=4))["items"]
+    result = items.pair(scored["gold"], scored["wrong"])
+    assert {k: result[k] for k in ("both", "only_a", "only_b", "neither", "n")} == {
+        "both": 0, "only_a": 3, "only_b": 2, "neither": 1, "n": 6}
+    assert [r["right"] for r in result["rows"]] == ["only_a"] * 3 + ["only_b"] * 2 + ["neither"]
+    assert [r["pick_a"] for r in result["rows"]] == [0] * 6 and [r["pick_b"] for r in result["rows"]] == [1] * 6
+    assert result["p_value"] == 1.0 and result["acc_a"] == pytest.approx(0.5)
+    assert "both right 0, only gold 3, only wrong 2, neither 1" in items.summary(result, "gold", "wrong")
+    assert items.pair(scored["gold"], scored["wrong"], "acc_norm")["only_a"] == 3
+    # McNemar's exact test against the binomial tail by hand
+    assert items.mcnemar(0, 0) == 1.0 and items.mcnemar(5, 0) == pytest.approx(2 / 32)
+    assert items.mcnemar(10, 2) == pytest.approx(2 * (1 + 12 + 66) / 4096) and items.mcnemar(2, 10) == items.mcnemar(10, 2)
+    with pytest.raises(BoomerangError, match="different documents"):
+        items.pair(scored["gold"], [{**i, "doc": "other"} for i in scored["wrong"]])
+    with pytest.raises(BoomerangError, match="share no scored item"):
+        items.pair(scored["gold"], [])
+
+
 def test_undistilled_sizes_are_layer_dropping_by_the_plan():
     teacher = tiny_model("llama")
     plan = LayerPlan.from_rule(N_LAYERS)
@@ -163,6 +201,34 @@ def test_eval_command_end_to_end_and_resume(tmp_path, capsys):
     assert "same_shape_as" not in json.loads(next((cells / "teacher-8").glob("cost.*.json")).read_text())
     assert main(argv) == 0
     assert "0 cells computed, 35 already on disk" in capsys.readouterr().out
+    # how every number was made, in the table
+    table = read_csv(tmp_path / "results" / "family.csv")
+    quiz_row = next(r for r in table if r["key"] == "student-5" and r["task"] == "quiz" and r["metric"] == "acc")
+    assert (quiz_row["device"], quiz_row["dtype"], quiz_row["items"], quiz_row["fewshot"], quiz_row["seed"]) == (
+        "cpu", "float32", "5", "0", "0")
+    assert quiz_row["task_hash"] == hashlib.sha256((data / "quiz.jsonl").read_bytes()).hexdigest()[:12]
+    assert quiz_row["lm_eval"] and quiz_row["transformers"] and quiz_row["torch"] == torch.__version__
+    held_row = next(r for r in table if r["key"] == "teacher-8" and r["task"] == "heldout" and r["metric"] == "kl_to_teacher")
+    assert int(held_row["items"]) > 0 and held_row["fewshot"] == "" and held_row["task_hash"] == ""
+    # every scored item is kept; two models compared item by item from the command line
+    quiz = json.loads(next((cells / "student-5").glob("quiz.*.json")).read_text())
+    assert [i["id"] for i in quiz["items"]] == list(range(5)) and all(len(i["ll"]) == 3 for i in quiz["items"])
+    assert quiz["items"][0]["prompt"].endswith("Question: item 0?") and "xyz" in [c.strip() for c in quiz["items"][0]["choices"]]
+    assert main(["compare", str(tmp_path / "results"), "--items", "student-5", "teacher-8", "--task", "quiz",
+                 "--out", str(tmp_path / "items")]) == 0
+    printed = capsys.readouterr().out
+    mine = {m: [int(i["scores"]["acc"]) for i in json.loads(next((cells / m).glob("quiz.*.json")).read_text())["items"]]
+            for m in ("student-5", "teacher-8")}
+    hand = sum(a and not b for a, b in zip(mine["student-5"], mine["teacher-8"], strict=True))
+    assert f"only student-5 {hand}," in printed and "McNemar exact test" in printed
+    assert len(read_csv(tmp_path / "items" / "items-student-5-teacher-8-quiz.csv")) == 5
+    # a cell measured before items were kept is measured again, once, to the same numbers
+    path = next((cells / "student-5").glob("quiz.*.json"))
+    old = json.loads(path.read_text())
+    path.write_text(json.dumps({k: v for k, v in old.items() if k != "items"}))
+    assert main(argv) == 0
+    assert "1 cells computed, 34 already on disk" in capsys.readouterr().out
+    assert json.loads(path.read_text())["metrics"] == old["metrics"]
     assert main([*argv[:-2], "--out", str(tmp_path / "results"), "--limit", "2"]) == 0
     assert "21 cells computed, 14 already on disk" in capsys.readouterr().out  # a new limit: new lm-eval cells only
 

@@ -221,6 +221,62 @@ def test_a_student_distilled_at_a_size_with_the_familys_recipe_joins_its_evaluat
     assert "no size with 8 layers between this family's student and teacher: its sizes are 6, 7" in capsys.readouterr().err
 
 
+def test_students_that_split_the_familys_budget_are_compared_with_it_at_equal_total_budget(tmp_path, capsys):
+    """`baselines --split`: K students with 1/K of the family's steps each, evaluated as the `split` series; every
+    model carries its training tokens (a family's sizes its one run's); compare sets each size beside the split
+    student at equal total budget, and charts quality against total tokens."""
+    from boomerang.evaluation.budget import training_costs
+
+    save_tiny_teacher(tmp_path / "teacher", "llama")
+    (tmp_path / "corpus.txt").write_text(TEXT)
+    base = ["--teacher", str(tmp_path / "teacher"), "--data", str(tmp_path / "corpus.txt"), "--seq-len", "16",
+            "--batch-size", "2", "--device", "cpu", "--steps", "6", "--lr", "0.002"]
+    assert main(["distill", *base, "--recipe", "paper", "--mix-prob", "0.5", "--out", str(tmp_path / "run")]) == 0
+    student = tmp_path / "run" / "student"
+    assert main(["baselines", str(student), "--split"]) == 0  # the family's sizes 6 and 7: 3 steps each
+    assert "3 steps" in capsys.readouterr().out
+    for n in (6, 7):
+        recipe = json.loads((tmp_path / "run" / "at-size" / "split2" / str(n) / "recipe.json").read_text())
+        assert recipe["steps"] == 3 and recipe["mix_prob"] == 0.0
+    costs = training_costs(student)
+    assert costs["family"]["train_tokens"] == 6 * 2 * 16 and costs["family"]["train_seconds"] > 0
+    assert costs["split2-6"]["train_tokens"] == costs["split2-7"]["train_tokens"] == 3 * 2 * 16
+    assert main(["eval", str(student), "--general-data", "shipped", "--heldout-tokens", "256", "--baselines",
+                 "undistilled"]) == 0
+    rows = read_csv(student / "eval" / "family.csv")
+    assert {r["key"] for r in rows if r["series"] == "split"} == {"split2-6", "split2-7"}
+    capsys.readouterr()
+    out = tmp_path / "cmp"
+    assert main(["compare", str(student), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    table = read_csv(out / "families.csv")
+    tokens = {r["key"].split(":")[-1]: r["train_tokens"] for r in table}
+    assert tokens["interpolated-6"] == tokens["student-5"] == "192" and tokens["split2-6"] == "96"
+    assert tokens["teacher-8"] == "" and tokens["undistilled-6"] == "0"
+    pairs = read_csv(out / "equal-budget.csv")
+    kl = [p for p in pairs if p["task"] == "general" and p["metric"] == "kl_to_teacher"]
+    assert [p["n_layers"] for p in kl] == ["6", "7"]
+    assert {(p["family_tokens"], p["split_tokens"]) for p in kl} == {("192", "192")}  # equal total budget
+    family_kl = {int(r["n_layers"]): float(r["value"]) for r in rows
+                 if r["series"] == "interpolated" and r["task"] == "general" and r["metric"] == "kl_to_teacher"}
+    assert float(kl[0]["interpolated"]) == pytest.approx(family_kl[6])
+    assert "general equal-budget run at 6 layers: kl_to_teacher family" in printed
+    assert "(family 192 tokens for every size; split students 192 together)" in printed
+    assert "at equal total budget, of 2 sizes the family's is better at" in printed
+    # the recipe each model's family was made with, hashed, beside every number
+    from boomerang.evaluation.provenance import file_hash
+
+    recipe = {r["key"].split(":")[-1]: r["recipe_hash"] for r in table}
+    assert recipe["interpolated-6"] == file_hash([tmp_path / "run" / "recipe.json"]) != ""
+    chart_html = out / "charts" / "budget-general-kl_to_teacher.html"
+    assert chart_html.is_file() and "total training tokens" in chart_html.read_text()
+    # the charts on another axis, from the table written above
+    assert main(["compare", str(out / "families.csv"), "--out", str(tmp_path / "cmp2"), "--x-axis",
+                 "parameters without embeddings"]) == 0
+    assert "general kl_to_teacher vs. parameters without embeddings" in (
+        tmp_path / "cmp2" / "charts" / "general-kl_to_teacher.html").read_text().replace(":", "")
+
+
 def test_several_families_share_one_chart_and_one_pareto_frontier(place, tmp_path, capsys):
     from boomerang.evaluation.chart import pareto
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 from pathlib import Path
 
@@ -12,8 +13,10 @@ from boomerang import data as d
 from boomerang.cli.flags import RequestCommand, add_family_flags, add_remote_code, load_family
 from boomerang.cli.flags import student_folder as as_student_folder
 from boomerang.errors import BoomerangError
-from boomerang.evaluation.chart import gap_line
-from boomerang.evaluation.compare import compare_families
+from boomerang.evaluation import items
+from boomerang.evaluation.budget import budget_line
+from boomerang.evaluation.chart import NOT_AVERAGED, X_AXES, gap_line
+from boomerang.evaluation.compare import compare_families, is_table, results_of
 from boomerang.evaluation.metrics import EvalSettings, family_label_free
 from boomerang.evaluation.run import EvalRequest, evaluate_student
 from boomerang.settings import add_flags, values_from_args
@@ -49,6 +52,15 @@ def register(sub) -> None:
                    help="a name per folder, in order (default: its run folder; a table's families keep theirs)")
     p.add_argument("--out", required=True, help="folder for families.csv and charts/")
     p.add_argument("--chart-metric", default="acc", help="metric of the task charts (default acc)")
+    p.add_argument("--x-axis", default="parameters", choices=X_AXES, help="what the charts' x axis (and Pareto "
+                   "frontiers) measure a model by: its size, or its measured cost (default parameters)")
+    p.add_argument("--chance-normalised", action="store_true", help="accuracy charts rescaled so 0 is guessing "
+                   "(1 / choices) and 1 every item right")
+    p.add_argument("--items", nargs=2, metavar=("A", "B"), default=None,
+                   help="what model A gets right that B does not, item by item, in one family's results (model keys as "
+                   "in family.csv, e.g. interpolated-23 teacher-30): counts, McNemar's exact test, the items they "
+                   "disagree on, and items-A-B-TASK.csv in --out")
+    p.add_argument("--task", default=None, help="with --items: the task (default: every lm-eval task both have)")
     p.set_defaults(func=cmd_compare)
 
 
@@ -118,7 +130,10 @@ def run_eval(request: EvalRequest) -> int:
 
 
 def cmd_compare(args) -> int:
-    report = compare_families(args.families, args.out, names=args.name, chart_metric=args.chart_metric)
+    if args.items:
+        return compare_items(args)
+    report = compare_families(args.families, args.out, names=args.name, chart_metric=args.chart_metric,
+                              x_axis=args.x_axis, chance=args.chance_normalised)
     for (task, metric), keys in report.frontiers.items():
         print(f"{task} {metric}: Pareto frontier {', '.join(keys)}")
     for (task, metric), pairs in report.gaps.items():  # the paper's central comparison, size by size
@@ -128,9 +143,56 @@ def cmd_compare(args) -> int:
         print(f"{task} {metric}: of {len(pairs)} sizes with a student distilled at the size, the distilled student is "
               f"better at {won['distilled']}, the interpolated size at {won['interpolated']}, "
               f"{won['within noise']} within noise")
+    for (task, metric), pairs in report.budget.items():  # the family against students that split its budget
+        for g in pairs:
+            print(f"{task} equal-budget {budget_line(g, metric)}")
+        won = {w: sum(g["winner"] == w for g in pairs) for w in ("distilled", "interpolated", "within noise")}
+        print(f"{task} {metric}: at equal total budget, of {len(pairs)} sizes the family's is better at "
+              f"{won['interpolated']}, the split student at {won['distilled']}, {won['within noise']} within noise")
     print(f"table {report.table}")
     if report.gaps:
         print(f"table {report.table.with_name('at-size.csv')}")
+    if report.budget:
+        print(f"table {report.table.with_name('equal-budget.csv')}")
     for path in report.charts:
         print(f"chart {path}")
+    return 0
+
+
+ITEM_FIELDS = ["id", "right", "gold", "pick_a", "pick_b", "prompt", "choices", "ll_a", "ll_b"]
+SHOWN_ITEMS = 10
+"""Items printed per task where the two models disagree (every item goes to the CSV)."""
+
+
+def compare_items(args) -> int:
+    if len(args.families) != 1 or is_table(args.families[0]):
+        raise BoomerangError("--items compares two models of one family's results: name one student or results folder")
+    results = results_of(args.families[0])
+    a, b = args.items
+    metric = args.chart_metric
+    tasks = [args.task] if args.task else sorted(
+        {p.name.split(".")[0] for p in (results / "cells" / a).glob("*.json")}
+        & {p.name.split(".")[0] for p in (results / "cells" / b).glob("*.json")} - set(NOT_AVERAGED))
+    if not tasks:
+        raise BoomerangError(f"{a} and {b} share no lm-eval task in {results} (model keys as in family.csv)")
+    out = Path(args.out).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    for task in tasks:
+        result = items.pair(items.read_items(items.cell_of(results, a, task)),
+                            items.read_items(items.cell_of(results, b, task)), metric)
+        print(f"{task} {metric}: {items.summary(result, a, b)}")
+        differ = [r for r in result["rows"] if r["right"] in ("only_a", "only_b")]
+        for r in differ[:SHOWN_ITEMS]:
+            who = a if r["right"] == "only_a" else b
+            print(f"  item {r['id']}: only {who} right (gold {r['gold']}; {a} picked {r['pick_a']}, {b} {r['pick_b']}): "
+                  f"{r['prompt'][-100:]!r}")
+        if len(differ) > SHOWN_ITEMS:
+            print(f"  ... {len(differ) - SHOWN_ITEMS} more")
+        path = out / f"items-{a}-{b}-{task}.csv"
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=ITEM_FIELDS, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows({**r, "choices": json.dumps(r["choices"]), "ll_a": json.dumps(r["ll_a"]),
+                              "ll_b": json.dumps(r["ll_b"])} for r in result["rows"])
+        print(f"table {path}")
     return 0

@@ -49,6 +49,9 @@ def register(sub) -> None:
     p.add_argument("--sizes", default=None, help="comma-separated layer counts (default: three spread over the family)")
     p.add_argument("--order", default="best", help="the patch order whose sizes are meant (default: best, the "
                    "family's own)")
+    p.add_argument("--split", action="store_true", help="split the family's budget between the sizes (each student "
+                   "1/K of its steps for K sizes): the students together cost what the family cost, the equal-total-"
+                   "budget comparison (RUN/at-size/splitK/N; eval shows them as the series 'split')")
     p.set_defaults(func=cmd_baselines)
 
     p = sub.add_parser("snapshot", help="a running or stopped distillation's last checkpoint as a student folder "
@@ -152,7 +155,7 @@ def run_distill(cfg: DistillConfig, *, resume: bool, stop_file: str | None = Non
 
 
 def cmd_baselines(args) -> int:
-    configs = at_size_configs(args.student, args.sizes, order=args.order)
+    configs = at_size_configs(args.student, args.sizes, order=args.order, split=args.split)
     for cfg in configs:
         cfg.check()  # every one before the first starts
     for k, cfg in enumerate(configs, start=1):
@@ -161,12 +164,14 @@ def cmd_baselines(args) -> int:
         if is_done(cfg):
             print(f"[{k}/{len(configs)}] {n} layers: already distilled ({out / 'student'})")
             continue
-        print(f"[{k}/{len(configs)}] distilling a {n}-layer student (teacher layers {cfg.keep}) into {out}")
+        print(f"[{k}/{len(configs)}] distilling a {n}-layer student (teacher layers {cfg.keep}, {cfg.steps} steps) "
+              f"into {out}")
         result = run_distill(cfg, resume=(out / "recipe.json").is_file())
         if result is None or result.stopped:
             print("stopped: run boomerang baselines again to continue where it stopped")
             return 0
-    print(f"done: boomerang eval {args.student} puts them beside the family (series 'distilled')")
+    print(f"done: boomerang eval {args.student} puts them beside the family (series "
+          f"'{'split' if args.split else 'distilled'}')")
     return 0
 
 

@@ -14,7 +14,7 @@ LOWER_IS_BETTER = {"perplexity", "kl_to_teacher", "word_perplexity", "byte_perpl
                    "prefill_ms", "weights_mb", "peak_mb"}
 LOG_Y = {"perplexity", "word_perplexity", "byte_perplexity"}  # spans orders of magnitude across baselines
 COLORS = {"interpolated": "#1f77b4", "teacher": "#d62728", "student": "#2ca02c", "undistilled": "#7f7f7f",
-          "drop-bi": "#ff7f0e", "reference": "#9467bd", "distilled": "#8c564b"}
+          "drop-bi": "#ff7f0e", "reference": "#9467bd", "distilled": "#8c564b", "split": "#e377c2"}
 
 
 LABEL_FREE = ("heldout", "general")
@@ -79,6 +79,60 @@ def points(rows: list[dict], task: str, metric: str) -> list[dict]:
     return out
 
 
+X_AXES = ("parameters", "parameters without embeddings", "decode latency (ms/token)", "prefill latency (ms)",
+          "memory (MB)")
+"""What a chart's x axis (and "fit my budget") measures a model by: its size, or its cost as measured (the cost
+cells: decode and prefill latency at batch 1, weights in memory)."""
+_COST_AXES = {"decode latency (ms/token)": ("decode_tokens_per_s", lambda v: 1000.0 / v if v else None),
+              "prefill latency (ms)": ("prefill_ms", lambda v: v), "memory (MB)": ("weights_mb", lambda v: v)}
+
+
+def x_of(rows: list[dict], axis: str) -> dict[str, float]:
+    """{model key: its x} on `axis` (X_AXES); models lacking it (no cost cell, a row without the count) are left out."""
+    if axis == "parameters":
+        return {r["key"]: r["params"] for r in rows}
+    if axis == "parameters without embeddings":
+        return {r["key"]: int(r["params_no_embed"]) for r in rows if r.get("params_no_embed") not in (None, "")}
+    if axis not in _COST_AXES:
+        raise ValueError(f"unknown x axis {axis!r}: one of {', '.join(X_AXES)}")
+    metric, convert = _COST_AXES[axis]
+    measured = one_measurement(rows, "cost", metric)[0]
+    out = {r["key"]: convert(r["value"]) for r in measured if r["value"] == r["value"]}  # NaN: not measured
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def on_axis(pts: list[dict], rows: list[dict], axis: str) -> tuple[list[dict], int]:
+    """`pts` with `x` set from `axis` (see `x_of`), and how many points were left out for lack of it."""
+    xs = x_of(rows, axis)
+    kept = [{**p, "x": xs[p["key"]]} for p in pts if p["key"] in xs]
+    return kept, len(pts) - len(kept)
+
+
+def _x(p: dict) -> float:
+    return p.get("x", p["params"])
+
+
+CHANCE_METRICS = ("acc", "acc_norm")
+
+
+def chance_normalised(rows: list[dict]) -> list[dict]:
+    """Accuracy rows rescaled so that 0 is chance and 1 is every item right: (acc - c) / (1 - c), c the mean of
+    1 / choices over the task's items (kept with each cell: `provenance`); its standard error scaled alike. Other
+    metrics pass unchanged; accuracy rows whose chance is unknown (measured before it was kept) are left out."""
+    out = []
+    for r in rows:
+        if r["metric"] not in CHANCE_METRICS:
+            out.append(r)
+            continue
+        made = r.get("provenance") or (r.get("settings") or {}).get("provenance") or {}
+        c = made.get("chance")
+        if not isinstance(c, (int, float)) or not 0 <= c < 1:
+            continue
+        out.append({**r, "value": (r["value"] - c) / (1 - c),
+                    "stderr": None if r.get("stderr") is None else r["stderr"] / (1 - c)})
+    return out
+
+
 FAMILY_SERIES = ("teacher", "student", "interpolated")
 """A family's own models (the rest of a chart's points are baselines and other families)."""
 
@@ -115,9 +169,9 @@ def noise_note(pts: list[dict]) -> str:
 
 
 def pareto(pts: list[dict], higher_is_better: bool = True) -> list[dict]:
-    """Points no other point beats with fewer or equal parameters."""
+    """Points no other point beats with fewer or equal parameters (or less of the point's `x`: see `on_axis`)."""
     best, frontier = None, []
-    for p in sorted(pts, key=lambda p: (p["params"], -p["value"] if higher_is_better else p["value"])):
+    for p in sorted(pts, key=lambda p: (_x(p), -p["value"] if higher_is_better else p["value"])):
         if best is None or (p["value"] > best if higher_is_better else p["value"] < best):
             frontier.append(p)
             best = p["value"]
@@ -130,23 +184,57 @@ def dominated_by(pts: list[dict], higher_is_better: bool = True) -> dict[str, st
     better = (lambda a, b: a > b) if higher_is_better else (lambda a, b: a < b)
     out = {}
     for p in pts:
-        rivals = [q for q in pts if q["params"] <= p["params"] and better(q["value"], p["value"])]
-        out[p["key"]] = min(rivals, key=lambda q: (q["params"], q["key"]))["key"] if rivals else None
+        rivals = [q for q in pts if _x(q) <= _x(p) and better(q["value"], p["value"])]
+        out[p["key"]] = min(rivals, key=lambda q: (_x(q), q["key"]))["key"] if rivals else None
     return out
 
 
-def figure(pts: list[dict], task: str, metric: str, *, log_x: bool = False, highlight: str | None = None):
+def figure(pts: list[dict], task: str, metric: str, *, log_x: bool = False, highlight: str | None = None,
+           x_axis: str = "parameters"):
+    """The chart of `points` (with `x` from `on_axis` when `x_axis` is not parameters)."""
+    import plotly.graph_objects as go  # only when a chart is drawn
+
+    fig = go.Figure()
+    _draw(fig, pts, metric, x_axis=x_axis, highlight=highlight)
+    fig.update_layout(title=f"{task}: {metric} vs. {x_axis}", xaxis_title=x_axis, yaxis_title=metric,
+                      template="plotly_white", legend={"orientation": "h", "y": -0.2})
+    fig.update_xaxes(type="log" if log_x else "linear")
+    fig.update_yaxes(type="log" if metric in LOG_Y else "linear")
+    return fig
+
+
+def panels(rows: list[dict], metric: str, *, x_axis: str = "parameters", log_x: bool = False):
+    """The average beside one panel per task (the accuracy tasks, `metric` on each), on one x axis."""
+    from plotly.subplots import make_subplots  # only when a chart is drawn
+
+    tasks = sorted({r["task"] for r in rows if r["metric"] == metric and r["task"] not in NOT_AVERAGED})
+    names = (["average"] if len(tasks) > 1 else []) + tasks
+    fig = make_subplots(rows=1, cols=max(1, len(names)), subplot_titles=names, shared_yaxes=True)
+    for col, task in enumerate(names, start=1):
+        pts = points(rows, task, metric)
+        if x_axis != "parameters":
+            pts = on_axis(pts, rows, x_axis)[0]
+        _draw(fig, pts, metric, x_axis=x_axis, col=col, legend=col == 1)
+        fig.update_xaxes(title_text=x_axis, type="log" if log_x else "linear", row=1, col=col)
+    fig.update_layout(title=f"{metric} per task vs. {x_axis}", yaxis_title=metric, template="plotly_white",
+                      legend={"orientation": "h", "y": -0.25})
+    return fig
+
+
+def _draw(fig, pts: list[dict], metric: str, *, x_axis: str = "parameters", highlight: str | None = None,
+          col: int | None = None, legend: bool = True) -> None:
     import plotly.graph_objects as go  # only when a chart is drawn
 
     higher = metric not in LOWER_IS_BETTER
     beaten = dominated_by(pts, higher)
-    fig = go.Figure()
+    where = {"row": 1, "col": col} if col else {}
+    x_fmt = "%{x:,} params" if x_axis == "parameters" else f"{x_axis} " + "%{x:,.4g}"
     families = _families(pts)
     for (series, family), group in _groups(pts):
         symbol = SYMBOLS[families.index(family) % len(SYMBOLS)]
         fig.add_trace(go.Scatter(
-            x=[p["params"] for p in group], y=[p["value"] for p in group],
-            name=f"{series} · {family}" if family else series,
+            x=[_x(p) for p in group], y=[p["value"] for p in group],
+            name=f"{series} · {family}" if family else series, legendgroup=f"{series}{family}", showlegend=legend,
             mode="lines+markers" if len(group) > 1 else "markers",
             # hollow: dominated (a model with no more parameters scores better), filled: on the frontier
             marker={"color": COLORS[series], "size": 9 if series in ("teacher", "student") else 7,
@@ -156,23 +244,19 @@ def figure(pts: list[dict], task: str, metric: str, *, log_x: bool = False, high
             customdata=[[p["key"], p["n_layers"], p.get("blocks", ""),
                          f"dominated by {beaten[p['key']]}" if beaten.get(p["key"]) else "on the Pareto frontier"]
                         for p in group],
-            hovertemplate="%{customdata[0]}<br>%{customdata[1]} layers, %{x:,} params<br>"
+            hovertemplate="%{customdata[0]}<br>%{customdata[1]} layers, " + x_fmt + "<br>"
                           f"{metric}: " + "%{y:.4f}<br>%{customdata[3]}<br>%{customdata[2]}<extra></extra>",
-        ))
+        ), **where)
     front = pareto(pts, higher)
     if front:
-        fig.add_trace(go.Scatter(x=[p["params"] for p in front], y=[p["value"] for p in front], name="Pareto frontier",
-                                 mode="lines", line={"dash": "dot", "color": "black", "width": 1}, hoverinfo="skip"))
+        fig.add_trace(go.Scatter(x=[_x(p) for p in front], y=[p["value"] for p in front], name="Pareto frontier",
+                                 mode="lines", line={"dash": "dot", "color": "black", "width": 1}, hoverinfo="skip",
+                                 legendgroup="pareto", showlegend=legend), **where)
     if highlight:
         chosen = [p for p in pts if p["key"] == highlight]
-        fig.add_trace(go.Scatter(x=[p["params"] for p in chosen], y=[p["value"] for p in chosen], name="fits the budget",
+        fig.add_trace(go.Scatter(x=[_x(p) for p in chosen], y=[p["value"] for p in chosen], name="fits the budget",
                                  mode="markers", marker={"symbol": "star", "size": 18, "color": "gold",
-                                                         "line": {"color": "black", "width": 1}}))
-    fig.update_layout(title=f"{task}: {metric} vs. parameters", xaxis_title="parameters", yaxis_title=metric,
-                      template="plotly_white", legend={"orientation": "h", "y": -0.2})
-    fig.update_xaxes(type="log" if log_x else "linear")
-    fig.update_yaxes(type="log" if metric in LOG_Y else "linear")
-    return fig
+                                                         "line": {"color": "black", "width": 1}}), **where)
 
 
 SYMBOLS = ("circle", "square", "diamond", "triangle-up", "pentagon", "hexagon")
@@ -189,13 +273,13 @@ def _groups(pts: list[dict]) -> list[tuple[tuple[str, str], list[dict]]]:
     for series in COLORS:
         for family in families:
             group = sorted((p for p in pts if p["series"] == series and (p.get("family") or "") == family),
-                           key=lambda p: p["params"])
+                           key=_x)
             if group:
                 out.append(((series, family), group))
     return out
 
 
-SHARED_BASELINES = ("drop-bi", "distilled", "reference")
+SHARED_BASELINES = ("drop-bi", "distilled", "split", "reference")
 """Series whose models do not depend on the family they were evaluated with (see `combine`)."""
 
 
@@ -211,7 +295,7 @@ def at_size_of(family: str) -> str | None:
     return head if sep and head and (not tail or tail.startswith("-")) else None
 
 
-def at_size_gaps(pts: list[dict], metric: str) -> list[dict]:
+def at_size_gaps(pts: list[dict], metric: str, *, series: str = "distilled") -> list[dict]:
     """The paper's central comparison, size by size: every interpolated size beside the student distilled at that
     size (series `distilled`, same layer count, same family or else NAME-at-size[-TAG]), from `points`.
 
@@ -219,11 +303,12 @@ def at_size_gaps(pts: list[dict], metric: str) -> list[dict]:
     (interpolated - distilled), stderr of the difference (the two standard errors as independent, which overstates
     it for models scored on the same text: the verdict errs towards "within noise"; None when either lacks one),
     relative (difference / distilled) and winner: "distilled" or "interpolated" when the difference is over twice
-    its standard error (or, without standard errors, when it is not zero), else "within noise"."""
+    its standard error (or, without standard errors, when it is not zero), else "within noise". `series="split"`:
+    the students distilled with a split of the family's budget instead (see `budget.equal_budget`)."""
     higher = metric not in LOWER_IS_BETTER
     # a family's own student distilled at a size wins over NAME-at-size's at the same size (sorted to come last)
     distilled = {(at_size_of(p.get("family") or "") or p.get("family") or "", p["n_layers"]): p
-                 for p in sorted((p for p in pts if p["series"] == "distilled"),
+                 for p in sorted((p for p in pts if p["series"] == series),
                                  key=lambda p: at_size_of(p.get("family") or "") is None)}
     out = []
     for p in sorted((p for p in pts if p["series"] == "interpolated"), key=lambda p: (p.get("family") or "", p["n_layers"])):
@@ -282,38 +367,42 @@ def combine(families: dict[str, list[dict]]) -> list[dict]:
     return out
 
 
-def save(pts: list[dict], task: str, metric: str, out_dir: str | Path, *, log_x: bool = False) -> tuple[Path, Path]:
-    """Write `<task>-<metric>.html` (interactive) and `.png` (static) into `out_dir`."""
+def save(pts: list[dict], task: str, metric: str, out_dir: str | Path, *, log_x: bool = False,
+         x_axis: str = "parameters") -> tuple[Path, Path]:
+    """Write `<task>-<metric>.html` (interactive) and `.png` (static) into `out_dir` (points with `x` from `on_axis`
+    when `x_axis` is not parameters)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"{task}-{metric}"
-    figure(pts, task, metric, log_x=log_x).write_html(f"{stem}.html", include_plotlyjs="cdn")
-    _png(pts, task, metric, f"{stem}.png", log_x)
+    figure(pts, task, metric, log_x=log_x, x_axis=x_axis).write_html(f"{stem}.html", include_plotlyjs="cdn")
+    _png(pts, task, metric, f"{stem}.png", log_x, x_axis)
     return Path(f"{stem}.html"), Path(f"{stem}.png")
 
 
-def _png(pts: list[dict], task: str, metric: str, path: str, log_x: bool) -> None:
+def _png(pts: list[dict], task: str, metric: str, path: str, log_x: bool, x_axis: str = "parameters") -> None:
     import matplotlib  # only for the PNG charts
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # only for the PNG charts
 
     fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
+    scale = 1e6 if x_axis.startswith("parameters") else 1.0
     marks, families = "osD^ph", _families(pts)
     for (series, family), group in _groups(pts):
         mark = marks[families.index(family) % len(marks)]
-        ax.errorbar([p["params"] / 1e6 for p in group], [p["value"] for p in group],
+        ax.errorbar([_x(p) / scale for p in group], [p["value"] for p in group],
                     yerr=[p.get("stderr") or 0 for p in group], fmt=f"{mark}-" if len(group) > 1 else mark,
                     color=COLORS[series], label=f"{series} · {family}" if family else series, markersize=5,
                     capsize=2, elinewidth=0.8)
     front = pareto(pts, metric not in LOWER_IS_BETTER)
     if front:
-        ax.plot([p["params"] / 1e6 for p in front], [p["value"] for p in front], ":", color="black", label="Pareto frontier")
+        ax.plot([_x(p) / scale for p in front], [p["value"] for p in front], ":", color="black", label="Pareto frontier")
     if log_x:
         ax.set_xscale("log")
     if metric in LOG_Y:
         ax.set_yscale("log")
-    ax.set_xlabel("parameters (millions)"), ax.set_ylabel(metric), ax.set_title(f"{task}: {metric} vs. parameters")
+    ax.set_xlabel(f"{x_axis} (millions)" if scale > 1 else x_axis), ax.set_ylabel(metric)
+    ax.set_title(f"{task}: {metric} vs. {x_axis}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

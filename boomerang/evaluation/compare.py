@@ -8,14 +8,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from boomerang.errors import BoomerangError
-from boomerang.evaluation import chart
+from boomerang.evaluation import budget, chart, provenance
 from boomerang.evaluation.results import ResultStore
+from boomerang.student import MANIFEST
 
 GAP_FIELDS = ["family", "n_layers", "task", "metric", "interpolated", "distilled", "difference", "stderr", "relative",
               "winner"]
 """The columns of `at-size.csv`: the paper's central comparison, one row per size and metric."""
-TABLE_FIELDS = ["family", "key", "series", "n_layers", "params", "task", "metric", "value", "stderr", "pareto", "cell"]
-"""The columns of `families.csv` (written by `compare_families`, read back by `published`)."""
+TABLE_FIELDS = ["family", "key", "series", "n_layers", "params", "params_no_embed", "task", "metric", "value", "stderr", "pareto", "cell",
+                *budget.COST_FIELDS, *provenance.FIELDS]
+"""The columns of `families.csv` (written by `compare_families`, read back by `published`; tables written before
+the training costs were kept lack those)."""
+BUDGET_FIELDS = [*GAP_FIELDS, "family_tokens", "split_tokens"]
+"""The columns of `equal-budget.csv`: each size of a family beside the student distilled at it with 1/K of the
+family's budget (`budget.equal_budget`)."""
 
 
 @dataclass
@@ -29,6 +35,9 @@ class Comparison:
     gaps: dict[tuple[str, str], list[dict]]
     """(task, metric) -> every interpolated size beside the student distilled at that size (`chart.at_size_gaps`),
     for the charts that have such pairs; also written to `at-size.csv`."""
+    budget: dict[tuple[str, str], list[dict]]
+    """(task, metric) -> every interpolated size beside the student distilled at it with a split of the family's
+    budget (`budget.equal_budget`); also written to `equal-budget.csv`, and charted against total tokens."""
 
 
 def results_of(folder: str | Path) -> Path:
@@ -58,7 +67,7 @@ def published(spec: str) -> dict[str, list[dict]]:
         raise BoomerangError(f"no such table: {path} (a families.csv written by boomerang compare)")
     with open(path, newline="") as f:
         table = list(csv.DictReader(f))
-    needed = set(TABLE_FIELDS) - {"pareto"}  # what a row needs; the Pareto column is computed again
+    needed = set(TABLE_FIELDS) - {"pareto", "params_no_embed", *budget.COST_FIELDS, *provenance.FIELDS}  # what a row needs; the Pareto column is computed again
     if not table or not needed <= set(table[0]):
         raise BoomerangError(f"{path} is not a families.csv written by boomerang compare (columns {sorted(needed)})")
     present = list(dict.fromkeys(r["family"] for r in table if r["family"]))
@@ -72,7 +81,8 @@ def published(spec: str) -> dict[str, list[dict]]:
             continue
         try:
             row = {**r, "n_layers": int(r["n_layers"]), "params": int(r["params"]), "value": float(r["value"]),
-                   "stderr": float(r["stderr"]) if r["stderr"] else None}
+                   "stderr": float(r["stderr"]) if r["stderr"] else None,
+                   "train_tokens": int(r["train_tokens"]) if r.get("train_tokens") else ""}
         except (TypeError, ValueError):
             raise BoomerangError(f"{path}, line {line}: n_layers, params, value and stderr must be numbers") from None
         if r["family"]:
@@ -86,9 +96,12 @@ def is_table(spec: str) -> bool:
 
 
 def compare_families(folders: list[str], out: str | Path, *, names: list[str] | None = None,
-                     chart_metric: str = "acc") -> Comparison:
+                     chart_metric: str = "acc", x_axis: str = "parameters", chance: bool = False) -> Comparison:
     """Families (student or results folders, and `families.csv` tables of earlier comparisons: see `published`) on
-    one chart. `names` name the folders, in order (default: their run folders)."""
+    one chart. `names` name the folders, in order (default: their run folders). `x_axis`: one of chart.X_AXES (the
+    charts' x and their Pareto frontiers); `chance`: accuracies chance-normalised (0 = guessing) in the charts."""
+    if x_axis not in chart.X_AXES:
+        raise BoomerangError(f"unknown x axis {x_axis!r}: one of {', '.join(chart.X_AXES)}")
     if len(folders) < 1:
         raise BoomerangError("name at least one evaluated family")
     tables = [f for f in folders if is_table(f)]
@@ -98,7 +111,7 @@ def compare_families(folders: list[str], out: str | Path, *, names: list[str] | 
         raise BoomerangError(f"{len(folders)} families but {len(names)} names")
     if len(set(names)) != len(names):
         raise BoomerangError(f"two families have the same name ({', '.join(names)}): give --name for each")
-    families = {name: ResultStore(results_of(f)).rows() for name, f in zip(names, folders, strict=False)}
+    families = {name: with_training(f, ResultStore(results_of(f)).rows()) for name, f in zip(names, folders, strict=False)}
     for spec in tables:
         for name, rows in published(spec).items():
             if name in families:
@@ -115,36 +128,55 @@ def compare_families(folders: list[str], out: str | Path, *, names: list[str] | 
     charts: list[Path] = []
     pareto_of: dict = {}
     gaps: dict = {}
+    split: dict = {}
+    charted = chart.chance_normalised(rows) if chance else rows
     for task, metric in wanted:
-        pts = chart.points(rows, task, metric)
+        measured = chart.points(charted, task, metric)
+        pts = chart.on_axis(measured, charted, x_axis)[0]  # the charts' points: those with an x on the axis
+        if pairs := chart.at_size_gaps(measured, metric):
+            gaps[(task, metric)] = pairs
+        if pairs := budget.equal_budget(measured, metric):
+            split[(task, metric)] = pairs
+            fig = budget.figure(measured, task, metric)
+            if fig is not None:
+                (out / "charts").mkdir(parents=True, exist_ok=True)
+                fig.write_html(out / "charts" / f"budget-{task}-{metric}.html", include_plotlyjs="cdn")
+                charts.append(out / "charts" / f"budget-{task}-{metric}.html")
         if not pts:
             continue
-        if pairs := chart.at_size_gaps(pts, metric):
-            gaps[(task, metric)] = pairs
         higher = metric not in chart.LOWER_IS_BETTER
         frontiers[(task, metric)] = [p["key"] for p in chart.pareto(pts, higher)]
         for key, by in chart.dominated_by(pts, higher).items():
             pareto_of[(key, task, metric)] = f"dominated by {by}" if by else "frontier"
-        charts += chart.save(pts, task, metric, out / "charts")
+        charts += chart.save(pts, task, metric, out / "charts", x_axis=x_axis)
     table = out / "families.csv"
     out.mkdir(parents=True, exist_ok=True)
     with open(table, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=TABLE_FIELDS, extrasaction="ignore")
         writer.writeheader()
         for r in rows:
-            writer.writerow({**r, "pareto": pareto_of.get((r["key"], r["task"], r["metric"]), "")})
+            writer.writerow({**r, **provenance.columns(r), "pareto": pareto_of.get((r["key"], r["task"], r["metric"]), "")})
     _write_gaps(gaps, out / "at-size.csv")
-    return Comparison(rows, frontiers, table, charts, gaps)
+    _write_gaps(split, out / "equal-budget.csv", BUDGET_FIELDS)
+    return Comparison(rows, frontiers, table, charts, gaps, split)
 
 
-def _write_gaps(gaps: dict[tuple[str, str], list[dict]], path: Path) -> None:
+def with_training(folder: str | Path, rows: list[dict]) -> list[dict]:
+    """A results folder's rows with what each model cost to train (`budget.with_costs`), when the folder is a
+    student folder's `eval/` (or the student folder) and the student was distilled by this tool."""
+    results = results_of(folder)
+    student = results.parent if results.name == "eval" else results
+    return budget.with_costs(rows, budget.training_costs(student) if (student / MANIFEST).is_file() else {})
+
+
+def _write_gaps(gaps: dict[tuple[str, str], list[dict]], path: Path, fields: list[str] = GAP_FIELDS) -> None:
     """`at-size.csv` (GAP_FIELDS); an earlier comparison's file is removed when these families have no pair, so a
     folder never shows the gaps of families it no longer compares."""
     if not gaps:
         path.unlink(missing_ok=True)
         return
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=GAP_FIELDS)
+        writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         for (task, metric), pairs in gaps.items():
             for g in pairs:

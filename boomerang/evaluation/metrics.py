@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from boomerang.errors import BoomerangError
+from boomerang.evaluation import items
 from boomerang.family import Family
 from boomerang.settings import Settings
 
@@ -130,16 +131,17 @@ def lm_eval_task(model, tokenizer, task: dict | str, settings: EvalSettings) -> 
     return run_lm_eval(lm, task, settings)
 
 
-def run_lm_eval(lm, task: dict | str, settings: EvalSettings) -> dict:
+def run_lm_eval(lm, task: dict | str, settings: EvalSettings, *, keep_items: bool = True) -> dict:
     """Run one lm-eval task on any lm-eval model object (in memory, or an API such as `local-completions`
-    pointed at `boomerang serve`); returns lm-eval's own result for it, with settings."""
+    pointed at `boomerang serve`); returns lm-eval's own result for it, with settings, and every scored item
+    (`items.compact`: what a size loses, item by item; what it costs: bench/bench_items.py)."""
     import lm_eval  # lm-eval takes seconds to import
     from lm_eval.tasks import TaskManager  # lm-eval takes seconds to import
 
     local = isinstance(task, dict)
     out = lm_eval.simple_evaluate(
         model=lm, tasks=[task], num_fewshot=settings.num_fewshot, limit=settings.limit,
-        task_manager=TaskManager(include_defaults=not local), bootstrap_iters=0, log_samples=False,
+        task_manager=TaskManager(include_defaults=not local), bootstrap_iters=0, log_samples=keep_items,
         random_seed=settings.seed, numpy_random_seed=settings.seed, torch_random_seed=settings.seed,
         fewshot_random_seed=settings.seed,
     )
@@ -153,6 +155,7 @@ def run_lm_eval(lm, task: dict | str, settings: EvalSettings) -> dict:
         "higher_is_better": out["higher_is_better"].get(name),
         "lm_eval_version": out.get("lm_eval_version"),
         "settings": asdict(settings),
+        **({"items": items.compact((out.get("samples") or {}).get(name, []))} if keep_items else {}),
     }
 
 

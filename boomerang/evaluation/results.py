@@ -14,6 +14,8 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from boomerang.evaluation import provenance
+
 
 @dataclass(frozen=True)
 class ModelEntry:
@@ -72,7 +74,8 @@ class ResultStore:
             cell = json.loads(path.read_text())
             for metric, (value, stderr) in cell.get("metrics", {}).items():
                 out.append({**cell["model"], "task": cell["task"], "metric": metric, "value": value,
-                            "stderr": stderr, "cell": path.name, "settings": cell.get("settings", {})})
+                            "stderr": stderr, "cell": path.name, "settings": cell.get("settings", {}),
+                            "provenance": cell.get("provenance")})
         return out
 
     def write_table(self, path: str | Path | None = None, rows: list[dict] | None = None) -> Path:
@@ -80,9 +83,9 @@ class ResultStore:
         path = Path(path) if path else self.root / "family.csv"
         rows = self.rows() if rows is None else rows
         fields = ["key", "series", "n_layers", "params", "params_no_embed", "task", "metric", "value", "stderr",
-                  "blocks", "cell"]
+                  "blocks", "cell", *provenance.FIELDS]
         with open(path, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
             writer.writeheader()
-            writer.writerows(rows)
+            writer.writerows({**r, **provenance.columns(r)} for r in rows)
         return path

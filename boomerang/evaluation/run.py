@@ -25,7 +25,7 @@ from boomerang import data as d
 from boomerang.arch import CausalLM
 from boomerang.data import HELDOUT_FILE, SHIPPED_GENERAL
 from boomerang.errors import BoomerangError
-from boomerang.evaluation import chart, task_files
+from boomerang.evaluation import chart, provenance, task_files
 from boomerang.evaluation.chart import FAMILY_SERIES, LABEL_FREE, LABEL_FREE_METRICS
 from boomerang.evaluation.metrics import (
     EvalSettings,
@@ -41,7 +41,7 @@ from boomerang.importance import block_influence, drop_order, dropped_teacher
 from boomerang.models import load_teacher
 from boomerang.plan import parse_layer_list
 from boomerang.settings import Settings
-from boomerang.student import at_size_students, calibration_ids, cut_student, open_family, read_manifest
+from boomerang.student import at_size_students, calibration_ids, cut_student, open_family, read_manifest, split_of
 
 BASELINES = ("undistilled", "drop-bi")
 CALIBRATION_TOKENS = 1024
@@ -111,7 +111,8 @@ def _shape_counts(family: Family, model) -> tuple[int, int]:
 
 def distilled_candidates(family: Family, folders: list[str], teacher) -> list[Candidate]:
     """Students distilled at one size of the family with its recipe, data and budget (`boomerang baselines`): the
-    `distilled` series. Each is loaded when its cells are computed."""
+    `distilled` series; with 1/K of its budget (`baselines --split`): the `split` series. Each is loaded when its
+    cells are computed."""
 
     out = []
     for folder in folders:
@@ -121,8 +122,13 @@ def distilled_candidates(family: Family, folders: list[str], teacher) -> list[Ca
         shape = dropped_teacher(family.teacher, [i for i in range(plan.n_teacher) if i not in set(plan.kept)])
         params, body = _shape_counts(family, shape)
         n = plan.n_student
-        entry = ModelEntry(f"distilled-{n}", "distilled", n, params, body,
-                           compress_runs([f"T{i}" for i in plan.kept]) + " · distilled at this size")
+        k = split_of(folder)
+        if k is None:
+            entry = ModelEntry(f"distilled-{n}", "distilled", n, params, body,
+                               compress_runs([f"T{i}" for i in plan.kept]) + " · distilled at this size")
+        else:
+            entry = ModelEntry(f"split{k}-{n}", "split", n, params, body, compress_runs([f"T{i}" for i in plan.kept])
+                               + f" · distilled at this size with 1/{k} of the family's budget")
         out.append(Candidate(entry, functools.partial(_distilled_student, folder, teacher)))
     return out
 
@@ -196,9 +202,10 @@ def cell_phase(job: CellJob) -> int:
 
 
 def run_cells(jobs: list[CellJob], store: ResultStore, *, family: Family, tokenizer, settings: EvalSettings,
-              texts: dict[str, torch.Tensor], on_cell=None, should_stop=None, on_rows=None) -> int:
+              texts: dict[str, torch.Tensor], on_cell=None, should_stop=None, on_rows=None, made: dict | None = None) -> int:
     """Compute every cell not on disk yet; returns how many were computed. `on_rows(rows)` hears each cell's rows
     (`ResultStore.rows`) as it lands or is found on disk: a chart can show them before the whole evaluation ends.
+    `made` (`provenance.base`): how the numbers were made, kept in every cell computed.
 
     Cost depends on a model's shape alone (layers, widths, dtype, device), not on its weights: a baseline
     with the same layer count and parameters as a size measured in this run takes that size's cost cell
@@ -210,21 +217,23 @@ def run_cells(jobs: list[CellJob], store: ResultStore, *, family: Family, tokeni
     for done, job in enumerate(jobs, start=1):
         entry = job.candidate.entry
         shape = (entry.n_layers, entry.params)
-        if store.get(entry.key, job.task_name, job.key, model=entry) is None:
+        if _missing(store, job):
             if job.task_name in LABEL_FREE and job.candidate.shared:
                 if (entry.key, job.task_name) not in together:
                     together.update(_label_free_together(jobs[done - 1:], job.task_name, store, family, texts, settings))
-                store.put(entry, job.task_name, job.key, together.pop((entry.key, job.task_name)))
+                result = together.pop((entry.key, job.task_name))
             elif job.task_name == "cost" and shape in costs:
-                source, result = costs[shape]
-                store.put(entry, job.task_name, job.key, {**result, "same_shape_as": source})
+                source, measured = costs[shape]
+                result = {**measured, "same_shape_as": source}
             else:
                 model = built.get(entry.key) or job.candidate.build()
                 built = {entry.key: model}  # hold one model at a time
                 result = _compute(job, model, family, tokenizer, settings, texts)
-                store.put(entry, job.task_name, job.key, result)
                 if job.task_name == "cost":
                     costs[shape] = (entry.key, result)
+            if made is not None:
+                result = {**result, "provenance": provenance.of_cell(made, job.task, result, asdict(settings))}
+            store.put(entry, job.task_name, job.key, result)
             computed += 1
             skipped = False
         else:
@@ -236,6 +245,13 @@ def run_cells(jobs: list[CellJob], store: ResultStore, *, family: Family, tokeni
         if should_stop and should_stop():
             break
     return computed
+
+
+def _missing(store: ResultStore, job: CellJob) -> bool:
+    """Whether a cell is to be computed: none on disk for this model, or an lm-eval cell measured before each
+    scored item was kept (measured again once, to the same numbers, so the items can be compared)."""
+    cell = store.get(job.candidate.entry.key, job.task_name, job.key, model=job.candidate.entry)
+    return cell is None or (job.task_name not in (*LABEL_FREE, "cost") and "items" not in cell)
 
 
 LABEL_FREE_TOGETHER = 8
@@ -430,8 +446,10 @@ def evaluate_student(req: EvalRequest, *, on_cell=None, should_stop=None, teache
     if not jobs:
         raise BoomerangError("nothing to evaluate: give tasks, held-out data or cost")
     store = ResultStore(req.out or Path(req.student) / "eval")
+    summary = read_manifest(req.student).distilled or {}
+    made = provenance.base(teacher.model, summary.get("recipe"))
     computed = run_cells(jobs, store, family=family, tokenizer=teacher.tokenizer, settings=req.settings,
-                         texts=texts, on_cell=on_cell, should_stop=should_stop, on_rows=on_rows)
+                         texts=texts, on_cell=on_cell, should_stop=should_stop, on_rows=on_rows, made=made)
     rows = store.rows(cells=[store.path(j.candidate.entry.key, j.task_name, j.key) for j in jobs])
     charts: list[Path] = []
     for task in [*req.tasks, *(["average"] if len(req.tasks) > 1 else [])]:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from boomerang.errors import BoomerangError
 from boomerang.plan import LayerPlan, parse_layer_list
-from boomerang.student import AT_SIZE, MANIFEST, named_schedule, read_manifest
+from boomerang.student import AT_SIZE, MANIFEST, SPLIT, named_schedule, read_manifest
 from boomerang.training.checkpoint import STUDENT
 from boomerang.training.recipe import DistillConfig, read_recipe
 
@@ -38,13 +38,15 @@ def default_sizes(counts: list[int]) -> list[int]:
 
 
 def at_size_configs(student: str | Path, sizes: str | list[int] | None = None, *,
-                    order: str = "best") -> list[DistillConfig]:
+                    order: str = "best", split: bool = False) -> list[DistillConfig]:
     """One distillation per size, as the family's run was made (recipe, data, steps, batch, seed), with the plan
     the size implies and every step on that one size (no mixed sizes: the baseline is the best model of that size
     the budget buys).
 
     The size is the one the family uses: in its best measured order by default (last-k for a folder whose best
-    order was never measured)."""
+    order was never measured). With `split`, the family's budget is split between the K sizes (each gets 1/K of
+    its steps, rounded): the students together cost what the family cost, the equal-total-budget comparison. They
+    go to `RUN/at-size/splitK/N/` (see `split_students`)."""
 
     folder = Path(student).expanduser().resolve()
     manifest = read_manifest(folder)
@@ -67,8 +69,10 @@ def at_size_configs(student: str | Path, sizes: str | list[int] | None = None, *
         raise BoomerangError(f"no size with {bad[0]} layers between this family's student and teacher: its sizes are "
                              f"{', '.join(map(str, inner))}")
     configs = []
+    steps = max(1, round(recipe.steps / len(wanted))) if split else recipe.steps
+    root = folder.parent / AT_SIZE / (f"{SPLIT}{len(wanted)}" if split else "")
     for n in wanted:
         keep = implied_keep(manifest.plan, set(schedule[n]))
-        configs.append(dataclasses.replace(recipe, keep=keep, plan="rule", mix_prob=0.0, evaluate=False,
-                                           out=str(folder.parent / AT_SIZE / str(n))))
+        configs.append(dataclasses.replace(recipe, keep=keep, plan="rule", mix_prob=0.0, evaluate=False, steps=steps,
+                                           out=str(root / str(n))))
     return configs
