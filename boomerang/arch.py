@@ -6,6 +6,7 @@ module needs to know that GPT-2 calls its layers `transformer.h` and Pythia its 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -40,6 +41,22 @@ class Arch:
     """Attribute of the causal-LM wrapper holding the output projection."""
     per_layer_fields: tuple[str, ...] = ("layer_types",)
     """Config fields that are lists with one entry per layer; cut and patched with the layers."""
+    layer_config: Callable[[Sequence[nn.Module]], dict] | None = None
+    """Config fields that say what each layer is, read back from the layers themselves (a sparse or dense MLP, a
+    layer without rotary embeddings): so that a model of these layers, saved and loaded again, builds each
+    position as the block that runs there. Fields of the config that the layers decide at construction by their
+    index (Qwen-MoE's `mlp_only_layers` and `decoder_sparse_step`) are rewritten as an explicit list."""
+    moe: bool = False
+    """A mixture of experts: its router's auxiliary (load-balancing) loss is off in every model this tool builds
+    (`output_router_logits` False: the student is trained on the recipe's terms alone)."""
+
+    def fit_config(self, config, layers: Sequence[nn.Module]) -> None:
+        """Set `config`'s per-layer fields for a model running `layers` in order (in place)."""
+        if self.layer_config is not None:
+            for name, value in self.layer_config(layers).items():
+                setattr(config, name, value)
+        if self.moe and hasattr(config, "output_router_logits"):
+            config.output_router_logits = False
 
     def base_model(self, model: nn.Module) -> nn.Module:
         return getattr(model, self.base)
@@ -75,6 +92,18 @@ class Arch:
 
 _LLAMA_LIKE: dict = dict(base="model", layers="layers", embeddings=("embed_tokens",), norm="norm", head="lm_head")
 
+
+def _sparse_layers(layers: Sequence[nn.Module]) -> dict:
+    """Qwen-MoE: which layers have a dense MLP, by what each layer holds (a sparse block has experts)."""
+    dense = [i for i, layer in enumerate(layers) if not hasattr(layer.mlp, "experts")]
+    return {"mlp_only_layers": dense, "decoder_sparse_step": 1}
+
+
+def _rope_layers(layers: Sequence[nn.Module]) -> dict:
+    """SmolLM3: which layers use rotary position embeddings (the others none: NoPE), by what each layer does."""
+    return {"no_rope_layers": [int(bool(layer.get_submodule("self_attn").use_rope)) for layer in layers]}
+
+
 ARCHES: tuple[Arch, ...] = (
     Arch("Llama (incl. SmolLM2, Llama 3)", ("llama",), **_LLAMA_LIKE),
     Arch("Mistral", ("mistral",), **_LLAMA_LIKE),
@@ -83,6 +112,11 @@ ARCHES: tuple[Arch, ...] = (
     Arch("Gemma 2", ("gemma2",), **_LLAMA_LIKE),
     Arch("Gemma 3 (text)", ("gemma3_text",), **_LLAMA_LIKE),
     Arch("Phi-3", ("phi3",), **_LLAMA_LIKE),
+    Arch("SmolLM3", ("smollm3",), **_LLAMA_LIKE, layer_config=_rope_layers),
+    Arch("Mixtral (mixture of experts)", ("mixtral",), **_LLAMA_LIKE, moe=True),
+    Arch("OLMoE (mixture of experts)", ("olmoe",), **_LLAMA_LIKE, moe=True),
+    Arch("Qwen3-MoE, Qwen2-MoE (mixtures of experts)", ("qwen3_moe", "qwen2_moe"), **_LLAMA_LIKE,
+         layer_config=_sparse_layers, moe=True),
     Arch(
         "GPT-NeoX (Pythia)", ("gpt_neox",),
         base="gpt_neox", layers="layers", embeddings=("embed_in",), norm="final_layer_norm", head="lm_head",
@@ -94,6 +128,16 @@ ARCHES: tuple[Arch, ...] = (
 def intermediate_size(config) -> int:
     """The width of a layer's MLP (GPT-2 calls it `n_inner`, and leaves it unset for 4 x hidden)."""
     return getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * config.hidden_size
+
+
+def active_intermediate_size(config) -> int:
+    """The MLP width a token passes through: a mixture of experts' `num_experts_per_tok` experts of
+    `moe_intermediate_size` (and its shared expert, if any); a dense model's `intermediate_size`."""
+    k = getattr(config, "num_experts_per_tok", None)
+    if not k:
+        return intermediate_size(config)
+    expert = getattr(config, "moe_intermediate_size", None) or intermediate_size(config)
+    return k * expert + (getattr(config, "shared_expert_intermediate_size", None) or 0)
 
 
 def supported_model_types() -> list[str]:

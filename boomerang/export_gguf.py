@@ -123,7 +123,8 @@ def gguf_arch_for(config) -> GgufArch:
     if kind in NOT_WRITTEN:
         raise BoomerangError(NOT_WRITTEN[kind])
     if kind not in GGUF_ARCHES:
-        raise BoomerangError(f"{kind} models are not written as GGUF: supported are {', '.join(GGUF_ARCHES)}")
+        raise BoomerangError(f"{kind} models are not written as GGUF here: supported are {', '.join(GGUF_ARCHES)} "
+                             "(export --format hf and convert the folder with llama.cpp's convert_hf_to_gguf.py)")
     spec = GGUF_ARCHES[kind]
     types = list(getattr(config, "layer_types", None) or [])
     sliding = [t == "sliding_attention" for t in types]

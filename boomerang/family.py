@@ -92,6 +92,7 @@ def assemble(
     config.num_hidden_layers = len(layers)
     if layer_types is not None:
         config.layer_types = list(layer_types)
+    arch.fit_config(config, layers)
     config.tie_word_embeddings = arch.head_module(top).weight is arch.token_embedding(top).weight
     top.config = config  # type: ignore[assignment]  # plain attributes of the model objects
     base.config = config  # type: ignore[assignment]

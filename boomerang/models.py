@@ -206,7 +206,8 @@ def load_teacher(source: str = DEFAULT_TEACHER, *, dtype: str | torch.dtype | No
         norm_source = source
         revision = getattr(model.config, "_commit_hash", None)
 
-    adapter_for(model)  # unsupported architectures fail here, before any work
+    arch = adapter_for(model)  # unsupported architectures fail here, before any work
+    arch.fit_config(model.config, list(arch.layer_list(model)))  # a mixture of experts: no router logits kept for a loss
     fingerprint = weights_fingerprint(model)
     cast_parameters(model, torch_dtype)
     model.to(device).eval().requires_grad_(False)

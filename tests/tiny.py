@@ -19,6 +19,16 @@ CONFIGS: dict[str, dict] = {
     "gemma2": dict(_COMMON, head_dim=8, sliding_window=6, query_pre_attn_scalar=8),
     "gemma3_text": dict(_COMMON, head_dim=8, sliding_window=6, query_pre_attn_scalar=8, sliding_window_pattern=3),
     "phi3": dict(_COMMON, pad_token_id=0, bos_token_id=1, eos_token_id=2),
+    "smollm3": dict(_COMMON, head_dim=8, no_rope_layer_interval=3, pad_token_id=0, bos_token_id=1, eos_token_id=2),
+    # (NoPE at layers 2 and 5)
+    # mixtures of experts: 4 experts, 2 a token; Qwen-MoE with dense layers among sparse ones, so a cut or a patched
+    # size mixes the two kinds at new positions
+    "mixtral": dict(_COMMON, num_local_experts=4, num_experts_per_tok=2, sliding_window=None),
+    "olmoe": dict(_COMMON, num_experts=4, num_experts_per_tok=2),
+    "qwen3_moe": dict(_COMMON, head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                      decoder_sparse_step=2, mlp_only_layers=[4]),
+    "qwen2_moe": dict(_COMMON, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                      shared_expert_intermediate_size=32, mlp_only_layers=[1, 6]),
     "gpt_neox": dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=N_LAYERS,
                      num_attention_heads=4, max_position_embeddings=128, rotary_pct=0.5),
     "gpt2": dict(vocab_size=VOCAB, n_embd=32, n_layer=N_LAYERS, n_head=4, n_positions=128, bos_token_id=1, eos_token_id=2),

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from boomerang.arch import adapter_for, intermediate_size
+from boomerang.arch import active_intermediate_size, adapter_for
 from boomerang.errors import BoomerangError
 from boomerang.models import resolve_device, teacher_config
 
@@ -134,7 +134,7 @@ def estimate_memory(config, kept: list[int], cfg, *, device: str = "cpu", availa
     # under autocast: measured on a CPU; on CUDA (not measured yet: no GPU was lent) the bf16 size is assumed
     act = w if autocast is None else 2 if device.startswith("cuda") else AUTOCAST_ACT_BYTES
     hidden = config.hidden_size
-    inter = intermediate_size(config)
+    inter = active_intermediate_size(config)  # a mixture of experts: the experts a token passes through
     tokens = cfg.batch_size * cfg.seq_len
     aligned = len(kept) if cfg.cosine_weight or cfg.mse_weight else 0
     parts = {
