@@ -8,8 +8,9 @@ Per teacher shape: distillation steps as `boomerang distill` runs them (`--preci
 master weights; the teacher held in bf16), tokens/s, TFLOP/s and MFU against the card's dense bf16 peak (6 x student
 + 2 x teacher parameters per token; attention not counted), the peak memory (`torch.cuda.max_memory_allocated`)
 against the estimate `boomerang distill --estimate` gives from the config alone; checks that every weight is on the
-card and in the dtype expected and that the losses computed in chunks equal the whole ones; then greedy decoding of
-a middle size of the family, one stream and eight batched (tokens/s). Rows that fail a check say so; the exit
+card and in the dtype expected and that the losses computed in chunks equal the whole ones; where bitsandbytes is
+installed, the 8-bit AdamW's first losses against AdamW's; then greedy decoding of a middle size of the family, one
+stream and eight batched (tokens/s). Rows that fail a check say so; the exit
 status is 1 when any did. `--json FILE` keeps the table.
 """
 
@@ -154,11 +155,11 @@ def check_shape(shape: str, tmp: Path, device: torch.device, args) -> list[dict]
     run = setup(cfg)
     rows: list[dict] = []
     try:
-        times = []
+        times, losses = [], []
         for step in range(args.steps + 2):  # two warm-up steps
             sync(device)
             t0 = time.perf_counter()
-            optimizer_step(run, step)
+            losses.append(optimizer_step(run, step)[0])
             sync(device)
             if step >= 2:
                 times.append(time.perf_counter() - t0)
@@ -222,9 +223,38 @@ def check_shape(shape: str, tmp: Path, device: torch.device, args) -> list[dict]
         del run
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    if device.type == "cuda" and shape == args.shapes.split(",")[0] and bitsandbytes_installed():
+        rows.append(eight_bit_row(shape, cfg, losses[:3], device))
     for r in rows:
         print(f"  {r['what']}: {r['value']}{'' if r.get('ok', True) else '  FAILED'}", flush=True)
     return rows
+
+
+def bitsandbytes_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("bitsandbytes") is not None
+
+
+def eight_bit_row(shape: str, cfg, adamw_losses: list[float], device: torch.device) -> dict:
+    """The first three steps again with bitsandbytes' 8-bit AdamW from the same start and batches: the losses
+    within 2 % of AdamW's."""
+    import dataclasses
+
+    from boomerang.training.loop import optimizer_step, setup
+
+    run = setup(dataclasses.replace(cfg, optimizer="adamw8bit", out=cfg.out + "-8bit"))
+    try:
+        losses = [optimizer_step(run, step)[0] for step in range(len(adamw_losses))]
+    finally:
+        for handle in run.hooks:
+            handle.remove()
+        del run
+        torch.cuda.empty_cache()
+    worst = max(abs(a - b) / abs(a) for a, b in zip(adamw_losses, losses, strict=True))
+    return {"shape": shape, "what": "8-bit AdamW: first losses within 2 % of AdamW's", "value": f"worst {worst:.2%}",
+            "detail": f"AdamW {', '.join(f'{x:.4f}' for x in adamw_losses)}; 8-bit {', '.join(f'{x:.4f}' for x in losses)}",
+            "ok": worst <= 0.02}
 
 
 def print_table(rows: list[dict]) -> None:

@@ -107,7 +107,10 @@ def test_a_big_teacher_is_estimated_from_its_config_alone():
     est = estimate_memory(config, kept, cfg, device="cuda", available=80 * 2**30)
     assert est.fits is False and est.parts["optimizer (AdamW)"] == 2 * student * 4
     assert any("--loss-chunk" in a for a in est.advice) and any("--fsdp" in a for a in est.advice)
-    assert any("--checkpointing" in a for a in est.advice)
+    assert any("--checkpointing" in a for a in est.advice) and any("--optimizer adamw8bit" in a for a in est.advice)
+    eight = estimate_memory(config, kept, DistillConfig.from_dict({"device": "cpu", "batch_size": 8, "seq_len": 2048,
+                                                                   "optimizer": "adamw8bit"}), device="cuda")
+    assert eight.parts["optimizer (AdamW)"] == 2 * student  # a byte per moment
     sharded = estimate_memory(config, kept, DistillConfig.from_dict({"device": "cpu", "batch_size": 1, "seq_len": 2048,
                                                                      "processes": 8, "fsdp": True, "loss_chunk": 256,
                                                                      "dtype": "bfloat16"}),
@@ -125,6 +128,22 @@ def test_a_run_that_cannot_fit_is_refused_before_the_teacher_loads(tmp_path, mon
     cfg = DistillConfig.from_dict(dict(teacher=teacher, data=str(tmp_path / "corpus.txt"), out=str(tmp_path / "r"),
                                        device="cpu", batch_size=4096, seq_len=256, steps=1))
     with pytest.raises(BoomerangError, match=r"needs about [\d.]+ GiB per device \(.*logits.*To fit: chunked losses"):
+        loop.distill(cfg)
+    assert not loaded and not (tmp_path / "r").exists()
+
+
+def test_an_8bit_optimizer_is_refused_where_it_cannot_run_before_the_teacher_loads(tmp_path, monkeypatch):
+    import boomerang.training.loop as loop
+
+    with pytest.raises(BoomerangError, match="optimizer must be one of adamw, adamw8bit, got 'sgd'"):
+        DistillConfig.from_dict({"optimizer": "sgd"})
+    (tmp_path / "corpus.txt").write_text(TEXT)
+    loaded = []
+    monkeypatch.setattr(loop, "load_teacher", lambda *a, **k: loaded.append(1))
+    cfg = DistillConfig.from_dict(dict(teacher=teacher_folder(tmp_path, "wide"), data=str(tmp_path / "corpus.txt"),
+                                       out=str(tmp_path / "r"), device="cpu", steps=1, optimizer="adamw8bit"))
+    with pytest.raises(BoomerangError, match="--optimizer adamw8bit runs on CUDA only .*this run is on cpu; use "
+                                             "--optimizer adamw"):
         loop.distill(cfg)
     assert not loaded and not (tmp_path / "r").exists()
 

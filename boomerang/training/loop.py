@@ -142,6 +142,8 @@ def _setup(cfg: DistillConfig, out: Path, resume: bool, teacher: Teacher | None,
     from_checkpoint = _prepare_out(cfg, out, resume) if rank == 0 else resume and (out / CHECKPOINT).is_file()
     parallel.barrier()
     check_fits(cfg)  # a run that cannot fit is refused with the numbers before any weight is read
+    if cfg.optimizer == "adamw8bit":
+        eight_bit_adamw(device)  # likewise a run whose optimizer cannot run here
     with phases.run("loading the teacher", 1, "models") as step:
         if sharded:  # each process reads the teacher on the host and keeps only its shards on the device
             teacher = load_teacher(cfg.teacher, dtype=cfg.dtype, device="cpu")
@@ -249,7 +251,24 @@ def make_optimizer(student: torch.nn.Module, cfg: DistillConfig) -> torch.optim.
         if p.requires_grad:
             (decay if p.ndim >= 2 and id(p) not in embed_ids else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer == "adamw8bit":
+        device = next(student.parameters()).device
+        return eight_bit_adamw(device)(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+
+
+def eight_bit_adamw(device: torch.device):
+    """bitsandbytes' 8-bit AdamW class, or a BoomerangError saying why it cannot run here (checked before a run
+    loads its teacher)."""
+    if device.type != "cuda":
+        raise BoomerangError(f"--optimizer adamw8bit runs on CUDA only (bitsandbytes' 8-bit AdamW): this run is on "
+                             f"{device.type}; use --optimizer adamw")
+    try:
+        import bitsandbytes  # optional, CUDA only
+    except ImportError:
+        raise BoomerangError("--optimizer adamw8bit needs bitsandbytes: pip install bitsandbytes "
+                             "(or use --optimizer adamw)") from None
+    return bitsandbytes.optim.AdamW8bit
 
 
 def _schedule(cfg: DistillConfig) -> Callable[[int], float]:

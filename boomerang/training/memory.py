@@ -141,7 +141,8 @@ def estimate_memory(config, kept: list[int], cfg, *, device: str = "cpu", availa
         "teacher weights": teacher_p * w // shard,
         "student weights": student_p * w // shard,
         "gradients": student_p * w // shard,
-        "optimizer (AdamW)": 2 * student_p * w // shard,
+        # AdamW's two moments in the weights' dtype; the 8-bit AdamW's one byte each
+        "optimizer (AdamW)": 2 * student_p * (1 if getattr(cfg, "optimizer", "adamw") == "adamw8bit" else w) // shard,
         "activations": int(tokens * act * (activation_values(cfg, len(kept), hidden, inter) + aligned * hidden)),
         "logits": int(tokens * config.vocab_size * 4 * logits_copies(cfg)),
     }
@@ -167,6 +168,9 @@ def advice(est: MemoryEstimate, cfg) -> list[str]:
     if p["optimizer (AdamW)"] + p["gradients"] + p["student weights"] > 0.3 * est.total and not cfg.fsdp:
         out.append("shard the student and teacher over N devices: --processes N --fsdp divides weights, gradients "
                    "and optimizer state by N")
+    if (p["optimizer (AdamW)"] > 0.1 * est.total and est.device.startswith("cuda")
+            and getattr(cfg, "optimizer", "adamw") == "adamw"):
+        out.append("an 8-bit optimizer: --optimizer adamw8bit (bitsandbytes) cuts the optimizer state by 4x in float32")
     if cfg.dtype == "float32" and est.device.startswith("cuda"):
         out.append("--dtype bfloat16 halves every weight, gradient and optimizer tensor")
     return out

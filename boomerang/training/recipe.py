@@ -37,6 +37,10 @@ LIMITS = {"steps": (0, 10_000_000), "batch_size": (1, 65_536), "seq_len": (1, 1_
 """Bounds of the whole-number settings (inclusive): past them a setting is a typo, refused before any work."""
 
 
+OPTIMIZERS = ("adamw", "adamw8bit")
+"""What `DistillConfig.optimizer` may name."""
+
+
 @dataclass
 class DistillConfig(Settings):
     """Every setting of a distillation run; a recipe file has exactly these keys."""
@@ -63,6 +67,9 @@ class DistillConfig(Settings):
     """AdamW beta2."""
     weight_decay: float = 0.1
     """AdamW weight decay (matrices only; not norms, biases or embeddings)."""
+    optimizer: str = "adamw"
+    """adamw (torch's), or adamw8bit: bitsandbytes' 8-bit AdamW, its state a quarter of AdamW's (CUDA only, with
+    bitsandbytes installed)."""
     warmup: float = 0.01
     """Warm-up, as a fraction of the steps."""
     schedule: str = "cosine"
@@ -152,6 +159,8 @@ class DistillConfig(Settings):
                 raise BoomerangError(f"{name} must be at most {high:,}, got {value:,}")
         if self.lr <= 0:
             raise BoomerangError(f"lr must be positive, got {self.lr}")
+        if self.optimizer not in OPTIMIZERS:
+            raise BoomerangError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         for name in (*self.loss_weights(), "weight_decay", "clip", "min_lr_ratio"):
             if getattr(self, name) < 0:
                 raise BoomerangError(f"{name} must be 0 or more, got {getattr(self, name)}")
