@@ -184,6 +184,13 @@ def test_eval_command_end_to_end_and_resume(tmp_path, capsys):
     assert "35 cells computed, 0 already on disk" in out
     with open(tmp_path / "results" / "family.csv") as f:
         rows = list(csv.DictReader(f))
+    # what is there so far, printed as each cell lands: a line per cell, the table's own numbers
+    partial = [line for line in out.splitlines() if line.startswith("partial: ")]
+    assert len(partial) == 35 and len({line.split(":")[1] for line in partial}) == 35
+    acc = next(r for r in rows if r["key"] == "student-5" and r["task"] == "quiz" and r["metric"] == "acc")
+    assert f"partial: student-5 quiz: acc {float(acc['value']):.4g}" in partial  # all 5 right: no spread
+    assert any(line.startswith("partial: student-5 heldout: kl_to_teacher ") and " ± " in line and ", perplexity "
+               in line for line in partial), partial
     keys = {r["key"] for r in rows}
     assert keys == {"student-5", "interpolated-7", "teacher-8", "undistilled-5", "undistilled-7", "drop-bi-5", "drop-bi-7"}
     assert {r["task"] for r in rows} == {"quiz", "fill", "cloze", "heldout", "cost"}

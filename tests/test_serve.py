@@ -48,15 +48,20 @@ def server(tmp_path_factory):
                             stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 240
-    while True:
-        assert proc.poll() is None, (tmp / "serve.log").read_text()[-3000:]
-        assert time.time() < deadline, "the server did not become ready"
-        try:
-            if httpx.get(base + "/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
+    try:
+        while True:
+            assert proc.poll() is None, (tmp / "serve.log").read_text()[-3000:]
+            assert time.time() < deadline, "the server did not become ready"
+            try:
+                if httpx.get(base + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+    except BaseException:  # a server that never became ready is not left running
+        proc.kill()
+        proc.wait(timeout=30)
+        raise
     yield {"base": base, "tmp": tmp, "home": home, "env": env, "proc": proc}
     proc.terminate()
     proc.wait(timeout=30)

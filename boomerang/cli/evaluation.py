@@ -119,14 +119,37 @@ def run_eval(request: EvalRequest) -> int:
         bar.set_postfix_str(f"{key} {task}{' (cached)' if skipped else ''}", refresh=False)
         bar.update(1)
 
+    def on_rows(rows):  # what is there so far, as each cell lands (the table and charts come at the end)
+        for line in partial_lines(rows):
+            bar.write(line)
+
     try:
-        report = evaluate_student(request, on_cell=on_cell)
+        report = evaluate_student(request, on_cell=on_cell, on_rows=on_rows)
     finally:
         bar.close()
     print(f"{report.computed} cells computed, {report.total - report.computed} already on disk; table {report.table}")
     for path in report.charts:
         print(f"chart {path}")
     return 0
+
+
+HEADLINE = ("acc", "kl_to_teacher", "perplexity", "top1_agreement", "decode_ms_per_token")
+"""The metrics a landed cell prints while an evaluation runs, in this order (those it has)."""
+
+
+def partial_lines(rows: list[dict]) -> list[str]:
+    """One line per (model, task) of a cell that has just landed: its headline metrics with standard errors."""
+    by_cell: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        by_cell.setdefault((r["key"], r["task"]), []).append(r)
+    out = []
+    for (key, task), mine in by_cell.items():
+        values = {r["metric"]: r for r in mine}
+        shown = [m for m in HEADLINE if m in values] or sorted(values)[:3]
+        parts = [f"{m} {values[m]['value']:.4g}" + (f" ± {values[m]['stderr']:.2g}" if values[m].get("stderr") else "")
+                 for m in shown]
+        out.append(f"partial: {key} {task}: {', '.join(parts)}")
+    return out
 
 
 def cmd_compare(args) -> int:
