@@ -40,6 +40,11 @@ def server(tmp_path_factory):
     env = {**os.environ, "BOOMERANG_HOME": str(home), "OMP_NUM_THREADS": "2"}
     assert subprocess.run([sys.executable, "-m", "boomerang.cli", "cut", "--teacher", "default", "--out",
                            str(tmp / "fam")], env=env, capture_output=True).returncode == 0
+    # the family's best patch order is measured on first use (minutes on 2 busy cores): once here, outside the
+    # server's readiness wait, so what is timed below is the server's own start
+    assert subprocess.run([sys.executable, "-m", "boomerang.cli", "family", "--student", str(tmp / "fam")], env=env,
+                          capture_output=True, timeout=1200).returncode == 0
+    assert json.loads((tmp / "fam" / "boomerang.json").read_text()).get("best_sizes"), "the best order was not kept"
     (tmp / "key").write_text(KEY + "\n")
     port = free_port()
     log = open(tmp / "serve.log", "w")
