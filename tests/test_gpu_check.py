@@ -2,6 +2,7 @@
 passing), and on a machine without CUDA the script refuses in one line that says what runs here instead."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -27,7 +28,8 @@ def test_the_gpu_check_runs_its_whole_table_on_a_tiny_shape_here(tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA: the check would run")
 def test_without_cuda_the_gpu_check_refuses_in_one_line():
-    out = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh")], capture_output=True, text=True, timeout=120)
+    out = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh")], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHON": sys.executable})  # this interpreter, wherever its venv is
     assert out.returncode == 2 and out.stdout == ""
     assert out.stderr.count("\n") == 1 and out.stderr.startswith("error: bench/gpu_check.sh needs a CUDA GPU")
     assert "--device cpu --shapes tiny" in out.stderr
