@@ -59,13 +59,15 @@ def rigged_model(chain=GOLD_CHAIN):
     for prev, nxt in chain:
         table[tok.convert_tokens_to_ids(prev)] = tok.convert_tokens_to_ids(nxt)
     seen = {}
-    model.register_forward_pre_hook(lambda m, args, kwargs: seen.update(ids=kwargs.get("input_ids", args[0] if args else None)),
+    model.register_forward_pre_hook(lambda m, args, kwargs: seen.update(ids=kwargs.get("input_ids", args[0] if args else None),
+                                                                        keep=kwargs.get("logits_to_keep")),
                                     with_kwargs=True)
 
     def rig(module, args, output):
         bias = torch.zeros_like(output)
+        ids = seen["ids"] if not isinstance(seen["keep"], torch.Tensor) else seen["ids"][:, seen["keep"]]  # (B, P)
         for prev, nxt in table.items():
-            bias[..., nxt] += 60.0 * (seen["ids"] == prev).to(output.dtype)
+            bias[..., nxt] += 60.0 * (ids == prev).to(output.dtype)
         return output * 0 + bias
 
     model.lm_head.register_forward_hook(rig)
@@ -264,3 +266,44 @@ def test_cells_land_cheap_and_telling_first_and_each_cells_rows_are_heard_as_it_
     heard.clear()  # resumed: cells already on disk are heard too (a chart made from a resumed job is complete)
     evaluate_student(req, on_rows=heard.append)
     assert len(heard) == 15 and {(r["key"], r["task"], r["metric"], r["value"]) for rows in heard for r in rows} == ident
+
+
+def test_a_task_is_scored_for_the_family_and_for_the_baselines_as_two_groups_and_a_stop_mid_group_keeps_none(tmp_path):
+    """The first family cell of a task scores every size (the family's group); the baselines are the next group; a stop
+    asked while a group is scored ends the evaluation there with none of that group's cells written."""
+    from boomerang.evaluation import shared
+    from boomerang.evaluation.run import EvalRequest, evaluate_student
+
+    save_tiny_teacher(tmp_path / "teacher", "llama")
+    main(["cut", "--teacher", str(tmp_path / "teacher"), "--out", str(tmp_path / "student")])
+    data = write_eval_files(tmp_path / "data")
+    groups: list[list[str]] = []
+    real = shared.SharedScorer._score
+
+    def spy(self, tokens, max_length):
+        groups.append(sorted(self.models))
+        return real(self, tokens, max_length)
+
+    shared.SharedScorer._score = spy
+    try:
+        req = EvalRequest(student=str(tmp_path / "student"), tasks=["quiz"], data_dir=str(data), baselines=["undistilled"],
+                          sizes="5,7,8", out=str(tmp_path / "results"))
+        stop = {"now": False}
+        heard: list[list[dict]] = []
+
+        def on_rows(rows):
+            heard.append(rows)
+            stop["now"] = True  # once the family's group has landed its cells, ask to stop
+
+        report = evaluate_student(req, on_rows=on_rows, should_stop=lambda: stop["now"])
+        assert groups == [["interpolated-7", "student-5", "teacher-8"]]  # one scoring for the three sizes
+        assert report.computed == 1  # the stop came after the first cell
+        groups.clear()
+        # resumed: the two sizes left are one group, the baselines another; stopped while the baselines are scored
+        report = evaluate_student(req, should_stop=lambda: len(groups) == 2)
+        assert groups == [["interpolated-7", "teacher-8"], ["undistilled-5", "undistilled-7"]]
+        assert report.computed == 2 and not list((tmp_path / "results" / "cells").glob("undistilled-*/quiz.*.json"))
+        groups.clear()
+        assert evaluate_student(req).computed == 2 and groups == [["undistilled-5", "undistilled-7"]]
+    finally:
+        shared.SharedScorer._score = real

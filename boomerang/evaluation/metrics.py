@@ -121,14 +121,16 @@ class EvalSettings(Settings):
             raise BoomerangError(f"batch_size must be at least 1, got {self.batch_size}")
 
 
-def lm_eval_task(model, tokenizer, task: dict | str, settings: EvalSettings) -> dict:
-    """Run one lm-eval task on an in-memory model; returns lm-eval's own result for it, with settings."""
-    from lm_eval.models.huggingface import HFLM  # lm-eval takes seconds to import
+def lm_eval_task(model, tokenizer, task: dict | str, settings: EvalSettings, *, scorer=None, key: str | None = None) -> dict:
+    """Run one lm-eval task on an in-memory model; returns lm-eval's own result for it, with settings.
 
-    # log-likelihoods in float32 whatever the model runs in (a bfloat16 log-softmax over the vocabulary loses the
-    # small differences between choices)
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=settings.batch_size, softmax_dtype=torch.float32)
-    return run_lm_eval(lm, task, settings)
+    Log-likelihoods come from a `shared.SharedScorer`: `scorer` and `key` name the model in a group scored together
+    (each shared computation once); without them the model is a group of one, scored by the same code."""
+    from boomerang.evaluation.shared import SharedScorer, shared_lm
+
+    if scorer is None:
+        scorer, key = SharedScorer({"model": model}, batch_size=settings.batch_size), "model"
+    return run_lm_eval(shared_lm(scorer, key, tokenizer, batch_size=settings.batch_size), task, settings)
 
 
 def run_lm_eval(lm, task: dict | str, settings: EvalSettings, *, keep_items: bool = True) -> dict:

@@ -36,6 +36,7 @@ from boomerang.evaluation.metrics import (
     metrics_of,
 )
 from boomerang.evaluation.results import ModelEntry, ResultStore, cell_key
+from boomerang.evaluation.shared import SharedScorer, Stopped
 from boomerang.family import Family, check_ends, compress_runs, count_params, resolve_order, schedule_of
 from boomerang.importance import block_influence, drop_order, dropped_teacher
 from boomerang.models import load_teacher
@@ -214,6 +215,7 @@ def run_cells(jobs: list[CellJob], store: ResultStore, *, family: Family, tokeni
     built: dict = {}
     costs: dict = {}
     together: dict = {}
+    scorers: dict[str, SharedScorer] = {}
     for done, job in enumerate(jobs, start=1):
         entry = job.candidate.entry
         shape = (entry.n_layers, entry.params)
@@ -225,6 +227,12 @@ def run_cells(jobs: list[CellJob], store: ResultStore, *, family: Family, tokeni
             elif job.task_name == "cost" and shape in costs:
                 source, measured = costs[shape]
                 result = {**measured, "same_shape_as": source}
+            elif job.task_name not in (*LABEL_FREE, "cost") and job.candidate.shared:
+                scorer = _scorer_for(jobs[done - 1:], scorers, store, settings, should_stop)
+                try:
+                    result = _task_cell(job, scorer.models[entry.key], tokenizer, settings, scorer)
+                except Stopped:  # asked to stop while the group was scored: nothing of it is kept
+                    break
             else:
                 model = built.get(entry.key) or job.candidate.build()
                 built = {entry.key: model}  # hold one model at a time
@@ -252,6 +260,21 @@ def _missing(store: ResultStore, job: CellJob) -> bool:
     scored item was kept (measured again once, to the same numbers, so the items can be compared)."""
     cell = store.get(job.candidate.entry.key, job.task_name, job.key, model=job.candidate.entry)
     return cell is None or (job.task_name not in (*LABEL_FREE, "cost") and "items" not in cell)
+
+
+def _scorer_for(jobs: list[CellJob], scorers: dict, store: ResultStore, settings: EvalSettings,
+                should_stop=None) -> SharedScorer:
+    """The scorer of the group `jobs[0]`'s model is scored with on its task: the shared-weight models of the same phase
+    (the family, or the baselines) whose cell of that task is still to compute. The first of them to ask has the
+    whole group scored (see `shared`); the others' cells then take seconds."""
+    job = jobs[0]
+    scorer = scorers.get(job.task_name)
+    if scorer is None or job.candidate.entry.key not in scorer.models:
+        pending = [j for j in jobs if j.task_name == job.task_name and j.candidate.shared
+                   and cell_phase(j) == cell_phase(job) and _missing(store, j)]
+        scorer = scorers[job.task_name] = SharedScorer({j.candidate.entry.key: j.candidate.build() for j in pending},
+                                                        batch_size=settings.batch_size, should_stop=should_stop)
+    return scorer
 
 
 LABEL_FREE_TOGETHER = 8
@@ -284,7 +307,11 @@ def _compute(job: CellJob, model, family: Family, tokenizer, settings: EvalSetti
             return _label_free_cell(job.task_name, r)
         if job.task_name == "cost":
             return {"task": "cost", **measure_cost(model)}
-    result = lm_eval_task(model, tokenizer, job.task, settings)
+    return _task_cell(job, model, tokenizer, settings)
+
+
+def _task_cell(job: CellJob, model, tokenizer, settings: EvalSettings, scorer: SharedScorer | None = None) -> dict:
+    result = lm_eval_task(model, tokenizer, job.task, settings, scorer=scorer, key=job.candidate.entry.key)
     return {**result, "metrics": metrics_of(result)}
 
 
