@@ -128,7 +128,7 @@ def lm_eval_task(model, tokenizer, task: dict | str, settings: EvalSettings, *, 
     (each shared computation once); without them the model is a group of one, scored by the same code."""
     from boomerang.evaluation.shared import SharedScorer, shared_lm
 
-    if scorer is None:
+    if scorer is None or key is None:
         scorer, key = SharedScorer({"model": model}, batch_size=settings.batch_size), "model"
     return run_lm_eval(shared_lm(scorer, key, tokenizer, batch_size=settings.batch_size), task, settings)
 
