@@ -5,6 +5,7 @@ within a budget, and each interpolated size beside the student distilled at it."
 from __future__ import annotations
 
 import csv
+import functools
 import math
 import tempfile
 from pathlib import Path
@@ -36,8 +37,18 @@ def result_rows(services, student_id) -> list[dict]:
                          "params_no_embed": (r.settings or {}).get("params_no_embed") or (
                              z.params_no_embed if z is not None and r.series != "reference" else None)})
         folder = student.folder if (student := s.get(Student, int(student_id))) is not None else None
-    costs = budget.training_costs(folder) if folder and Path(folder).is_dir() else {}
+    costs = {}
+    if folder and Path(folder).is_dir():
+        log = Path(folder) / "metrics.jsonl"
+        costs = _training_costs(folder, len(rows), log.stat().st_mtime_ns if log.is_file() else 0)
     return budget.with_costs(rows, costs)
+
+
+@functools.lru_cache(maxsize=32)
+def _training_costs(folder: str, n_rows: int, log_stamp: int) -> dict[str, dict]:
+    """`budget.training_costs`, read again only when the family's rows or its training log change: the tab's tick
+    asks for the rows every 10 s, and the costs read every manifest and training log of the family's students."""
+    return budget.training_costs(folder)
 
 
 def evaluation_in_progress(services, student_id) -> str:

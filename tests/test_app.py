@@ -198,7 +198,7 @@ def test_compare_chart_table_csv_and_budget(world):
 def test_two_models_item_by_item_in_the_compare_tab(world):
     """The two-model view: which items the family's middle size gets right that the teacher does not and the
     reverse, counted as a hand count over the cells on disk, with McNemar's test; every model's training tokens."""
-    from db.models import Student
+    from db.models import EvalResult, Student
 
     s = world["services"]
     (_, sid), = common.family_choices(s)
@@ -226,6 +226,22 @@ def test_two_models_item_by_item_in_the_compare_tab(world):
     tokens = {r["key"]: r["train_tokens"] for r in compare.result_rows(s, sid)}
     assert tokens["interpolated-6"] == tokens["student-5"] == 8 * 2 * 16  # the family's one run, shared
     assert tokens["undistilled-6"] == 0 and tokens["teacher-8"] == ""
+    # the tab's tick reads the rows every 10 s: the training costs are read again only when the rows change
+    read = []
+    real = compare.budget.training_costs
+    compare.budget.training_costs = lambda folder: read.append(folder) or real(folder)
+    try:
+        compare._training_costs.cache_clear()
+        compare.result_rows(s, sid), compare.result_rows(s, sid)
+        assert len(read) == 1
+        with Session(s.engine) as session:  # a cell lands
+            crud.record_eval_rows(session=session, student_id=int(sid), job_id=None, rows=[dict(rows[0], key="x-1")])
+        assert "x-1" in {r["key"] for r in compare.result_rows(s, sid)} and len(read) == 2
+        with Session(s.engine) as session:  # leave the world as it was for the tests after this one
+            session.delete(session.exec(select(EvalResult).where(EvalResult.model_key == "x-1")).one())
+            session.commit()
+    finally:
+        compare.budget.training_costs = real
 
 
 def test_chat_streams_both_sides_and_stop_ends_both(world):

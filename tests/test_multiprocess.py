@@ -7,9 +7,12 @@ weights, within a stated tolerance (fp32 sums in another order).
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -113,3 +116,81 @@ def test_processes_without_a_launcher_is_refused_with_the_way_out(single):
         distill(DistillConfig(teacher=str(tmp / "teacher"), data=str(tmp / "text.txt"), processes=2,
                               out=str(tmp / "never")))
     assert not (tmp / "never").exists()
+
+
+def launch_nodes(common, out, rdzv, *extra, nodes=(0, 1)):
+    """`boomerang distill --nnodes 2` started as each of two "machines" on this one (loopback, one process each);
+    `common` None: the run's own settings (a resume)."""
+    settings = ["--batch-size", "2", "--nnodes", "2", *common] if common is not None else []
+    return [subprocess.Popen([sys.executable, "-m", "boomerang.cli", "distill", *settings,
+                              "--node-rank", str(r), "--rdzv", rdzv, "--out", str(out), *extra],
+                             env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True) for r in nodes]
+
+
+def worker_of_node(out, node: int) -> int:
+    """The pid of the training process torchrun started for `node` (its GROUP_RANK) of the run writing to `out`."""
+    for proc in Path("/proc").iterdir():
+        try:
+            env = (proc / "environ").read_bytes().split(b"\0")
+            cmd = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if f"GROUP_RANK={node}".encode() in env and b"boomerang.cli" in cmd and str(out).encode() in cmd:
+            return int(proc.name)
+    raise AssertionError(f"no training process of node {node}")
+
+
+def test_two_machines_over_loopback_match_one_process_on_the_same_global_batch(single):
+    tmp, common = single
+    procs = launch_nodes(common, tmp / "nodes", f"127.0.0.1:{free_port()}")
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
+    assert_same_run(tmp / "one", tmp / "nodes")
+    assert json.loads((tmp / "nodes" / "recipe.json").read_text())["nnodes"] == 2
+
+
+def test_a_machine_killed_mid_run_leaves_a_checkpoint_both_resume_from(single):
+    tmp, common = single
+    out = tmp / "killed"
+    procs = launch_nodes(common, out, f"127.0.0.1:{free_port()}", "--steps", "100")
+    deadline = time.time() + 240
+    while not (out / "checkpoint.pt").is_file() or len(curve(out)) < 4:
+        assert time.time() < deadline and all(p.poll() is None for p in procs), "no checkpoint came"
+        time.sleep(0.2)
+    os.kill(worker_of_node(out, 1), signal.SIGKILL)
+    for p in procs:
+        p.communicate(timeout=240)
+    assert procs[1].returncode != 0
+    saved = torch.load(out / "checkpoint.pt", weights_only=True)["step"]
+    assert saved >= 2
+    procs = launch_nodes(None, out, f"127.0.0.1:{free_port()}", "--resume")
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][-2000:]
+    steps = [r["step"] for r in curve(out)]
+    assert steps[-1] == 100 and steps == sorted(set(steps)), "every step once, to the end"
+
+
+def test_a_rendezvous_that_never_completes_is_one_error_line_and_leaves_nothing(single):
+    tmp, common = single
+    out = tmp / "alone"
+    (node0,) = launch_nodes(common, out, f"127.0.0.1:{free_port()}", "--rdzv-timeout", "3", nodes=(0,))
+    text = node0.communicate(timeout=120)[0]
+    assert node0.returncode != 0
+    assert "error: the rendezvous at 127.0.0.1:" in text and "1 of 2 machines joined" in text
+    assert not out.exists()
+    (node1,) = launch_nodes(common, out, f"127.0.0.1:{free_port()}", "--rdzv-timeout", "3", nodes=(1,))
+    text = node1.communicate(timeout=120)[0]
+    assert node1.returncode != 0 and "error: could not reach the rendezvous at 127.0.0.1:" in text
+    assert not out.exists()
+
+
+def test_bad_rendezvous_settings_are_refused_before_any_work(single):
+    tmp, common = single
+    for extra, message in [((), "every machine needs --node-rank R and --rdzv HOST:PORT"),
+                           (("--rdzv", "nohost"), "--rdzv must be HOST:PORT"),
+                           (("--rdzv", "127.0.0.1:1", "--node-rank", "2"), "--node-rank must be 0 to 1")]:
+        done = subprocess.run([sys.executable, "-m", "boomerang.cli", "distill", *common, "--nnodes", "2", *extra,
+                               "--out", str(tmp / "refused")], capture_output=True, text=True, timeout=120)
+        assert done.returncode != 0 and message in done.stdout + done.stderr, done.stderr[-1500:]
+        assert not (tmp / "refused").exists()

@@ -41,6 +41,10 @@ def run_dir_for(job, cfg: DistillConfig) -> Path:
 
 
 def distill(ctx: JobContext, cfg: DistillConfig) -> Outcome:
+    if cfg.nnodes > 1:
+        raise BoomerangError(f"nnodes={cfg.nnodes}: a run over several machines is started from the command line on each "
+                             "of them (`boomerang distill --nnodes N --node-rank R --rdzv HOST:PORT`, "
+                             "docs/scale-out.md); a queued job runs on one worker's machine")
     job = ctx.job
     out = run_dir_for(job, cfg)
     cfg = dataclasses.replace(cfg, out=str(out))

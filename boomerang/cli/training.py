@@ -22,7 +22,7 @@ from boomerang.training.at_size import at_size_configs, is_done
 from boomerang.training.checkpoint import snapshot
 from boomerang.training.loop import distill
 from boomerang.training.memory import estimate_for
-from boomerang.training.parallel import launch_processes
+from boomerang.training.parallel import Rendezvous, launch_processes
 from boomerang.training.recipe import DistillConfig
 from boomerang.training.resolve import resolve_config
 
@@ -40,6 +40,13 @@ def register(sub) -> None:
                         "activations, logits), whether it fits and what would make it fit; from the teacher's config "
                         "alone, nothing loaded or written")
     p.add_argument("--json", action="store_true", help="with --estimate: as JSON")
+    machines = p.add_argument_group("a run over several machines (--nnodes N; docs/scale-out.md)")
+    machines.add_argument("--node-rank", type=int, default=0, help="this machine's place, 0 to N-1 (node 0 hosts the "
+                          "rendezvous and writes the outputs)")
+    machines.add_argument("--rdzv", default=None, metavar="HOST:PORT", help="node 0's address and a free port, the same "
+                          "on every machine")
+    machines.add_argument("--rdzv-timeout", type=int, default=600, metavar="S",
+                          help="seconds to wait for every machine to join (default 600)")
     add_config_flags(p)
     p.set_defaults(func=cmd_distill)
 
@@ -97,8 +104,9 @@ def cmd_distill(args) -> int:
         return 0
     if os.environ.get("RANK", "0") == "0" and "WORLD_SIZE" not in os.environ:
         cfg.check()  # the teacher's config, the plan, the context length, the data: before any weight is loaded
-    if cfg.processes > 1 and "WORLD_SIZE" not in os.environ:
-        return launch_processes(cfg, resume=args.resume, stop_file=args.stop_file)
+    if cfg.world_size > 1 and "WORLD_SIZE" not in os.environ:
+        rdzv = Rendezvous(args.node_rank, args.rdzv, args.rdzv_timeout) if args.rdzv else None
+        return launch_processes(cfg, resume=args.resume, stop_file=args.stop_file, rdzv=rdzv)
     result = run_distill(cfg, resume=args.resume, stop_file=args.stop_file)
     if result is None or result.stopped:
         return 0

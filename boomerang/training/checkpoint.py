@@ -78,7 +78,7 @@ def snapshot(run_folder: str | Path, *, teacher=None, out: str | Path | None = N
     plan = read_plan(run)
     student = cut_student(teacher.model, plan)
     student.load_state_dict(state["student"])
-    tokens = step * cfg.batch_size * cfg.seq_len * cfg.grad_accum * cfg.processes
+    tokens = step * cfg.batch_size * cfg.seq_len * cfg.grad_accum * cfg.world_size
     summary = {"steps": step, "of_steps": cfg.steps, "tokens": tokens, "checkpoint": True,
                "recipe": str(run / RECIPE)}
     manifest = Manifest(teacher.source, teacher.fingerprint, plan, teacher_revision=teacher.revision, distilled=summary)

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -57,11 +60,13 @@ def init_distributed(device: torch.device) -> None:
 
 def check_world(cfg: DistillConfig) -> None:
     """The processes a run has must be the ones its recipe asks for."""
-    if cfg.processes > 1 and "WORLD_SIZE" not in os.environ:
-        raise BoomerangError(f"processes={cfg.processes} needs one process per share: run `boomerang distill` (it starts "
-                             f"them with torchrun), queue a job, or run torchrun --nproc-per-node {cfg.processes} yourself")
-    if cfg.processes > 1 and launched_world_size() != cfg.processes:
-        raise BoomerangError(f"the recipe asks for {cfg.processes} processes but {launched_world_size()} were started")
+    if cfg.world_size > 1 and "WORLD_SIZE" not in os.environ:
+        raise BoomerangError(f"processes={cfg.processes} on nnodes={cfg.nnodes} needs one process per share: run "
+                             "`boomerang distill` (it starts them with torchrun), queue a job, or run torchrun "
+                             f"--nproc-per-node {cfg.processes} --nnodes {cfg.nnodes} yourself")
+    if cfg.world_size > 1 and launched_world_size() != cfg.world_size:
+        raise BoomerangError(f"the recipe asks for {cfg.world_size} processes ({cfg.processes} on each of {cfg.nnodes} "
+                             f"machines) but {launched_world_size()} were started")
 
 
 def all_mean(values: list[float], device) -> list[float]:
@@ -145,13 +150,52 @@ def cuda_count() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-def launch_processes(cfg: DistillConfig, *, resume: bool = False, stop_file: str | None = None, log=None) -> int:
-    """Run a distillation on `cfg.processes` processes (torchrun, one per GPU) and wait for it.
+@dataclass(frozen=True)
+class Rendezvous:
+    """Where the machines of a multi-node run meet (torchrun's static rendezvous: node 0 hosts it)."""
+
+    node_rank: int
+    """This machine's place, 0 to nnodes - 1; node 0 holds global rank 0 (metrics, checkpoints, the student)."""
+    endpoint: str
+    """HOST:PORT of node 0, a port every machine can reach."""
+    timeout: int = 600
+    """Seconds to wait for every machine to join."""
+
+    def check(self, nnodes: int) -> tuple[str, int]:
+        host, sep, port = self.endpoint.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise BoomerangError(f"--rdzv must be HOST:PORT (node 0's address and a free port), got {self.endpoint!r}")
+        if not 0 <= self.node_rank < nnodes:
+            raise BoomerangError(f"--node-rank must be 0 to {nnodes - 1} for --nnodes {nnodes}, got {self.node_rank}")
+        if self.timeout < 1:
+            raise BoomerangError(f"--rdzv-timeout must be at least 1 second, got {self.timeout}")
+        return host, int(port)
+
+
+def torchrun_command(cfg: DistillConfig, rdzv: Rendezvous | None) -> list[str]:
+    """torchrun's own arguments for this machine's share of the run."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(cfg.processes)]
+    if cfg.nnodes == 1:
+        return [*cmd, "--standalone"]
+    if rdzv is None:
+        raise BoomerangError(f"nnodes={cfg.nnodes}: every machine needs --node-rank R and --rdzv HOST:PORT (node 0's "
+                             "address and a free port), and an --out folder every machine sees")
+    host, port = rdzv.check(cfg.nnodes)
+    return [*cmd, "--nnodes", str(cfg.nnodes), "--node-rank", str(rdzv.node_rank), "--master-addr", host,
+            "--master-port", str(port), "--rdzv-conf", f"timeout={rdzv.timeout}", "--max-restarts", "0"]
+
+
+def launch_processes(cfg: DistillConfig, *, resume: bool = False, stop_file: str | None = None, log=None,
+                     rdzv: Rendezvous | None = None) -> int:
+    """Run this machine's share of a distillation, `cfg.processes` processes (torchrun, one per GPU), and wait for it;
+    with `cfg.nnodes` above 1, they join the other machines' at `rdzv`.
 
     The processes run in their own session, so Ctrl-C reaches this launcher alone: the first one
     asks every process to stop after its current step (they checkpoint), a second one terminates them.
-    `log` (a file) receives their output; default: this terminal.
+    `log` (a file) receives their output; default: this terminal. A rendezvous that does not complete raises a
+    `BoomerangError` saying how many machines joined.
     """
+    base = torchrun_command(cfg, rdzv)
     if resolve_device(cfg.device).type == "cuda" and cuda_count() < cfg.processes:
         raise BoomerangError(f"processes={cfg.processes} but only {cuda_count()} GPU(s) are visible here "
                              f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})")
@@ -159,12 +203,14 @@ def launch_processes(cfg: DistillConfig, *, resume: bool = False, stop_file: str
         recipe = Path(tmp) / "recipe.json"
         recipe.write_text(json.dumps(cfg.to_dict()))
         stop = Path(stop_file) if stop_file else Path(tmp) / "stop"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(cfg.processes),
-               "-m", "boomerang.cli", "distill", "--recipe", str(recipe), "--out", cfg.out, "--stop-file", str(stop)]
+        cmd = [*base, "-m", "boomerang.cli", "distill", "--recipe", str(recipe), "--out", cfg.out, "--stop-file", str(stop)]
         cmd += ["--resume"] if resume else []
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS") or
                str(max(1, (os.cpu_count() or 1) // cfg.processes))}
-        proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT if log else None)
+        watch = cfg.nnodes > 1  # read their output to tell a rendezvous that never completed from other failures
+        proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.PIPE if watch else log,
+                                stderr=subprocess.STDOUT if log or watch else None)
+        tail = _forward(proc, log) if watch else None
         asked = {"n": 0}
 
         def on_sigint(signum, frame):
@@ -178,10 +224,53 @@ def launch_processes(cfg: DistillConfig, *, resume: bool = False, stop_file: str
 
         previous = signal.signal(signal.SIGINT, on_sigint) if log is None else None
         try:
-            return proc.wait()
+            rc = proc.wait()
+            if tail is not None:
+                tail.join()
+                _check_rendezvous(rc, tail.text, cfg, rdzv)
+            return rc
         finally:
             if previous is not None:
                 signal.signal(signal.SIGINT, previous)
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGTERM)
                 proc.wait()
+
+
+class _Tail(threading.Thread):
+    """Copies a process's output to a file or this terminal as it comes, keeping its last few kilobytes."""
+
+    def __init__(self, proc: subprocess.Popen, log):
+        super().__init__(daemon=True)
+        self.proc, self.log, self.text = proc, log, ""
+
+    def run(self) -> None:
+        out = self.log.buffer if hasattr(self.log, "buffer") else self.log
+        sink = out if out is not None else sys.stdout.buffer
+        assert self.proc.stdout is not None
+        while chunk := self.proc.stdout.read1(65536):  # type: ignore[attr-defined]  # a BufferedReader
+            sink.write(chunk)
+            sink.flush()
+            self.text = (self.text + chunk.decode(errors="replace"))[-16384:]
+
+
+def _forward(proc: subprocess.Popen, log) -> _Tail:
+    tail = _Tail(proc, log)
+    tail.start()
+    return tail
+
+
+def _check_rendezvous(rc: int, output: str, cfg: DistillConfig, rdzv: Rendezvous | None) -> None:
+    """A clear error for a multi-node launch whose machines never all met (torchrun's own words are a traceback)."""
+    if rc == 0 or rdzv is None:
+        return
+    joined = re.search(r"(\d+)/(\d+) clients joined", output)
+    if joined:
+        raise BoomerangError(f"the rendezvous at {rdzv.endpoint} did not complete within {rdzv.timeout} s: "
+                             f"{joined[1]} of {cfg.nnodes} machines joined (start `boomerang distill` with the same "
+                             "settings and --rdzv on every machine, --node-rank 0 to "
+                             f"{cfg.nnodes - 1}; --rdzv-timeout waits longer)")
+    if "trying to connect" in output or "Connection refused" in output:
+        raise BoomerangError(f"could not reach the rendezvous at {rdzv.endpoint} within {rdzv.timeout} s: node 0 "
+                             "(--node-rank 0) hosts it; is it running, and is that address and port reachable from "
+                             "here?")

@@ -33,7 +33,7 @@ RECIPE = "recipe.json"
 PRECISIONS = ("auto", "bf16", "fp32")
 LIMITS = {"steps": (0, 10_000_000), "batch_size": (1, 65_536), "seq_len": (1, 1_048_576), "grad_accum": (1, 65_536),
           "checkpoint_every": (1, 10_000_000), "teacher_docs": (1, 1_000_000), "processes": (1, 4_096),
-          "max_tokens": (1, 10**13)}
+          "nnodes": (1, 4_096), "max_tokens": (1, 10**13)}
 """Bounds of the whole-number settings (inclusive): past them a setting is a typo, refused before any work."""
 
 
@@ -140,7 +140,11 @@ class DistillConfig(Settings):
     """The forward passes' compute type, under autocast with the weights in `dtype`: auto (bf16 on CUDA, and on a CPU
     with native bfloat16 measured faster here; else fp32) | bf16 | fp32."""
     processes: int = 1
-    """Processes (one per GPU) sharing each global batch; `boomerang distill` and the workers start them with torchrun."""
+    """Processes on each machine (one per GPU) sharing each global batch; `boomerang distill` and the workers start them
+    with torchrun."""
+    nnodes: int = 1
+    """Machines the run spans, each running `processes` processes (torchrun's multi-node rendezvous: every machine runs
+    `boomerang distill` with the same settings, its own --node-rank and node 0's --rdzv HOST:PORT)."""
     fsdp: bool = False
     """Shard the teacher and the student over the processes (FSDP, one unit per layer): for teachers too large for one device."""
     evaluate: bool = False
@@ -224,6 +228,11 @@ class DistillConfig(Settings):
             costs = drop_one_costs(teacher_model, ids, on_layer=step)
         return importance_plan(costs, rule_plan.n_student, keep_first=self.keep_first, keep_last=self.keep_last,
                                max_run=self.every)
+
+    @property
+    def world_size(self) -> int:
+        """Processes sharing each global batch, over every machine."""
+        return self.processes * self.nnodes
 
     def check(self) -> None:
         """Checks against the world, before any work: the teacher's config, the plan on it, the sequence length
