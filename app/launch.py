@@ -140,7 +140,7 @@ def preview_plan(services, teacher: str, keep_first, every, keep_last, keep, pla
                 f"starts as the layers whose loss costs the teacher most on its first training blocks; which ones, "
                 f"and so which sizes the family has, is known then (the rule's plan below shows the size, not the "
                 f"layers).")
-    text += (" **Patch order:** at each size, whichever of last-k, first-k and greedy keeps it closest to the "
+    text += (" **Patch order:** at each size, whichever of last-k, first-k and the greedy orders (from the student up and from the teacher down) keeps it closest to the "
              "teacher, measured when the family is saved (`boomerang family --student DIR` shows each size's).")
     rows = [[s.n_layers, f"{s.params / 1e6:.1f}M", f"{s.params_no_embed / 1e6:.1f}M",
              "teacher" if s.is_teacher else "student" if s.is_student else patched_text(len(s.patched))]

@@ -62,7 +62,7 @@ class ExportRequest(Settings):
         """Before any work: the student exists, the family has this size, the output folder may be written."""
         manifest = read_manifest(self.student)
         measured = set(manifest.patch_orders) | ({"best"} if manifest.best else set())
-        if self.order in ("greedy", "best") and self.order not in measured:
+        if self.order in ("greedy", "reverse", "best") and self.order not in measured:
             counts = [self.layers]  # its sizes are known once the order is computed, when the export runs
         else:
             counts = sorted(named_schedule(manifest, self.order))

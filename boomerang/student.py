@@ -28,6 +28,7 @@ from boomerang.family import (
     greedy_patch_order,
     layer_types_of,
     resolve_order,
+    reverse_greedy_patch_order,
     schedule_of,
 )
 from boomerang.models import Teacher, load_teacher
@@ -70,7 +71,8 @@ class Manifest:
     teacher_revision: str | None = None
     """Hub commit of the teacher, when it came from the hub."""
     patch_orders: dict[str, list[int]] = field(default_factory=dict)
-    """Named patch orders (student layers, first patched first): "last", "first", and "greedy" once computed."""
+    """Named patch orders (student layers, first patched first): "last", "first", and "greedy" and "reverse" once
+    computed."""
     best: dict | None = None
     """The best measured patch order, size by size (`family.BestSizes.to_dict()`), once measured."""
     distilled: dict | None = None
@@ -200,12 +202,12 @@ def family_order(manifest: Manifest, order: str | Sequence[int], teacher: Teache
         if manifest.best is None:
             measure_best(teacher, student, manifest, folder, calibration, phases)
         return named_schedule(manifest, "best")
-    if order != "greedy" or "greedy" in manifest.patch_orders:
+    if order not in ("greedy", "reverse") or order in manifest.patch_orders:
         return named_order(manifest, order)
-    return greedy_order(teacher, student, manifest.plan, calibration)
+    return greedy_order(teacher, student, manifest.plan, calibration, reverse=order == "reverse")
 
 
-BEST_CANDIDATES = ("last", "first", "greedy")
+BEST_CANDIDATES = ("last", "first", "greedy", "reverse")
 """The orders the best one is chosen from, size by size (a tie goes to the one named first)."""
 
 
@@ -235,11 +237,15 @@ def measure_best(teacher: Teacher, student: CausalLM, manifest: Manifest, folder
     blocks = len(manifest.plan.patchable)
     with phases.run("ranking blocks for the greedy order", blocks, "blocks") as step:
         greedy = greedy_patch_order(teacher.model, student, manifest.plan, texts, on_step=lambda *_: step())
-    candidates = {"last": named_order(manifest, "last"), "first": named_order(manifest, "first"), "greedy": greedy}
+    with phases.run("ranking blocks from the teacher's end (the reverse greedy order)", blocks, "blocks") as step:
+        reverse = reverse_greedy_patch_order(teacher.model, student, manifest.plan, texts, on_step=lambda *_: step())
+    candidates = {"last": named_order(manifest, "last"), "first": named_order(manifest, "first"), "greedy": greedy,
+                  "reverse": reverse}
     sizes = len({n for order in candidates.values() for n in schedule_of(manifest.plan, order)})
     with phases.run("choosing the best order per size", sizes, "sizes") as step:
         best = best_schedule(teacher.model, student, manifest.plan, texts, candidates, on_size=lambda *_: step())
     manifest.patch_orders["greedy"] = list(greedy)
+    manifest.patch_orders["reverse"] = list(reverse)
     manifest.best = best.to_dict()
     if folder is not None:
         write_manifest(folder, manifest)
@@ -270,12 +276,16 @@ def calibration_ids(tokenizer, calibration: str | None = None, max_tokens: int =
     return tokenizer(text, return_tensors="pt").input_ids[:, :max_tokens]
 
 
-def greedy_order(teacher: Teacher, student: CausalLM, plan: LayerPlan, calibration: str | None = None) -> tuple[int, ...]:
-    """The greedy patch order (closest to the teacher in KL at each size) on 256 calibration tokens."""
+def greedy_order(teacher: Teacher, student: CausalLM, plan: LayerPlan, calibration: str | None = None, *,
+                 reverse: bool = False) -> tuple[int, ...]:
+    """The greedy patch order (closest to the teacher in KL at each size) on 256 calibration tokens; `reverse`: greedy
+    from the teacher's end (`family.reverse_greedy_patch_order`)."""
 
     ids = calibration_ids(teacher.tokenizer, calibration).to(teacher.device)
-    print(f"computing the greedy order on {ids.shape[1]} calibration tokens...", file=sys.stderr)
-    return greedy_patch_order(teacher.model, student, plan, ids)
+    name = "reverse greedy" if reverse else "greedy"
+    print(f"computing the {name} order on {ids.shape[1]} calibration tokens...", file=sys.stderr)
+    rank = reverse_greedy_patch_order if reverse else greedy_patch_order
+    return rank(teacher.model, student, plan, ids)
 
 
 def open_family(folder: str | Path, *, teacher: Teacher | str | None = None, order: str | Sequence[int] = "best",

@@ -93,7 +93,7 @@ def test_preview_shows_the_plan_and_every_size(world):
     s, tmp = world["services"], world["tmp"]
     text, rows = previewed(s, str(tmp / "teacher"), 1, 2, 2, "")
     assert "`[0, 2, 4, 6, 7]`" in text and "5 layers" in text and [r[0] for r in rows] == [5, 6, 7, 8]
-    assert "**Patch order:** at each size, whichever of last-k, first-k and greedy" in text
+    assert "**Patch order:** at each size, whichever of last-k, first-k and the greedy orders" in text
     text, rows = previewed(s, str(tmp / "teacher"), 1, 2, 2, "2,4")
     assert text.startswith("**Cannot use this plan:**") and "must keep layer 0" in text and rows == []
     text, rows = previewed(s, str(tmp / "teacher"), 1, 2, 2, "", "importance")  # what the cpu recipe uses

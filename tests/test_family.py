@@ -149,6 +149,21 @@ def test_greedy_order_picks_the_closest_block_first():
     assert order[1] == min(second, key=second.get)
 
 
+def test_reverse_greedy_order_takes_back_the_cheapest_block_first():
+    from boomerang.family import reverse_greedy_patch_order
+
+    teacher, student, plan, fam = make_family("llama")
+    x = tokens(2, 16)
+    order = reverse_greedy_patch_order(teacher, student, plan, x)
+    assert sorted(order) == list(plan.patchable)
+    ref = teacher(x).logits
+    every = set(plan.patchable)
+    kl = {j: mean_kl(ref, fam.build_patched(every - {j})(x).logits) for j in plan.patchable}
+    assert order[-1] == min(kl, key=kl.get)  # taken back first: patched last
+    nxt = {j: mean_kl(ref, fam.build_patched(every - {order[-1], j})(x).logits) for j in plan.patchable if j != order[-1]}
+    assert order[-2] == min(nxt, key=nxt.get)
+
+
 def test_size_info_parameter_counts():
     teacher, student, plan, fam = make_family("llama")
     total_teacher = sum(p.numel() for p in teacher.parameters())

@@ -129,7 +129,7 @@ def test_every_path_builds_the_stored_best_sizes(folder, capsys):
     # `boomerang family` says which candidate each size took and its calibration KL
     assert main(["family", "--student", str(folder / "student")]) == 0
     printed = capsys.readouterr().out
-    assert "order    best: per size" in printed and "[greedy; KL last" in printed
+    assert "order    best: per size" in printed and "[greedy+reverse; KL last" in printed
 
 
 def test_a_distillation_chooses_its_order_as_it_saves_the_family(tmp_path):
@@ -155,3 +155,17 @@ def test_sizes_farther_from_the_teacher_than_a_smaller_one_are_named():
                      {5: "last", 6: "first", 7: "greedy", 8: "last"}, 100)
     assert best.dominated() == [6]
     assert BestSizes.from_dict(json.loads(json.dumps(best.to_dict()))) == best
+
+
+def test_the_reverse_greedy_order_is_measured_with_the_best_one_and_builds_alone(folder):
+    from boomerang.family import reverse_greedy_patch_order
+    from boomerang.student import calibration_texts, read_manifest
+
+    opened = open_family(folder / "student")  # measures the best order, both greedy rankings with it
+    manifest = read_manifest(folder / "student")
+    texts = calibration_texts(opened.teacher.tokenizer, folder / "student")
+    assert tuple(manifest.patch_orders["reverse"]) == reverse_greedy_patch_order(
+        opened.teacher.model, opened.family.student, PLAN, texts)
+    assert set(manifest.best["kl"]["6"]) == {"last", "first", "greedy", "reverse"}
+    alone = open_family(folder / "student", order="reverse").family
+    assert alone.order == tuple(manifest.patch_orders["reverse"])

@@ -54,10 +54,10 @@ def add_plan(p: argparse.ArgumentParser) -> None:
 
 def add_order(p: argparse.ArgumentParser) -> None:
     p.add_argument("--order", default="best",
-                   help="patch order: best (the default: the best of last, first and greedy measured size by size, "
-                        "kept in the student folder; last for a freshly cut student) | last (the paper's default) | "
-                        "first (the paper's choice for Llama-3) | greedy (closest to the teacher in KL at each size) | "
-                        "a list of student layers")
+                   help="patch order: best (the default: the best of last, first, greedy and reverse measured size by "
+                        "size, kept in the student folder; last for a freshly cut student) | last (the paper's default) "
+                        "| first (the paper's choice for Llama-3) | greedy (closest to the teacher in KL at each size, "
+                        "from the student up) | reverse (the same from the teacher down) | a list of student layers")
     p.add_argument("--calibration", default=None, help="text file for the greedy order (and eval's drop-bi ranking "
                    "when the held-out text has no spare blocks; default: a built-in text)")
     add_ends(p)

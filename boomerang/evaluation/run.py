@@ -332,7 +332,7 @@ class EvalRequest(Settings):
     """Teacher source (default: the student's own)."""
     order: str = "best"
     """Patch order: best (the best measured per size: the default, measured once if the manifest lacks it) | last |
-    first | greedy | a comma-separated list of student layers."""
+    first | greedy | reverse | a comma-separated list of student layers."""
     ends: str = "student"
     """Whose embeddings and final norm + head the sizes between student and teacher use: student | teacher |
     auto (the paper's reference code: teacher ends on the patched side)."""

@@ -10,6 +10,8 @@ a scorer, so tokenization, the task's metrics and the kept items stay lm-eval's.
 
 Each model gets the numbers it gets scored alone by the same code, bit for bit: the same modules run on the same
 inputs (tests/test_shared_scoring.py checks it in float32, and checks both against lm-eval's own scoring).
+A model's layer list is swapped for the length of its forward pass: score models that no other thread of the
+process runs meanwhile (an evaluation has its own worker process).
 """
 
 from __future__ import annotations
