@@ -318,9 +318,8 @@ def resolve_order(plan: LayerPlan, order: str | Sequence[int]) -> tuple[int, ...
         if order == "first":
             return tuple(blocks)
         if order in ("greedy", "reverse"):
-            raise BoomerangError(f"the {order} order must be computed first: use {order}_greedy_patch_order(...)"
-                                 if order == "reverse" else "the greedy order must be computed first: use "
-                                 "greedy_patch_order(...)")
+            function = "reverse_greedy_patch_order" if order == "reverse" else "greedy_patch_order"
+            raise BoomerangError(f"the {order} order must be computed first: use {function}(...)")
         raise BoomerangError(f"unknown patch order {order!r}: use one of {', '.join(ORDERS)} or a list of student layers")
     order = tuple(int(j) for j in order)
     if sorted(order) != sorted(blocks):
@@ -341,47 +340,41 @@ def mean_kl(teacher_logits: torch.Tensor, logits: torch.Tensor) -> float:
     return float((t.exp() * (t - s)).sum(-1).mean())
 
 
-@torch.no_grad()
 def greedy_patch_order(teacher: CausalLM, student: CausalLM, plan: LayerPlan,
                        calibration: torch.Tensor | list[torch.Tensor], on_step=None) -> tuple[int, ...]:
     """Size by size, patch the block that keeps the model closest to the teacher (mean KL).
 
     `calibration` is a (B, T) batch of token ids, or a list of them; it costs about n^2/2 forwards for n blocks.
     """
-    texts = calibration if isinstance(calibration, list) else [calibration]
-    fam = Family(teacher, student, plan, order="last")
-    refs = [teacher(ids).logits for ids in texts]
-    chosen: list[int] = []
-    remaining = list(plan.patchable)
-    while remaining:
-        scores = {j: kl_on(fam, {*chosen, j}, texts, refs) for j in remaining}
-        best = min(scores, key=lambda j: scores[j])
-        chosen.append(best)
-        remaining.remove(best)
-        if on_step:
-            on_step(len(chosen), len(plan.patchable), best, scores[best])
-    return tuple(chosen)
+    return _greedy(teacher, student, plan, calibration, on_step, from_teacher=False)
 
 
-@torch.no_grad()
 def reverse_greedy_patch_order(teacher: CausalLM, student: CausalLM, plan: LayerPlan,
                                calibration: torch.Tensor | list[torch.Tensor], on_step=None) -> tuple[int, ...]:
     """Greedy from the other end: from every block patched, size by size, take back the block whose student layer
     keeps the model closest to the teacher (mean KL); the patch order is that sequence reversed, so the large sizes
     are chosen as carefully as `greedy_patch_order` chooses the small ones. The same cost, about n^2/2 forwards."""
+    return _greedy(teacher, student, plan, calibration, on_step, from_teacher=True)
+
+
+@torch.no_grad()
+def _greedy(teacher: CausalLM, student: CausalLM, plan: LayerPlan, calibration: torch.Tensor | list[torch.Tensor],
+            on_step, *, from_teacher: bool) -> tuple[int, ...]:
+    """One greedy pass over the blocks: each step takes the block whose move (patched in; with `from_teacher`,
+    taken back out of a model with every block patched) leaves the model closest to the teacher."""
     texts = calibration if isinstance(calibration, list) else [calibration]
     fam = Family(teacher, student, plan, order="last")
     refs = [teacher(ids).logits for ids in texts]
-    patched = list(plan.patchable)
     taken: list[int] = []
-    while patched:
-        scores = {j: kl_on(fam, set(patched) - {j}, texts, refs) for j in patched}
+    remaining = list(plan.patchable)
+    while remaining:
+        scores = {j: kl_on(fam, set(remaining) - {j} if from_teacher else {*taken, j}, texts, refs) for j in remaining}
         best = min(scores, key=lambda j: scores[j])
         taken.append(best)
-        patched.remove(best)
+        remaining.remove(best)
         if on_step:
             on_step(len(taken), len(plan.patchable), best, scores[best])
-    return tuple(reversed(taken))
+    return tuple(reversed(taken)) if from_teacher else tuple(taken)
 
 
 # ----------------------------------------------------------------------------- the best order, size by size

@@ -47,18 +47,17 @@ def model_path(model: CausalLM) -> list:
     arch = adapter_for(model)
     base = arch.base_model(model)
     config = model.config
-    n = len(arch.layer_list(model))
-    per_layer = {k: v for k, v in sorted(vars(config).items()) if isinstance(v, (list, tuple)) and len(v) == n}
+    layers = list(arch.layer_list(model))
+    per_layer = {k: v for k, v in sorted(vars(config).items()) if isinstance(v, (list, tuple)) and len(v) == len(layers)}
     # fields the layers decided at construction (`Arch.layer_config`: rewritten for every cut) are in the layers
-    built_in = set(arch.layer_config(list(arch.layer_list(model)))) if arch.layer_config else set()
+    built_in = set(arch.layer_config(layers)) if arch.layer_config else set()
     level = {k: v for k, v in config.to_dict().items() if k not in _NOT_MODEL_LEVEL | built_in and k not in per_layer}
     level["_attn_implementation"] = getattr(config, "_attn_implementation", None)
     weight = arch.token_embedding(model).weight
     embeddings = tuple(_ids(getattr(base, name)) for name in arch.embeddings)
     root = (type(model).__name__, embeddings, str(weight.dtype), str(weight.device),
             json.dumps(level, sort_keys=True, default=str))
-    return [root] + [(_ids(layer), tuple(str(v[i]) for v in per_layer.values()))
-                     for i, layer in enumerate(arch.layer_list(model))]
+    return [root] + [(_ids(layer), tuple(str(v[i]) for v in per_layer.values())) for i, layer in enumerate(layers)]
 
 
 def _ids(module: nn.Module) -> tuple[int, ...]:
@@ -171,8 +170,9 @@ class SharedScorer:
         self.models = dict(models)
         self.batch_size = batch_size
         self.should_stop = should_stop
-        self._paths = {k: model_path(m) for k, m in self.models.items()}
-        self.plan = plan_group(self._paths)
+        paths = {k: model_path(m) for k, m in self.models.items()}
+        self.plan = plan_group(paths)
+        self._runs = {key: _model_run(paths[key], j, self.plan) for j, key in enumerate(self.plan.order)}
         self._answers: dict[tuple, dict[str, list[tuple[float, bool]]]] = {}
 
     def loglikelihoods(self, key: str, requests: Sequence[Request], max_length: int) -> list[tuple[float, bool]]:
@@ -216,16 +216,21 @@ class SharedScorer:
     def _batch(self, ids: torch.Tensor, keep: torch.Tensor):
         """(key, logits (B, P, V)) for every model of the group on one batch, in the plan's order."""
         kept: dict[tuple, object] = {}
-        plan = self.plan
-        for j, key in enumerate(plan.order):
-            path, depth = self._paths[key], plan.resume[key]
-            start = kept[tuple(path[:depth + 1])] if depth else None
-            taps = {d: tuple(path[:d + 1]) for d in range(depth + 1, len(path))
-                    if tuple(path[:d + 1]) in plan.last_use and plan.last_use[tuple(path[:d + 1])] > j}
-            logits = _run(self.models[key], ids, keep, start, depth, taps, kept)
-            for node in [n for n in kept if plan.last_use.get(n, -1) <= j]:
+        for j, key in enumerate(self.plan.order):
+            start, depth, taps = self._runs[key]
+            logits = _run(self.models[key], ids, keep, kept[start] if depth else None, depth, taps, kept)
+            for node in [n for n in kept if self.plan.last_use.get(n, -1) <= j]:
                 del kept[node]
             yield key, logits
+
+
+def _model_run(path: list, j: int, plan: Plan) -> tuple[tuple, int, dict[int, tuple]]:
+    """How the `j`-th model of `plan` runs on every batch: the state it starts from (a path prefix), the layers that
+    state stands for, and the states it leaves for later models ({layers done: prefix})."""
+    depth = plan.resume[plan.order[j]]
+    nodes = [tuple(path[:d + 1]) for d in range(len(path))]
+    taps = {d: nodes[d] for d in range(depth + 1, len(path)) if plan.last_use.get(nodes[d], -1) > j}
+    return nodes[depth], depth, taps
 
 
 def _rows(tokens: tuple, max_length: int) -> tuple[list[tuple[int, ...]], list[list[tuple[int, int, int, tuple]]]]:

@@ -128,7 +128,7 @@ def estimate_memory(config, kept: list[int], cfg, *, device: str = "cpu", availa
         raise BoomerangError(f"dtype must be one of {', '.join(BYTES)}, got {cfg.dtype!r}")
     teacher_p, student_p = parameter_counts(config, kept)
     w = BYTES[cfg.dtype]
-    world = max(1, cfg.processes * getattr(cfg, "nnodes", 1))
+    world = max(1, getattr(cfg, "world_size", cfg.processes))
     shard = world if cfg.fsdp else 1
     autocast = cfg.autocast_dtype(torch.device(device)) if hasattr(cfg, "autocast_dtype") else None
     # under autocast: measured on a CPU; on CUDA (not measured yet: no GPU was lent) the bf16 size is assumed

@@ -210,7 +210,9 @@ def launch_processes(cfg: DistillConfig, *, resume: bool = False, stop_file: str
         watch = cfg.nnodes > 1  # read their output to tell a rendezvous that never completed from other failures
         proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.PIPE if watch else log,
                                 stderr=subprocess.STDOUT if log or watch else None)
-        tail = _forward(proc, log) if watch else None
+        tail = _Tail(proc, log) if watch else None
+        if tail is not None:
+            tail.start()
         asked = {"n": 0}
 
         def on_sigint(signum, frame):
@@ -245,19 +247,12 @@ class _Tail(threading.Thread):
         self.proc, self.log, self.text = proc, log, ""
 
     def run(self) -> None:
-        out = self.log.buffer if hasattr(self.log, "buffer") else self.log
-        sink = out if out is not None else sys.stdout.buffer
+        sink = getattr(self.log, "buffer", self.log) if self.log is not None else sys.stdout.buffer
         assert self.proc.stdout is not None
         while chunk := self.proc.stdout.read1(65536):  # type: ignore[attr-defined]  # a BufferedReader
             sink.write(chunk)
             sink.flush()
             self.text = (self.text + chunk.decode(errors="replace"))[-16384:]
-
-
-def _forward(proc: subprocess.Popen, log) -> _Tail:
-    tail = _Tail(proc, log)
-    tail.start()
-    return tail
 
 
 def _check_rendezvous(rc: int, output: str, cfg: DistillConfig, rdzv: Rendezvous | None) -> None:
