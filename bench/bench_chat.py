@@ -1,9 +1,10 @@
 """Chat streaming: tokens/s of each side of the side-by-side panel vs. plain `model.generate` alone.
 
-All in one run on the same models (default: the packaged teacher and its freshly cut student, the
-middle size), greedy, a fixed number of new tokens:
+All in one run on the same models (default: the packaged teacher and its freshly cut student, with its own
+weights, the middle size; bfloat16 where the CPU does it well, as the dashboard), greedy, a fixed number of new
+tokens, each measurement in a thread of its own (see `fresh`):
   1. plain `generate` of the size alone, then of the teacher alone (the references);
-  2. one side-by-side chat (size and teacher streaming at once, one thread each, as in the dashboard);
+  2. one side-by-side chat (size and teacher decoded together in one thread, as in the dashboard);
   3. two side-by-side chats at the same time (four generations on the machine's cores).
 
     python bench/bench_chat.py [--teacher default] [--student DIR] [--tokens 64] [--repeats 2]
@@ -27,6 +28,20 @@ from boomerang.student import cut_student, load_student
 PROMPT = [{"role": "user", "content": "Write a short story about a lighthouse keeper and a storm."}]
 
 
+def fresh(fn, *args):
+    """fn(*args) in a thread of its own, which ends with it.
+
+    PyTorch's OpenMP (libgomp) gives every thread that runs a parallel op a team of worker threads for as long as
+    it lives; once more threads are managed than there are cores, libgomp stops spinning between parallel regions
+    and every op pays for a wake-up (a 576 x 1536 bfloat16 matmul here: 62 us -> 117 us). Each measurement runs in
+    a thread that ends, as the dashboard's chat runs in its own thread, so that none pays for another's team."""
+    out = []
+    t = threading.Thread(target=lambda: out.append(fn(*args)))
+    t.start()
+    t.join()
+    return out[0]
+
+
 def plain(model, tok, n: int) -> float:
     ids = prompt_ids(tok, PROMPT)
     start = time.perf_counter()
@@ -37,10 +52,33 @@ def plain(model, tok, n: int) -> float:
     return (out.shape[1] - ids.shape[1]) / took
 
 
+def two_threads(size, teacher, tok, n: int) -> list[float]:
+    """The chat before the decoder: each side's `generate` in a thread of its own, at once (tokens/s each)."""
+    rates: dict[int, float] = {}
+
+    def run(i, model):
+        rates[i] = plain(model, tok, n)
+
+    threads = [threading.Thread(target=run, args=(i, m)) for i, m in enumerate((size, teacher))]
+    [t.start() for t in threads], [t.join() for t in threads]
+    return [rates[0], rates[1]]
+
+
 def side_by_side(size, teacher, tok, n: int) -> list[float]:
     sampling = Sampling(max_new_tokens=n, temperature=0)
-    *_, last = stream_pair([(size, PROMPT), (teacher, PROMPT)], tok, sampling, threading.Event())
+    *_, last = stream_pair([(size, PROMPT), (teacher, PROMPT)], tok, sampling, threading.Event(), ignore_eos=True)
     return [r.tokens / r.elapsed_s for r in last]  # end to end, as the user sees it
+
+
+def load(args):
+    teacher = load_teacher(args.teacher, dtype=args.dtype)
+    if args.student:
+        student, manifest = load_student(args.student, teacher)
+        plan = manifest.plan
+    else:
+        plan = LayerPlan.from_rule(teacher.n_layers)
+        student = cut_student(teacher.model, plan)  # its own weights, as a distilled student has
+    return teacher, Family(teacher.model, student, plan)
 
 
 def main() -> None:
@@ -49,29 +87,25 @@ def main() -> None:
     parser.add_argument("--student", default=None)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--dtype", default="auto", help="auto (the dashboard's: bfloat16 where it pays) | float32 | ...")
     args = parser.parse_args()
-    teacher = load_teacher(args.teacher)
-    if args.student:
-        student, manifest = load_student(args.student, teacher)
-        plan = manifest.plan
-    else:
-        plan = LayerPlan.from_rule(teacher.n_layers)
-        student = cut_student(teacher.model, plan, share=True)
-    fam = Family(teacher.model, student, plan)
+    teacher, fam = fresh(load, args)
     n_mid = fam.layer_counts[len(fam.layer_counts) // 2]
     size, tok, n = fam.build(n_mid), teacher.tokenizer, args.tokens
-    # generation never hits EOS early here: min_new_tokens in plain, and the stream is long enough
-    size.generation_config.min_new_tokens = teacher.model.generation_config.min_new_tokens = n
+    # every side makes n tokens: min_new_tokens in plain generate, ignore_eos in the chat
     print(f"teacher {teacher.source}; size {n_mid} layers vs teacher {teacher.n_layers}; {n} new tokens, greedy; "
-          f"torch threads {torch.get_num_threads()}")
-    plain(size, tok, 4)  # warm-up
+          f"{next(teacher.model.parameters()).dtype}; torch threads {torch.get_num_threads()}")
+    fresh(plain, size, tok, 4)  # warm-up
     rows = {"size alone (generate)": [], "teacher alone (generate)": [], "size in one chat": [],
-            "teacher in one chat": [], "size, two chats at once": [], "teacher, two chats at once": []}
+            "teacher in one chat": [], "size, two generate threads": [], "teacher, two generate threads": [],
+            "size, two chats at once": [], "teacher, two chats at once": []}
     for _ in range(args.repeats):
-        rows["size alone (generate)"].append(plain(size, tok, n))
-        rows["teacher alone (generate)"].append(plain(teacher.model, tok, n))
+        rows["size alone (generate)"].append(fresh(plain, size, tok, n))
+        rows["teacher alone (generate)"].append(fresh(plain, teacher.model, tok, n))
         a, b = side_by_side(size, teacher.model, tok, n)
         rows["size in one chat"].append(a), rows["teacher in one chat"].append(b)
+        a, b = two_threads(size, teacher.model, tok, n)
+        rows["size, two generate threads"].append(a), rows["teacher, two generate threads"].append(b)
         results = []
         threads = [threading.Thread(target=lambda results=results: results.append(side_by_side(size, teacher.model, tok, n)))
                    for _ in range(2)]
@@ -87,6 +121,8 @@ def main() -> None:
     print(f"one chat vs. the two models generated one after the other: "
           f"{(1 / s_alone + 1 / t_alone) / max(1 / med['size in one chat'], 1 / med['teacher in one chat']):.2f}x "
           "less wall time for both replies")
+    print(f"two generate threads at once (the chat before the decoder) vs. one after the other: "
+          f"{(1 / s_alone + 1 / t_alone) / max(1 / med['size, two generate threads'], 1 / med['teacher, two generate threads']):.2f}x")
     print(f"two chats at once, each side vs. alone: size {med['size, two chats at once'] / s_alone:.2f}, "
           f"teacher {med['teacher, two chats at once'] / t_alone:.2f}")
 

@@ -6,6 +6,10 @@ states. Both train the same freshly cut student on the same batches with the sam
 settings; steps alternate between the two so that machine noise hits both alike.
 
     python bench/bench_distill.py [--teacher default] [--batch-size 4] [--seq-len 128] [--steps 5] [--precision auto]
+                                  [--profile]
+
+`--profile`: where our step's time goes (torch.profiler over 2 more steps: the operators with the most time of
+their own), to compare precisions.
 
 Ours runs as `boomerang distill` does (`--precision auto`: bf16 autocast on a GPU, and on a CPU with native
 bfloat16 measured faster; float32 master weights); the reference in float32 on a CPU, bf16 autocast on a GPU.
@@ -65,6 +69,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--precision", default="auto", help="ours: auto | bf16 | fp32")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--profile", action="store_true", help="also profile 2 of our steps")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         cfg = DistillConfig(teacher=args.teacher, data=args.data, out=f"{tmp}/run", steps=1000,
@@ -102,6 +107,26 @@ def main() -> None:
         print(f"{'reference':<10} {r:>8.3f} {tokens / r:>10.0f} {flops / r / 1e12:>8.3f}")
         print(f"ours / reference throughput: {r / o:.2f}x (median of {args.steps} steps each, alternating; "
               f"FLOPs per step = 6*{n_s:,}*{tokens} + 2*{n_t:,}*{tokens})")
+        if args.profile:
+            profile(run, args.steps + 1, sync)
+
+
+def profile(run, first: int, sync) -> None:
+    """Our step's operators by their own time, over 2 steps (the top 10, and the share of the step each takes)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if run.device.type == "cuda" else [])
+    with torch_profile(activities=activities) as prof:
+        for step in range(first, first + 2):
+            optimizer_step(run, step)
+        sync()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    print(f"\nprofile of 2 steps (ours): {total / 1e6:.2f} s of operator time; the 10 largest by their own time")
+    for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:10]:
+        print(f"  {e.key:<40} {e.self_cpu_time_total / 1e6:7.3f} s  {100 * e.self_cpu_time_total / total:5.1f} %  "
+              f"{e.count:>6} calls")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Streaming two models at once, each from its own thread, with one stop flag for both.
+"""Streaming two models at once, decoded together, with one stop flag for both.
 
 `stream_pair` yields snapshots of both replies as tokens arrive; `Stop` (a threading.Event) ends
 generation on both sides at the next token. Each side reports tokens, tokens/s and time to first
@@ -10,13 +10,11 @@ from __future__ import annotations
 import statistics
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
-from transformers.generation.streamers import BaseStreamer
 
+from boomerang.decoding import Decoder, DecodeRow
 from boomerang.errors import BoomerangError
 from boomerang.settings import Settings
 
@@ -75,35 +73,22 @@ class Reply:
         return f"{self.tokens} tokens · {self.tokens_per_s:.1f} tokens/s · first token {ttft}" + ("" if self.done else " …")
 
 
-class _Collector(BaseStreamer):
-    """Receives generated token ids (the prompt first, which it skips) and decodes incrementally."""
+class _Texts:
+    """Receives one side's token ids as they come and keeps its reply's text, token count and timings."""
 
     def __init__(self, tokenizer, reply: Reply):
-        self.tokenizer, self.reply, self.prompt_seen = tokenizer, reply, False
+        self.tokenizer, self.reply = tokenizer, reply
         self.ids: list[int] = []
 
-    def put(self, value):
-        if not self.prompt_seen:
-            self.prompt_seen = True
-            return
-        self.ids.extend(value.reshape(-1).tolist())
+    def put(self, token: int) -> bool:
+        self.ids.append(token)
         now = time.perf_counter() - self.reply.started
         if self.reply.first_token_s is None:
             self.reply.first_token_s = now
         self.reply.tokens = len(self.ids)
         self.reply.elapsed_s = now
         self.reply.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-
-    def end(self):
-        self.reply.elapsed_s = time.perf_counter() - self.reply.started
-
-
-class _StopOn(StoppingCriteria):
-    def __init__(self, event: threading.Event):
-        self.event = event
-
-    def __call__(self, input_ids, scores, **kwargs):
-        return self.event.is_set()
+        return True
 
 
 def prompt_ids(tokenizer, messages: list[dict]) -> torch.Tensor:
@@ -115,35 +100,52 @@ def prompt_ids(tokenizer, messages: list[dict]) -> torch.Tensor:
     return tokenizer(text, return_tensors="pt").input_ids
 
 
-def _generate(model, tokenizer, ids, sampling: Sampling, stop: threading.Event, reply: Reply) -> None:
+def _decode_sides(sides: list[tuple], tokenizer, sampling: Sampling, stop: threading.Event, replies: list[Reply],
+                  ignore_eos: bool) -> None:
+    """Every side as a row of one decoder: each prompt alone, then one step for all of them until each ends."""
+    decoder, rows = Decoder(), []
     try:
-        torch.manual_seed(sampling.seed)
-        with torch.no_grad():
-            model.generate(ids.to(next(model.parameters()).device), attention_mask=torch.ones_like(ids),
-                           max_new_tokens=sampling.max_new_tokens, streamer=_Collector(tokenizer, reply),
-                           stopping_criteria=StoppingCriteriaList([_StopOn(stop)]),
-                           pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id, **sampling.generate_kwargs())
-    except Exception as exc:  # shown under the reply; the other side goes on
-        reply.error = f"{type(exc).__name__}: {exc}"
+        for (model, messages), reply in zip(sides, replies, strict=True):
+            try:
+                row = DecodeRow(model, prompt_ids(tokenizer, messages)[0].tolist(), sampling.max_new_tokens,
+                                _Texts(tokenizer, reply).put, temperature=sampling.temperature, top_p=sampling.top_p,
+                                seed=sampling.seed, cancelled=stop.is_set,
+                                eos=set() if ignore_eos else eos_ids(model, tokenizer))
+                rows.append((row, reply))
+                decoder.add(row)
+            except Exception as exc:  # shown under this side's reply; the other side goes on
+                reply.error = f"{type(exc).__name__}: {exc}"
+        while decoder.rows and not stop.is_set():
+            try:
+                decoder.step()
+            except Exception as exc:  # the sides still running fail
+                for row, reply in rows:
+                    if row in decoder.rows:
+                        reply.error = f"{type(exc).__name__}: {exc}"
+                decoder.rows = []
     finally:
-        reply.done = True
+        for reply in replies:
+            reply.elapsed_s = time.perf_counter() - reply.started
+            reply.done = True
 
 
-def stream_pair(sides: list[tuple], tokenizer, sampling: Sampling, stop: threading.Event, every: float = 0.1):
-    """Generate on every (model, messages) side at once, one thread each; yield the list of Replies.
+def stream_pair(sides: list[tuple], tokenizer, sampling: Sampling, stop: threading.Event, every: float = 0.1, *,
+                ignore_eos: bool = False):
+    """Generate on every (model, messages) side at once; yield the list of Replies.
 
-    Yields a snapshot at most every `every` seconds while any side runs, only when some reply's text
-    changed (each yield re-renders both panes in the browser, which on a busy 2-core machine starved the
-    page: a Stop click once waited a minute), and once more at the end.
+    The sides are rows of one `boomerang.decoding.Decoder`, decoded in one thread: each step, a layer both sides
+    run (the teacher blocks a size has patched in, its student layers when the other side is a size too) is one
+    call for both. Yields a snapshot at most every `every` seconds while any side runs, only when some reply's
+    text changed (each yield re-renders both panes in the browser, which on a busy 2-core machine starved the
+    page: a Stop click once waited a minute), and once more at the end. `ignore_eos`: every side goes on to
+    max_new_tokens (for benchmarks).
     """
     replies = [Reply() for _ in sides]
-    threads = [threading.Thread(target=_generate, daemon=True,
-                                args=(model, tokenizer, prompt_ids(tokenizer, messages), sampling, stop, reply))
-               for (model, messages), reply in zip(sides, replies, strict=False)]
-    for t in threads:
-        t.start()
+    thread = threading.Thread(target=_decode_sides, args=(sides, tokenizer, sampling, stop, replies, ignore_eos),
+                              daemon=True)
+    thread.start()
     shown: list[str] | None = None
-    while any(t.is_alive() for t in threads):
+    while thread.is_alive():
         time.sleep(every)
         texts = [r.text for r in replies]
         if texts != shown:
@@ -152,91 +154,10 @@ def stream_pair(sides: list[tuple], tokenizer, sampling: Sampling, stop: threadi
     yield replies
 
 
-# ----------------------------------------------------------------------------- several requests in one batch
-
-
-@dataclass
-class Row:
-    """One sequence of a batch: its prompt, its own token limit, and where its tokens go.
-
-    `on_token(token_id)` receives each new token (never the end-of-sequence token) and returns False
-    to stop the row; `cancelled()` is asked before every step (a client that went away).
-    """
-
-    prompt: list[int]
-    max_new_tokens: int
-    on_token: Callable[[int], bool]
-    cancelled: Callable[[], bool] = lambda: False
-    generated: int = 0
-    """Tokens this row generated, the end-of-sequence token included."""
-    finished: bool = False
-    reason: str = "length"
-    """Why the row ended: "stop" (end of sequence, or its consumer stopped it), "length", "cancelled"."""
-
-
-class _RowStreamer(BaseStreamer):
-    """Hands each step's tokens (B,) to their rows; tokens after a row has finished are padding."""
-
-    def __init__(self, rows: list[Row], eos: set[int]):
-        self.rows, self.eos, self.prompt_seen = rows, eos, False
-
-    def put(self, value):
-        if not self.prompt_seen:
-            self.prompt_seen = True
-            return
-        for row, token in zip(self.rows, value.reshape(-1).tolist(), strict=False):
-            if row.finished:
-                continue
-            row.generated += 1
-            if token in self.eos:
-                row.finished, row.reason = True, "stop"
-            elif not row.on_token(token):
-                row.finished, row.reason = True, "stop"
-            elif row.generated >= row.max_new_tokens:
-                row.finished, row.reason = True, "length"
-
-    def end(self):
-        for row in self.rows:
-            row.finished = True
-
-
-class _RowsDone(StoppingCriteria):
-    def __init__(self, rows: list[Row]):
-        self.rows = rows
-
-    def __call__(self, input_ids, scores, **kwargs):
-        for row in self.rows:
-            if not row.finished and row.cancelled():
-                row.finished, row.reason = True, "cancelled"
-        return torch.tensor([row.finished for row in self.rows], device=input_ids.device)
-
-
 def eos_ids(model, tokenizer) -> set[int]:
     ids = model.generation_config.eos_token_id if model.generation_config is not None else None
     ids = ids if isinstance(ids, list) else [ids]
     return {i for i in [*ids, tokenizer.eos_token_id] if i is not None}
-
-
-@torch.no_grad()
-def generate_rows(model, tokenizer, rows: list[Row], sampling: Sampling) -> None:
-    """Generate for every row in one batch: prompts left-padded, one forward per step for all of them.
-
-    Rows stop on their own (end of sequence, their token limit, their consumer, a cancel); the batch ends
-    when every row has. With sampling, `sampling.seed` seeds the batch.
-    """
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    width = max(len(r.prompt) for r in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)  # (B, T), left-padded
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for b, row in enumerate(rows):
-        ids[b, width - len(row.prompt):] = torch.tensor(row.prompt)
-        mask[b, width - len(row.prompt):] = 1
-    device = next(model.parameters()).device
-    torch.manual_seed(sampling.seed)
-    model.generate(ids.to(device), attention_mask=mask.to(device), max_new_tokens=max(r.max_new_tokens for r in rows),
-                   streamer=_RowStreamer(rows, eos_ids(model, tokenizer)),
-                   stopping_criteria=StoppingCriteriaList([_RowsDone(rows)]), pad_token_id=pad,
-                   **sampling.generate_kwargs())
 
 
 @torch.no_grad()

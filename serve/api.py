@@ -339,8 +339,11 @@ async def complete(request: Request, state: ServerState, body: dict, prompt: lis
                   "logprobs": await score(family, n_layers, prompt, [], scoring)}
         return {**meta, "object": "text_completion", "choices": [choice],
                 "usage": {"prompt_tokens": len(prompt), "completion_tokens": 0, "total_tokens": len(prompt)}}
+    ignore_eos = body.get("ignore_eos", False)
+    if not isinstance(ignore_eos, bool):
+        raise ApiError(400, "ignore_eos must be true or false", param="ignore_eos")
     reply = Reply(family.tokenizer, stop, asyncio.get_running_loop())
-    job = Job(n_layers, prompt, sampling, reply.on_token, reply.on_done)
+    job = Job(n_layers, prompt, sampling, reply.on_token, reply.on_done, ignore_eos=ignore_eos)
     try:
         state.scheduler.submit(job)
     except QueueFull as exc:

@@ -27,8 +27,7 @@ def register(sub, helpers: dict) -> None:
     p.add_argument("--api-key-file", default=os.environ.get("BOOMERANG_API_KEY_FILE"),
                    help="a file holding the key clients must send (Authorization: Bearer KEY); or set BOOMERANG_API_KEY")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting or running at most; past it, 429")
-    p.add_argument("--max-batch", type=int, default=8, help="requests of one size in one batch at most")
-    p.add_argument("--workers", type=int, default=2, help="batches (of different sizes) running at once")
+    p.add_argument("--max-batch", type=int, default=8, help="requests decoded at once at most (any sizes)")
     p.add_argument("--name", default=None, help="the family's name in model ids (default: from the folder)")
     p.add_argument("--order", default="best", help="patch order: best (the best measured per size, the default) | "
                    "last | first | greedy | a list")
@@ -77,7 +76,7 @@ def cmd_serve(args) -> int:
     from serve.scheduler import Scheduler
 
     folder = args.student or student_of_job(args.job)
-    for name, value in (("--max-queue", args.max_queue), ("--max-batch", args.max_batch), ("--workers", args.workers)):
+    for name, value in (("--max-queue", args.max_queue), ("--max-batch", args.max_batch)):
         if value < 1:
             raise BoomerangError(f"{name} must be at least 1, got {value}")
     state = ServerState(api_key=api_key(args.api_key_file))
@@ -88,8 +87,7 @@ def cmd_serve(args) -> int:
         served = ServedFamily(open_family(folder, order=args.order, device=args.device, dtype=args.dtype,
                                           ends=args.ends), args.name)
         where = served.measure_latency()
-        scheduler = Scheduler(served.build, served.tokenizer, max_queue=args.max_queue, max_batch=args.max_batch,
-                              workers=args.workers)
+        scheduler = Scheduler(served.build, served.tokenizer, max_queue=args.max_queue, max_batch=args.max_batch)
         record["path"] = register_server({"url": url, "family": served.name, "student": str(served.opened.folder),
                                           "sizes": {n: s.name for n, s in served.sizes.items()},
                                           "auth": state.api_key is not None})

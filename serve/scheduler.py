@@ -1,20 +1,25 @@
-"""Requests in, batches out: requests for the same size (and decoding settings) that arrive together run
-as one batch, one forward per step for all of them; different sizes run side by side on a few threads.
+"""Requests in, tokens out: every running request, of any size, is a row of one continuous batch.
 
-A request's tokens go to its own callback as they are made; a request whose client went away is
-cancelled and leaves its batch at the next step. The number of requests waiting or running is bounded:
-past it, `submit` raises `QueueFull` (the API answers 429).
+A request waits at most for the step under way: between steps, waiting requests join (each one's prompt runs alone
+and its first token goes out at once) and finished ones leave. Each step makes one token for every row, and rows of
+different sizes share the calls of the layers their sizes have in common (`boomerang.decoding`). At most `max_batch`
+rows decode at once; the others wait their turn in arrival order.
+
+A request's tokens go to its own callback as they are made; a request whose client went away is cancelled and
+leaves at the next step. The number of requests waiting or running is bounded: past it, `submit` raises `QueueFull`
+(the API answers 429). A failure fails the requests it touched (a prompt: its own request; a step: the rows of that
+step) and the server goes on.
 """
 
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
-from boomerang.generation import Row, Sampling, generate_rows
+from boomerang.decoding import Decoder, DecodeRow
+from boomerang.generation import Sampling, eos_ids
 
 
 class QueueFull(Exception):
@@ -32,93 +37,99 @@ class Job:
     """Receives each token; False stops this request."""
     on_done: Callable[["Job"], None]
     """Called once when the request ends (normally, stopped, cancelled, or failed)."""
+    ignore_eos: bool = False
+    """Go on past end-of-sequence tokens to max_new_tokens (vLLM's extension; for benchmarks)."""
     cancelled: threading.Event = field(default_factory=threading.Event)
-    row: Row | None = None
+    row: DecodeRow | None = None
+    """Its row in the batch, once its prompt has run (None for a request cancelled or failed before)."""
     error: str | None = None
-
-    def key(self) -> tuple:
-        """Requests with the same key can share a batch: same size, same decoding (a seeded sample runs alone)."""
-        s = self.sampling
-        if s.temperature <= 0:
-            return (self.n_layers, "greedy")
-        return (self.n_layers, s.temperature, s.top_p, id(self) if s.seed else "unseeded")
 
 
 class Scheduler:
-    """Batches jobs by key; `workers` batches run at once (different sizes side by side)."""
+    """Decodes every running job in one loop, one step at a time (see the module's docstring)."""
 
-    def __init__(self, build: Callable[[int], object], tokenizer, *, max_queue: int = 64, max_batch: int = 8,
-                 window_s: float = 0.02, workers: int = 2):
+    def __init__(self, build: Callable[[int], object], tokenizer, *, max_queue: int = 64, max_batch: int = 8):
         self.build, self.tokenizer = build, tokenizer
-        self.max_queue, self.max_batch, self.window_s = max_queue, max_batch, window_s
+        self.max_queue, self.max_batch = max_queue, max_batch
         self.waiting: list[Job] = []
-        self.running = 0
+        self.running: list[Job] = []
         self.tokens = 0
         """Tokens generated so far, over every request (a request that stopped adds no more)."""
+        self.steps = 0
         self.lock = threading.Condition()
-        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="batch")
-        self.busy_keys: set[tuple] = set()
+        self.decoder = Decoder()
         self.closed = False
-        threading.Thread(target=self._dispatch, daemon=True, name="scheduler").start()
+        threading.Thread(target=self._loop, daemon=True, name="decoder").start()
 
     def submit(self, job: Job) -> None:
         with self.lock:
-            if len(self.waiting) + self.running >= self.max_queue:
-                raise QueueFull(f"{len(self.waiting) + self.running} requests are waiting or running "
+            if len(self.waiting) + len(self.running) >= self.max_queue:
+                raise QueueFull(f"{len(self.waiting) + len(self.running)} requests are waiting or running "
                                 f"(at most {self.max_queue}); try again shortly")
             self.waiting.append(job)
             self.lock.notify()
 
     def load(self) -> dict:
         with self.lock:
-            return {"waiting": len(self.waiting), "running": self.running, "max_queue": self.max_queue,
+            return {"waiting": len(self.waiting), "running": len(self.running), "max_queue": self.max_queue,
                     "tokens_generated": self.tokens}
 
     def close(self) -> None:
         with self.lock:
             self.closed = True
             self.lock.notify()
-        self.pool.shutdown(wait=False, cancel_futures=True)
 
-    def _dispatch(self) -> None:
-        """Take the oldest waiting job's key, wait a moment for more of the same, run them as one batch."""
+    # ------------------------------------------------------------------------- the decode loop
+
+    def _loop(self) -> None:
         while True:
             with self.lock:
-                while not self.closed and not any(j.key() not in self.busy_keys for j in self.waiting):
+                while not self.closed and not self.waiting and not self.running:
                     self.lock.wait()
                 if self.closed:
                     return
-            time.sleep(self.window_s)  # requests that arrive together share the batch
-            with self.lock:
-                free = [j for j in self.waiting if j.key() not in self.busy_keys]
-                if not free:
-                    continue
-                key = free[0].key()
-                batch = [j for j in free if j.key() == key][: self.max_batch]
-                for j in batch:
-                    self.waiting.remove(j)
-                self.running += len(batch)
-                self.busy_keys.add(key)
-            self.pool.submit(self._run, key, batch)
+                joining = self.waiting[: self.max_batch - len(self.running)]
+                del self.waiting[: len(joining)]
+                self.running.extend(joining)
+            for job in joining:
+                self._start(job)
+            if self.decoder.rows:
+                try:
+                    self.decoder.step()
+                    self.steps += 1
+                except Exception as exc:  # the step's requests fail; the server goes on
+                    for row in self.decoder.rows:
+                        row.finished, row.reason = True, "error"
+                    self._fail([j for j in self.running if j.row in self.decoder.rows], exc)
+                    self.decoder.rows = []
+            self._end_finished()
 
-    def _run(self, key: tuple, batch: list[Job]) -> None:
-        live = [j for j in batch if not j.cancelled.is_set()]
+    def _start(self, job: Job) -> None:
+        """The job's prompt, run alone: its first token, and its row in the batch from the next step."""
+        if job.cancelled.is_set():
+            return  # no row: it ends with the step
+        s = job.sampling
         try:
-            if live:
-                for job in live:
-                    job.row = Row(job.prompt, job.sampling.max_new_tokens, self._counted(job),
-                                  cancelled=job.cancelled.is_set)
-                generate_rows(self.build(key[0]), self.tokenizer, [j.row for j in live], live[0].sampling)
-        except Exception as exc:  # the batch's requests fail; the server goes on
-            for job in live:
-                job.error = f"{type(exc).__name__}: {exc}"
-        finally:
-            with self.lock:
-                self.running -= len(batch)
-                self.busy_keys.discard(key)
-                self.lock.notify()
-            for job in batch:
-                job.on_done(job)
+            model: Any = self.build(job.n_layers)
+            row = DecodeRow(model, job.prompt, s.max_new_tokens, self._counted(job), temperature=s.temperature,
+                            top_p=s.top_p, seed=s.seed, cancelled=job.cancelled.is_set,
+                            eos=set() if job.ignore_eos else eos_ids(model, self.tokenizer))
+            self.decoder.add(row)
+            job.row = row
+        except Exception as exc:  # this request fails (it has no row); the others go on
+            self._fail([job], exc)
+
+    def _fail(self, jobs: list[Job], exc: Exception) -> None:
+        for job in jobs:
+            job.error = f"{type(exc).__name__}: {exc}"
+
+    def _end_finished(self) -> None:
+        with self.lock:
+            done = [j for j in self.running if j.row is None or j.row.finished]
+            self.running = [j for j in self.running if j not in done]
+            self.lock.notify()
+        for job in done:
+            job.on_done(job)
 
     def _counted(self, job: Job) -> Callable[[int], bool]:
         def on_token(token: int) -> bool:

@@ -1,14 +1,16 @@
-"""The server's scheduler on a tiny family: who shares a batch, what a batch returns, the queue's bound."""
+"""The server's scheduler on a tiny family: one continuous batch over every size, what it returns, its bounds."""
 
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
 
+from boomerang.decoding import Decoder, DecodeRow
 from boomerang.family import Family
-from boomerang.generation import Row, Sampling, generate_rows
+from boomerang.generation import Sampling
 from boomerang.plan import LayerPlan
 from boomerang.student import cut_student
 from serve import scheduler as sched
@@ -19,47 +21,102 @@ from tiny import tiny_model, tiny_tokenizer
 def family():
     teacher = tiny_model("llama")
     plan = LayerPlan.from_rule(8)
-    return Family(teacher, cut_student(teacher, plan, share=True), plan)
+    student = cut_student(teacher, plan)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.mul_(1.01)
+    return Family(teacher, student, plan)
 
 
-def job(n_layers, prompt, sampling, done: list):
-    out = []
-    return sched.Job(n_layers, prompt, sampling, lambda t: out.append(t) or True,
-                     lambda j: done.append((prompt, out))), out
+def alone(model, prompt, n):
+    out: list[int] = []
+    dec = Decoder()
+    dec.add(DecodeRow(model, prompt, n, lambda t: out.append(t) or True))
+    while dec.rows:
+        dec.step()
+    return out
 
 
-def test_who_shares_a_batch():
-    greedy, hot, seeded = Sampling(8, 0.0), Sampling(8, 0.7, 0.9), Sampling(8, 0.7, 0.9, seed=5)
-    a, b = job(6, [1], greedy, [])[0], job(6, [2], greedy, [])[0]
-    assert a.key() == b.key() and a.key() != job(7, [1], greedy, [])[0].key()  # same size and settings only
-    assert job(6, [1], hot, [])[0].key() == job(6, [2], hot, [])[0].key()  # unseeded samples batch together
-    assert job(6, [1], seeded, [])[0].key() != job(6, [2], seeded, [])[0].key()  # a seed holds only alone
+class Tracked:
+    """Jobs submitted to a scheduler and what each received."""
+
+    def __init__(self, scheduler):
+        self.scheduler, self.outs, self.done, self.first = scheduler, {}, {}, {}
+        self.ended = threading.Condition()
+
+    def submit(self, name, n_layers, prompt, sampling):
+        self.outs[name] = []
+
+        def on_token(t):
+            self.first.setdefault(name, time.perf_counter())
+            self.outs[name].append(t)
+            return True
+
+        def on_done(job):
+            with self.ended:
+                self.done[name] = (job, time.perf_counter())
+                self.ended.notify_all()
+
+        job = sched.Job(n_layers, prompt, sampling, on_token, on_done)
+        self.scheduler.submit(job)
+        return job
+
+    def wait(self, *names, timeout=60):
+        with self.ended:
+            assert self.ended.wait_for(lambda: all(n in self.done for n in names), timeout)
 
 
-def test_requests_that_arrive_together_run_as_one_batch_and_return_what_they_return_alone(family, monkeypatch):
+def test_requests_of_every_size_and_setting_decode_together_and_return_what_they_return_alone(family):
     tok = tiny_tokenizer()
-    prompts = [[5, 6, 7, 8], [9, 10], [11, 12, 13, 14, 15, 16]]
-    alone = []
-    for p in prompts:
-        got = []
-        generate_rows(family.build(6), tok, [Row(p, 10, lambda t, got=got: got.append(t) or True)], Sampling(10, 0.0))
-        alone.append(got)
-    calls = []
-    real = sched.generate_rows
-    monkeypatch.setattr(sched, "generate_rows", lambda model, tk, rows, s: calls.append(len(rows)) or real(model, tk, rows, s))
-    s = sched.Scheduler(family.build, tok, max_queue=3, window_s=0.2)
-    done, ended = [], threading.Event()
-    outs = []
-    for p in prompts:
-        j, out = job(6, p, Sampling(10, 0.0), done)
-        j.on_done = (lambda j, d=done: d.append(j) or (len(d) == 3 and ended.set()))
-        outs.append(out)
-        s.submit(j)
-    with pytest.raises(sched.QueueFull, match="at most 3"):
-        s.submit(job(6, [1], Sampling(4, 0.0), [])[0])
-    assert ended.wait(60)
-    assert calls == [3], "three requests of one size did not share one batch"
-    assert outs == alone
-    assert s.load() == {"waiting": 0, "running": 0, "max_queue": 3, "tokens_generated": sum(len(o) for o in outs)}
+    s = sched.Scheduler(family.build, tok, max_queue=5, max_batch=8)
+    t = Tracked(s)
+    asks = {"a": (6, [5, 6, 7, 8]), "b": (8, [9, 10]), "c": (5, [11, 12, 13, 14, 15, 16]), "d": (6, [20, 21])}
+    for name, (n, prompt) in asks.items():
+        t.submit(name, n, prompt, Sampling(10, 0.0))
+    t.submit("hot", 7, [30, 31, 32], Sampling(10, 0.8, 0.9, seed=3))  # sampling rows decode beside greedy ones
+    with pytest.raises(sched.QueueFull, match="at most 5"):
+        t.submit("over", 6, [1], Sampling(4, 0.0))
+    t.wait(*asks, "hot")
+    for name, (n, prompt) in asks.items():
+        assert t.outs[name] == alone(family.build(n), prompt, 10), name
+    assert len(t.outs["hot"]) == 10 and all(t.done[n][0].error is None for n in t.done)
+    assert s.steps <= 12, "the five requests did not decode as one batch"  # 9 steps after the prompts, if together
+    assert s.load() == {"waiting": 0, "running": 0, "max_queue": 5, "tokens_generated": 50}
     s.close()
     assert torch.is_grad_enabled()
+
+
+def test_a_request_joins_the_running_batch_at_the_next_step(family):
+    tok = tiny_tokenizer()
+    s = sched.Scheduler(family.build, tok, max_batch=8)
+    t = Tracked(s)
+    t.submit("long", 8, [5, 6, 7], Sampling(100, 0.0))
+    while len(t.outs["long"]) < 5:
+        time.sleep(0.01)
+    t.submit("late", 5, [40, 41], Sampling(5, 0.0))
+    t.wait("late", "long", timeout=120)
+    assert t.done["late"][1] < t.done["long"][1], "the late request waited for the running batch to finish"
+    assert t.outs["late"] == alone(family.build(5), [40, 41], 5)
+    assert t.outs["long"] == alone(family.build(8), [5, 6, 7], 100)
+    s.close()
+
+
+def test_past_max_batch_requests_wait_their_turn_and_a_failing_request_fails_alone(family):
+    tok = tiny_tokenizer()
+
+    def build(n):
+        if n == 7:
+            raise RuntimeError("no such size here")
+        return family.build(n)
+
+    s = sched.Scheduler(build, tok, max_batch=2)
+    t = Tracked(s)
+    for name in ("a", "b", "c"):
+        t.submit(name, 6, [5, 6, ord(name) % 90], Sampling(6, 0.0))
+    bad = t.submit("bad", 7, [5, 6], Sampling(6, 0.0))
+    t.wait("a", "b", "c", "bad")
+    assert bad.error == "RuntimeError: no such size here" and t.outs["bad"] == []
+    for name in ("a", "b", "c"):
+        assert t.done[name][0].error is None and t.outs[name] == alone(family.build(6), [5, 6, ord(name) % 90], 6)
+    assert s.load()["running"] == 0
+    s.close()

@@ -148,6 +148,7 @@ def test_errors_have_the_openai_shape_and_status(server):
         (400, {**body, "logprobs": True}, auth, "logprobs"),  # was silently ignored; answered on completions
         (400, {**body, "top_logprobs": 3}, auth, "top_logprobs"),
         (400, {**body, "echo": True}, auth, "echo"),
+        (400, {**body, "ignore_eos": "yes"}, auth, "ignore_eos"),
         (401, body, {}, None),
         (401, body, {"Authorization": "Bearer wrong"}, None),
     ]
@@ -169,6 +170,10 @@ def test_errors_have_the_openai_shape_and_status(server):
         assert r.status_code == 400 and r.json()["error"]["param"] == param, (payload, r.text)
     assert httpx.get(base + "/v1/models", timeout=10).status_code == 401
     assert httpx.get(base + "/health", timeout=10).status_code == 200  # health needs no key
+    # ignore_eos (vLLM's extension, for benchmarks): exactly max_tokens, past any end-of-sequence token
+    r = httpx.post(base + "/v1/chat/completions", json={**body, "max_tokens": 40, "ignore_eos": True}, headers=auth,
+                   timeout=120)
+    assert r.json()["usage"]["completion_tokens"] == 40 and r.json()["choices"][0]["finish_reason"] == "length"
 
 
 def test_a_full_queue_answers_429(server):

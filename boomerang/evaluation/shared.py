@@ -17,7 +17,6 @@ process runs meanwhile (an evaluation has its own worker process).
 from __future__ import annotations
 
 import functools
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -26,42 +25,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from boomerang.arch import CausalLM, adapter_for
+from boomerang.sharing import Replay, model_path
 
 Request = tuple[tuple[str, str], list[int], list[int]]
 """What lm-eval's HFLM hands its log-likelihood core: ((context, continuation) strings, context ids, continuation ids)."""
 
-_NOT_MODEL_LEVEL = {"num_hidden_layers", "tie_word_embeddings", "_name_or_path", "name_or_path", "architectures",
-                    "transformers_version", "dtype", "torch_dtype", "output_router_logits", "_commit_hash"}
-"""Config fields that do not change what the shared part of a forward pass computes (the layer count, naming, tying:
-the head is not shared)."""
-
-
 # ----------------------------------------------------------------------------- what a model runs, as a path
-
-
-def model_path(model: CausalLM) -> list:
-    """What `model` computes before its final norm, as a list of hashable steps: the embeddings with every
-    model-level setting (rotary embeddings, attention implementation, dtype, device), then one step per layer (its
-    weights and the per-layer config entries at its position). Two models compute the same hidden states after k
-    layers exactly when the first k + 1 steps of their paths are equal."""
-    arch = adapter_for(model)
-    base = arch.base_model(model)
-    config = model.config
-    layers = list(arch.layer_list(model))
-    per_layer = {k: v for k, v in sorted(vars(config).items()) if isinstance(v, (list, tuple)) and len(v) == len(layers)}
-    # fields the layers decided at construction (`Arch.layer_config`: rewritten for every cut) are in the layers
-    built_in = set(arch.layer_config(layers)) if arch.layer_config else set()
-    level = {k: v for k, v in config.to_dict().items() if k not in _NOT_MODEL_LEVEL | built_in and k not in per_layer}
-    level["_attn_implementation"] = getattr(config, "_attn_implementation", None)
-    weight = arch.token_embedding(model).weight
-    embeddings = tuple(_ids(getattr(base, name)) for name in arch.embeddings)
-    root = (type(model).__name__, embeddings, str(weight.dtype), str(weight.device),
-            json.dumps(level, sort_keys=True, default=str))
-    return [root] + [(_ids(layer), tuple(str(v[i]) for v in per_layer.values())) for i, layer in enumerate(layers)]
-
-
-def _ids(module: nn.Module) -> tuple[int, ...]:
-    return tuple(id(t) for t in (*module.parameters(), *module.buffers()))
 
 
 def _shared_depth(a: Sequence, b: Sequence) -> int:
@@ -112,17 +81,6 @@ def plan_group(paths: dict[str, list]) -> Plan:
 # ----------------------------------------------------------------------------- running one model from a kept state
 
 
-class _Replay(nn.Module):
-    """Stands for the first layers of a model: hands on the state they would have computed."""
-
-    def __init__(self, state):
-        super().__init__()
-        self.state = state
-
-    def forward(self, *args, **kwargs):
-        return self.state
-
-
 class _Tap(nn.Module):
     """A layer that also keeps its output for the models that start from it."""
 
@@ -143,7 +101,7 @@ def _run(model: CausalLM, ids: torch.Tensor, keep: torch.Tensor, start, depth: i
     arch = adapter_for(model)
     base = arch.base_model(model)
     layers = arch.layer_list(model)
-    run = [_Replay(start) if i < depth else _Tap(layer, sink, taps[i + 1]) if i + 1 in taps else layer
+    run = [Replay(start) if i < depth else _Tap(layer, sink, taps[i + 1]) if i + 1 in taps else layer
            for i, layer in enumerate(layers)]
     base._modules[arch.layers] = nn.ModuleList(run)
     try:
