@@ -58,7 +58,8 @@ class DecodeRow:
     reason: str = "length"
     """Why the row ended: "stop" (end of sequence, or its consumer stopped it), "length", "cancelled", "error"."""
     kv: dict = field(default_factory=dict, repr=False)
-    """Keys and values per layer step of its model's path: (1, H, room, D), the first `length` positions filled."""
+    """Keys and values per layer step of its model's path: (1, H, room, D), the first `length` positions filled (the
+    room grows by doubling, up to prompt + max_new_tokens)."""
     length: int = 0
     """Tokens in its cache."""
     last: int = 0
@@ -193,14 +194,9 @@ class Decoder:
         ids = torch.tensor([row.prompt], device=device)  # (1, P)
         logits = row.model(input_ids=ids, use_cache=True, logits_to_keep=1, **{known.cache_arg: cache}).logits
         row.length = len(row.prompt)
-        room = row.length + row.max_new_tokens  # every token the row can hold: appending never copies
         for i, step in enumerate(known.steps):
             layer: Any = cache.layers[i]
-            keys, values = layer.keys, layer.values  # (1, H, P, D)
-            row.kv[step] = (keys.new_zeros(*keys.shape[:2], room, keys.shape[3]),
-                            values.new_zeros(*values.shape[:2], room, values.shape[3]))
-            row.kv[step][0][:, :, :row.length] = keys
-            row.kv[step][1][:, :, :row.length] = values
+            row.kv[step] = _room(layer.keys, layer.values, row.length, self._room_for(row))  # (1, H, P, D) each
         self._emit(row, self._pick(row, logits[0, -1]))
         if not row.finished:
             self.rows.append(row)
@@ -296,6 +292,8 @@ class Decoder:
         step, rows = self._call
         for j, row in enumerate(rows):
             k, v = row.kv[step]
+            if row.length == k.shape[2]:  # its room is full: more, by doubling (up to what the row can make)
+                k, v = row.kv[step] = _room(k, v, row.length, self._room_for(row))
             k[0, :, row.length] = keys[j, :, 0]
             v[0, :, row.length] = values[j, :, 0]
         if len(rows) == 1:
@@ -311,6 +309,11 @@ class Decoder:
         return k_out, v_out
 
     # ------------------------------------------------------------------------- bookkeeping
+
+    @staticmethod
+    def _room_for(row: DecodeRow) -> int:
+        """Positions to hold a row's keys in: twice its length (at least 64 more), never more than it can make."""
+        return min(len(row.prompt) + row.max_new_tokens, max(2 * row.length, row.length + 64))
 
     def _known(self, model: CausalLM) -> _Model:
         key = id(model)
@@ -363,6 +366,15 @@ def _names(forward) -> tuple[str, ...]:
 def _arg_names(layer: nn.Module) -> tuple[str, ...]:
     """The names of a layer's positional arguments after its hidden states."""
     return _names(type(layer).forward)
+
+
+def _room(keys: torch.Tensor, values: torch.Tensor, length: int, room: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """New buffers (1, H, room, D) holding the first `length` positions of `keys` and `values`."""
+    k = keys.new_zeros(*keys.shape[:2], room, keys.shape[3])
+    v = values.new_zeros(*values.shape[:2], room, values.shape[3])
+    k[:, :, :length] = keys[:, :, :length]
+    v[:, :, :length] = values[:, :, :length]
+    return k, v
 
 
 def _joined(parts: list, sizes: list[int], widths: list[int], masks: tuple):

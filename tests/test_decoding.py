@@ -152,3 +152,18 @@ def test_the_chat_pair_decodes_both_sides_together_as_each_generates_alone():
     stop.set()
     *_, last = stream_pair(sides, tok, Sampling(12, 0.0), stop, every=0.01)
     assert all(r.done and r.tokens <= 1 for r in last)  # a stop ends both sides before their first step
+
+
+def test_a_long_row_grows_its_room_for_keys_and_still_gets_what_it_gets_alone():
+    _, _, _, fam = make_family("qwen2")  # sliding layers: the window passes long before the end
+    model = fam.build(6)
+    dec = Recording()
+    row = DecodeRow(model, [5, 6, 7], 90, lambda t: True)
+    dec.add(row)
+    rooms = set()
+    while dec.rows:
+        dec.step()
+        rooms.add(next(iter(row.kv.values()))[0].shape[2])
+    assert rooms == {67, 93}  # 3 + 64 first, then what the row can make (not 3 + 90 from the start)
+    for got, want in zip(dec.seen[id(row)], alone(model, [5, 6, 7], 90), strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=2e-5)
