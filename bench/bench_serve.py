@@ -11,7 +11,8 @@ Measured side by side in one run, on the default teacher's family (a freshly cut
    per second, each for one of 4 sizes at random, --load-tokens tokens): time to first token (p50, p99) and
    tokens/s. `--repo DIR` serves from another checkout (the scheduler of an older commit, say), for comparisons.
 
-    python bench/bench_serve.py [--student DIR] [--tokens 48] [--size 23] [--load 60 --rate 1.0] [--repo DIR]
+    python bench/bench_serve.py [--student DIR] [--tokens 48] [--size 23] [--load 60 --rate 1.0 [--load-only]]
+                                [--repo DIR]
 """
 
 from __future__ import annotations
@@ -128,6 +129,26 @@ def load_test(base: str, models: list[str], seconds: float, rate: float, tokens:
             "ttft_p50": statistics.quantiles(ttft, n=100)[49], "ttft_p99": statistics.quantiles(ttft, n=100)[98]}
 
 
+def streams(base: str, name: str, args, in_process: float, made: int, mixed: list[str]) -> None:
+    """Parts 2 and 3: one stream against `generate` in process, then concurrent streams."""
+    counts: list[int] = []
+    start = time.perf_counter()
+    stream(base, f"{name}-{args.size}L", args.tokens, counts)
+    api = time.perf_counter() - start
+    print(f"2. one stream of {counts[0]} tokens ({args.size} layers): API {api:.2f} s vs in-process generate "
+          f"{in_process:.2f} s ({made} tokens): {api / in_process:.2f}x the time (goal at most 1.1x)")
+    rates = {}
+    for n in (1, 4, 8):
+        rates[n], total = concurrent(base, [f"{name}-{args.size}L"] * n, args.tokens)
+        print(f"3. {n} concurrent streams of {args.size} layers: {rates[n]:6.1f} tokens/s in all "
+              f"({total} tokens), {rates[n] / rates[1]:.2f}x one stream")
+    rate, total = concurrent(base, mixed, args.tokens)
+    print(f"   8 concurrent streams over 4 sizes (16, 20, 26, 30 layers): {rate:6.1f} tokens/s ({total} tokens), "
+          f"{rate / rates[1]:.2f}x one stream")
+    print(f"goals: 4 same-size streams at least 2.8x one stream: {rates[4] / rates[1]:.2f}x; 8 at least 3x: "
+          f"{rates[8] / rates[1]:.2f}x; 8 over 4 sizes at least 2.7x: {rate / rates[1]:.2f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--student", default=None)
@@ -137,6 +158,7 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=1.0, help="requests per second in the load test")
     parser.add_argument("--load-tokens", type=int, default=32)
     parser.add_argument("--repo", default=None, help="serve from this checkout instead")
+    parser.add_argument("--load-only", action="store_true", help="skip parts 2 and 3 (with --load)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         student = args.student or str(Path(tmp) / "fam")
@@ -169,23 +191,9 @@ def main() -> None:
         try:
             name = httpx.get(base + "/v1/models").json()["data"][0]["id"].rsplit("-", 1)[0]
             stream(base, f"{name}-{args.size}L", 4, [])  # warm-up
-            counts: list[int] = []
-            start = time.perf_counter()
-            stream(base, f"{name}-{args.size}L", args.tokens, counts)
-            api = time.perf_counter() - start
-            print(f"2. one stream of {counts[0]} tokens ({args.size} layers): API {api:.2f} s vs in-process generate "
-                  f"{in_process:.2f} s ({made} tokens): {api / in_process:.2f}x the time (goal at most 1.1x)")
-            rates = {}
-            for n in (1, 4, 8):
-                rates[n], total = concurrent(base, [f"{name}-{args.size}L"] * n, args.tokens)
-                print(f"3. {n} concurrent streams of {args.size} layers: {rates[n]:6.1f} tokens/s in all "
-                      f"({total} tokens), {rates[n] / rates[1]:.2f}x one stream")
             mixed = [f"{name}-{n}L" for n in (16, 20, 26, 30)] * 2
-            rate, total = concurrent(base, mixed, args.tokens)
-            print(f"   8 concurrent streams over 4 sizes (16, 20, 26, 30 layers): {rate:6.1f} tokens/s ({total} tokens), "
-                  f"{rate / rates[1]:.2f}x one stream")
-            print(f"goals: 4 same-size streams at least 2.8x one stream: {rates[4] / rates[1]:.2f}x; 8 at least 3x: "
-                  f"{rates[8] / rates[1]:.2f}x; 8 over 4 sizes at least 2.7x: {rate / rates[1]:.2f}x")
+            if not args.load_only:
+                streams(base, name, args, in_process, made, mixed)
             if args.load:
                 r = load_test(base, mixed[:4], args.load, args.rate, args.load_tokens)
                 print(f"4. load test {args.load:.0f} s, {args.rate} requests/s (Poisson) over 4 sizes, {args.load_tokens} "
