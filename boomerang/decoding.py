@@ -139,6 +139,7 @@ class _Model:
     another chat)."""
 
     def __init__(self, model: CausalLM):
+        self.source = model  # held, so that no other model takes its id while the decoder knows it by that id
         self.arch = adapter_for(model)
         self.model = copy.copy(model)
         self.model._modules = dict(model._modules)
