@@ -1,7 +1,8 @@
 """Decoding many sequences of a family's sizes at once: each step, every shared layer is one call for all of them.
 
 A `Decoder` holds rows (one sequence each, any size of the family, each with its own prompt length, decoding
-settings and token limit). `add` runs a row's prompt alone (its prefill) and gives it its first token; `step` makes
+settings and token limit). `add` runs a row's prompt (its prefill; `add_many`: the prompts of rows of one size as one batch) and gives it its
+first token; `step` makes
 the next token of every row: rows join and leave between steps (continuous batching), none waits for a batch to end.
 
 One step runs each size's model forward only to its first layer, to take what transformers computes there (the
@@ -184,23 +185,44 @@ class Decoder:
 
     # ------------------------------------------------------------------------- rows in and out
 
-    @torch.no_grad()
     def add(self, row: DecodeRow) -> None:
         """Run the row's prompt alone, give it its first token; it decodes with the others from the next step."""
-        known = self._known(row.model)
-        if row.temperature > 0:
-            row.generator = torch.Generator().manual_seed(row.seed)
-        device = next(row.model.parameters()).device
+        self.add_many([row])
+
+    @torch.no_grad()
+    def add_many(self, rows: list[DecodeRow]) -> None:
+        """`add` for several rows: the prompts of rows of one size run as one batch (left-padded)."""
+        groups: dict[int, list[DecodeRow]] = {}
+        for row in rows:
+            groups.setdefault(id(row.model), []).append(row)
+        for group in groups.values():
+            self._prefill(group)
+
+    def _prefill(self, rows: list[DecodeRow]) -> None:
+        model = rows[0].model
+        known = self._known(model)
+        device = next(model.parameters()).device
+        width = max(len(r.prompt) for r in rows)
+        ids = torch.zeros(len(rows), width, dtype=torch.long)  # (B, P), prompts right-aligned
+        mask = torch.zeros(len(rows), width, dtype=torch.long)
+        for j, row in enumerate(rows):
+            ids[j, width - len(row.prompt):] = torch.tensor(row.prompt)
+            mask[j, width - len(row.prompt):] = 1
+        positions = (mask.cumsum(-1) - 1).clamp_min(0)  # each row's own positions from 0
         cache = DynamicCache()  # every layer keeps all its keys (a sliding layer's mask does the window)
-        ids = torch.tensor([row.prompt], device=device)  # (1, P)
-        logits = row.model(input_ids=ids, use_cache=True, logits_to_keep=1, **{known.cache_arg: cache}).logits
-        row.length = len(row.prompt)
-        for i, step in enumerate(known.steps):
-            layer: Any = cache.layers[i]
-            row.kv[step] = _room(layer.keys, layer.values, row.length, self._room_for(row))  # (1, H, P, D) each
-        self._emit(row, self._pick(row, logits[0, -1]))
-        if not row.finished:
-            self.rows.append(row)
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
+                       use_cache=True, logits_to_keep=1, **{known.cache_arg: cache}).logits
+        for j, row in enumerate(rows):
+            row.length = len(row.prompt)
+            if row.temperature > 0:
+                row.generator = torch.Generator().manual_seed(row.seed)
+            for i, step in enumerate(known.steps):
+                layer: Any = cache.layers[i]
+                kv = layer.keys[j:j + 1, :, width - row.length:], layer.values[j:j + 1, :, width - row.length:]
+                row.kv[step] = _room(*kv, row.length, self._room_for(row))  # (1, H, P, D) each
+            self._emit(row, self._pick(row, logits[j, -1]))
+            if not row.finished:
+                self.rows.append(row)
 
     def drop_finished(self) -> None:
         for row in self.rows:

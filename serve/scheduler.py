@@ -91,8 +91,7 @@ class Scheduler:
                 joining = self.waiting[: self.max_batch - len(self.running)]
                 del self.waiting[: len(joining)]
                 self.running.extend(joining)
-            for job in joining:
-                self._start(job)
+            self._start(joining)
             if self.decoder.rows:
                 try:
                     self.decoder.step()
@@ -104,20 +103,44 @@ class Scheduler:
                     self.decoder.rows = []
             self._end_finished()
 
-    def _start(self, job: Job) -> None:
-        """The job's prompt, run alone: its first token, and its row in the batch from the next step."""
-        if job.cancelled.is_set():
-            return  # no row: it ends with the step
-        s = job.sampling
+    def _start(self, jobs: list[Job]) -> None:
+        """The jobs' prompts (those of one size as one batch): their first tokens, and their rows in the batch from
+        the next step. When a batch of prompts fails, each runs alone, so that a bad one fails only its request."""
+        rows = {}
+        for job in jobs:
+            if job.cancelled.is_set():
+                continue  # no row: it ends with the step
+            try:
+                rows[id(job)] = self._row(job)
+            except Exception as exc:  # this request fails (it has no row); the others go on
+                self._fail([job], exc)
         try:
-            model: Any = self.build(job.n_layers)
-            row = DecodeRow(model, job.prompt, s.max_new_tokens, self._counted(job), temperature=s.temperature,
-                            top_p=s.top_p, seed=s.seed, cancelled=job.cancelled.is_set,
-                            eos=set() if job.ignore_eos else eos_ids(model, self.tokenizer))
+            self.decoder.add_many(list(rows.values()))
+        except Exception:  # a batch of prompts failed: those not run yet, one at a time
+            for job in jobs:
+                if id(job) in rows:
+                    if rows[id(job)].generated:  # its batch ran before the failing one
+                        job.row = rows[id(job)]
+                    else:
+                        self._start_alone(job, rows[id(job)])
+            return
+        for job in jobs:
+            job.row = rows.get(id(job))
+
+    def _start_alone(self, job: Job, row: DecodeRow) -> None:
+        row.kv.clear()
+        try:
             self.decoder.add(row)
             job.row = row
-        except Exception as exc:  # this request fails (it has no row); the others go on
+        except Exception as exc:
             self._fail([job], exc)
+
+    def _row(self, job: Job) -> DecodeRow:
+        s = job.sampling
+        model: Any = self.build(job.n_layers)
+        return DecodeRow(model, job.prompt, s.max_new_tokens, self._counted(job), temperature=s.temperature,
+                         top_p=s.top_p, seed=s.seed, cancelled=job.cancelled.is_set,
+                         eos=set() if job.ignore_eos else eos_ids(model, self.tokenizer))
 
     def _fail(self, jobs: list[Job], exc: Exception) -> None:
         for job in jobs:

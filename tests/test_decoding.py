@@ -46,13 +46,11 @@ def test_rows_of_several_sizes_joining_at_different_steps_get_what_they_get_alon
     rows, joins = [], []
     for i in range(7):  # prompts of 2 to 11 tokens; past a sliding window (6) by the end
         prompt = torch.randint(3, VOCAB, (int(torch.randint(2, 12, (1,), generator=g)),), generator=g).tolist()
-        rows.append(DecodeRow(models[fam.layer_counts[i % len(models)]], prompt, 6, on_token=lambda t: True))
-        joins.append(i // 3)
+        rows.append(DecodeRow(models[fam.layer_counts[i // 2 % len(models)]], prompt, 6, on_token=lambda t: True))
+        joins.append(i // 3)  # rows 0-2 at the first step (two of one size: their prompts run as one batch), ...
     dec = Recording()
     for step in range(12):
-        for row, join in zip(rows, joins, strict=True):
-            if join == step:
-                dec.add(row)
+        dec.add_many([row for row, join in zip(rows, joins, strict=True) if join == step])
         dec.step()
     assert not dec.rows and all(r.finished and r.reason == "length" and r.generated == 6 for r in rows)
     calls_alone = 5 * sum(len(adapter_for(r.model).layer_list(r.model)) for r in rows)  # 5 steps after the prompt

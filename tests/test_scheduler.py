@@ -116,6 +116,16 @@ def test_past_max_batch_requests_wait_their_turn_and_a_failing_request_fails_alo
     bad = t.submit("bad", 7, [5, 6], Sampling(6, 0.0))
     t.wait("a", "b", "c", "bad")
     assert bad.error == "RuntimeError: no such size here" and t.outs["bad"] == []
+    # a prompt that breaks its size's forward pass (a token past the vocabulary) fails alone, not its batch
+    s2 = sched.Scheduler(family.build, tok, max_batch=4)
+    t2 = Tracked(s2)
+    with s2.lock:  # both wait until both are queued: their prompts are one batch
+        t2.submit("good", 6, [5, 6, 7], Sampling(6, 0.0))
+        broken = t2.submit("broken", 6, [5, 6, 10_000], Sampling(6, 0.0))
+    t2.wait("good", "broken")
+    assert broken.error and "index" in broken.error and t2.outs["broken"] == []
+    assert t2.done["good"][0].error is None and t2.outs["good"] == alone(family.build(6), [5, 6, 7], 6)
+    s2.close()
     for name in ("a", "b", "c"):
         assert t.done[name][0].error is None and t.outs[name] == alone(family.build(6), [5, 6, ord(name) % 90], 6)
     assert s.load()["running"] == 0
