@@ -32,7 +32,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import Cache, DynamicLayer
 
 from boomerang.arch import CausalLM, adapter_for
-from boomerang.sharing import Replay, model_path, module_ids
+from boomerang.sharing import Replay, model_path, module_ids, run_with_layers
 
 
 @dataclass(eq=False)
@@ -144,9 +144,9 @@ class _Model:
         self.arch = adapter_for(model)
         self.model = copy.copy(model)
         self.model._modules = dict(model._modules)
-        self.base = copy.copy(self.arch.base_model(model))
-        self.base._modules = dict(self.base._modules)
-        self.model._modules[self.arch.base] = self.base
+        base = copy.copy(self.arch.base_model(model))
+        base._modules = dict(base._modules)
+        self.model._modules[self.arch.base] = base
         self.layers = self.arch.layer_list(model)
         path = model_path(model)
         self.steps = path[1:]  # a step: a layer's weights and its config entries at its position
@@ -159,17 +159,9 @@ class _Model:
         self.sink: dict = {}
         n = len(self.layers)
         self.takes = [_Take(self.sink, i, i == n - 1) for i in range(n)]
-        base = self.base
         # what runs after the layers: the final norm, the head, the model-level settings (a softcap, say)
         self.ends = (type(model).__name__, module_ids(getattr(base, self.arch.norm)), module_ids(self.arch.head_module(model)),
                      path[0][-1])
-
-    def forward(self, layers: list, **inputs):
-        self.base._modules[self.arch.layers] = nn.ModuleList(layers)
-        try:
-            return self.model(**inputs)
-        finally:
-            self.base._modules[self.arch.layers] = self.layers
 
 
 class Decoder:
@@ -192,10 +184,7 @@ class Decoder:
     @torch.no_grad()
     def add_many(self, rows: list[DecodeRow]) -> None:
         """`add` for several rows: the prompts of rows of one size run as one batch (left-padded)."""
-        groups: dict[int, list[DecodeRow]] = {}
-        for row in rows:
-            groups.setdefault(id(row.model), []).append(row)
-        for group in groups.values():
+        for group in _by_model(rows).values():
             self._prefill(group)
 
     def _prefill(self, rows: list[DecodeRow]) -> None:
@@ -238,9 +227,7 @@ class Decoder:
         self.drop_finished()
         if not self.rows:
             return
-        groups: dict[int, list[DecodeRow]] = {}
-        for row in self.rows:
-            groups.setdefault(id(row.model), []).append(row)
+        groups = _by_model(self.rows)
         taken = {key: self._take(self._models[key], rows) for key, rows in groups.items()}
         hidden = {key: t["hidden"] for key, t in taken.items()}
         for step, using in self._order(groups):
@@ -252,8 +239,8 @@ class Decoder:
             rows = [r for key in keys for r in groups[key]]
             state = torch.cat([hidden[key] for key in keys]) if len(keys) > 1 else hidden[keys[0]]
             ids = torch.tensor([[r.last] for r in rows], device=state.device)
-            logits = self._models[keys[0]].forward([Replay(state)], input_ids=ids, use_cache=False,
-                                                   logits_to_keep=1).logits
+            logits = run_with_layers(self._models[keys[0]].model, [Replay(state)], input_ids=ids, use_cache=False,
+                                     logits_to_keep=1).logits
             for j, row in enumerate(rows):
                 row.length += 1
                 self._emit(row, self._pick(row, logits[j, -1]))
@@ -273,7 +260,7 @@ class Decoder:
         positions = torch.tensor([[r.length] for r in rows])  # (B, 1): each row's own position
         cache = _StepCache(len(known.layers), width, self._update)
         try:
-            known.forward(known.takes, input_ids=ids.to(device),
+            run_with_layers(known.model, known.takes, input_ids=ids.to(device),
                           attention_mask=mask.to(device), position_ids=positions.to(device), use_cache=True,
                           **{known.cache_arg: cache})
         except _Halt:
@@ -291,8 +278,8 @@ class Decoder:
         parts = [taken[key][self._models[key].position[step]] for key in using]
         sizes = [len(groups[k]) for k in using]
         widths = [max(r.length for r in groups[k]) + 1 for k in using]
-        kwargs = _joined(parts, sizes, widths, (self._models[using[0]].mask_format, hidden[using[0]].dtype))
         first = self._models[using[0]]
+        kwargs = _joined(parts, sizes, widths, (first.mask_format, hidden[using[0]].dtype))
         layer = first.layers[first.position[step]]
         x = torch.cat([hidden[key] for key in using]) if len(using) > 1 else hidden[using[0]]
         self._call = (step, rows)
@@ -379,6 +366,14 @@ class Decoder:
             row.finished, row.reason = True, "stop"
         elif row.generated >= row.max_new_tokens:
             row.finished, row.reason = True, "length"
+
+
+def _by_model(rows: list[DecodeRow]) -> dict[int, list[DecodeRow]]:
+    """Rows grouped by their model (keyed by its id), in the order they come."""
+    groups: dict[int, list[DecodeRow]] = {}
+    for row in rows:
+        groups.setdefault(id(row.model), []).append(row)
+    return groups
 
 
 @functools.cache

@@ -51,3 +51,16 @@ class Replay(nn.Module):
 
     def forward(self, *args, **kwargs):
         return self.state
+
+
+def run_with_layers(model: CausalLM, layers: list, **inputs):
+    """`model(**inputs)` with its layer list swapped for `layers` for the length of the call (its own restored after,
+    also when the call raises)."""
+    arch = adapter_for(model)
+    base = arch.base_model(model)
+    own = arch.layer_list(model)
+    base._modules[arch.layers] = nn.ModuleList(layers)
+    try:
+        return model(**inputs)
+    finally:
+        base._modules[arch.layers] = own

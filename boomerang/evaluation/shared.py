@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from boomerang.arch import CausalLM, adapter_for
-from boomerang.sharing import Replay, model_path
+from boomerang.sharing import Replay, model_path, run_with_layers
 
 Request = tuple[tuple[str, str], list[int], list[int]]
 """What lm-eval's HFLM hands its log-likelihood core: ((context, continuation) strings, context ids, continuation ids)."""
@@ -98,16 +98,10 @@ def _run(model: CausalLM, ids: torch.Tensor, keep: torch.Tensor, start, depth: i
          sink: dict) -> torch.Tensor:
     """`model`'s logits (B, P, V) at positions `keep` (P,) of `ids` (B, T), its first `depth` layers replaced by
     `start` (their output), the outputs of the layers at `taps` (depth after the layer -> node) kept in `sink`."""
-    arch = adapter_for(model)
-    base = arch.base_model(model)
-    layers = arch.layer_list(model)
+    layers = adapter_for(model).layer_list(model)
     run = [Replay(start) if i < depth else _Tap(layer, sink, taps[i + 1]) if i + 1 in taps else layer
            for i, layer in enumerate(layers)]
-    base._modules[arch.layers] = nn.ModuleList(run)
-    try:
-        return model(input_ids=ids, use_cache=False, logits_to_keep=keep).logits
-    finally:
-        base._modules[arch.layers] = layers
+    return run_with_layers(model, run, input_ids=ids, use_cache=False, logits_to_keep=keep).logits
 
 
 # ----------------------------------------------------------------------------- the scorer
