@@ -10,6 +10,7 @@ from __future__ import annotations
 import statistics
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -107,10 +108,8 @@ def _decode_sides(sides: list[tuple], tokenizer, sampling: Sampling, stop: threa
     try:
         for (model, messages), reply in zip(sides, replies, strict=True):
             try:
-                row = DecodeRow(model, prompt_ids(tokenizer, messages)[0].tolist(), sampling.max_new_tokens,
-                                _Texts(tokenizer, reply).put, temperature=sampling.temperature, top_p=sampling.top_p,
-                                seed=sampling.seed, cancelled=stop.is_set,
-                                eos=set() if ignore_eos else eos_ids(model, tokenizer))
+                row = decode_row(model, tokenizer, prompt_ids(tokenizer, messages)[0].tolist(), sampling,
+                                 _Texts(tokenizer, reply).put, cancelled=stop.is_set, ignore_eos=ignore_eos)
                 rows.append((row, reply))
                 decoder.add(row)
             except Exception as exc:  # shown under this side's reply; the other side goes on
@@ -152,6 +151,15 @@ def stream_pair(sides: list[tuple], tokenizer, sampling: Sampling, stop: threadi
             shown = texts
             yield replies
     yield replies
+
+
+def decode_row(model, tokenizer, prompt: list[int], sampling: Sampling, on_token: Callable[[int], bool], *,
+               cancelled: Callable[[], bool], ignore_eos: bool = False) -> DecodeRow:
+    """A decoder row for `prompt` with these decoding settings; it ends at the model's end-of-sequence tokens unless
+    `ignore_eos` (then at max_new_tokens)."""
+    return DecodeRow(model, prompt, sampling.max_new_tokens, on_token, temperature=sampling.temperature,
+                     top_p=sampling.top_p, seed=sampling.seed, cancelled=cancelled,
+                     eos=set() if ignore_eos else eos_ids(model, tokenizer))
 
 
 def eos_ids(model, tokenizer) -> set[int]:

@@ -16,10 +16,9 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from boomerang.decoding import Decoder, DecodeRow
-from boomerang.generation import Sampling, eos_ids
+from boomerang.generation import Sampling, decode_row
 
 
 class QueueFull(Exception):
@@ -136,11 +135,8 @@ class Scheduler:
             self._fail([job], exc)
 
     def _row(self, job: Job) -> DecodeRow:
-        s = job.sampling
-        model: Any = self.build(job.n_layers)
-        return DecodeRow(model, job.prompt, s.max_new_tokens, self._counted(job), temperature=s.temperature,
-                         top_p=s.top_p, seed=s.seed, cancelled=job.cancelled.is_set,
-                         eos=set() if job.ignore_eos else eos_ids(model, self.tokenizer))
+        return decode_row(self.build(job.n_layers), self.tokenizer, job.prompt, job.sampling, self._counted(job),
+                          cancelled=job.cancelled.is_set, ignore_eos=job.ignore_eos)
 
     def _fail(self, jobs: list[Job], exc: Exception) -> None:
         for job in jobs:
