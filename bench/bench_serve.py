@@ -70,18 +70,9 @@ def start_server(student: str, port: int, repo: str | None = None) -> subprocess
     raise SystemExit("the server did not start")
 
 
-def stream(base: str, model: str, tokens: int, out: list, prompt: str = PROMPT) -> None:
-    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": tokens, "temperature": 0,
-            "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True}
-    with httpx.stream("POST", base + "/v1/chat/completions", json=body, timeout=600) as r:
-        for line in r.iter_lines():
-            if line.startswith("data: {") and '"usage": {' in line:
-                out.append(json.loads(line[6:])["usage"]["completion_tokens"])
-
-
 def concurrent(base: str, models: list[str], tokens: int) -> tuple[float, int]:
-    counts: list[int] = []
-    threads = [threading.Thread(target=stream, args=(base, m, tokens, counts, f"{PROMPT} ({i})"))
+    results: list[tuple] = []
+    threads = [threading.Thread(target=stream, args=(base, m, tokens, results, f"{PROMPT} ({i})"))
                for i, m in enumerate(models)]
     start = time.perf_counter()
     for t in threads:
@@ -89,11 +80,14 @@ def concurrent(base: str, models: list[str], tokens: int) -> tuple[float, int]:
     for t in threads:
         t.join()
     took = time.perf_counter() - start
-    return sum(counts) / took, sum(counts)
+    made = sum(r[1] for r in results)
+    return made / took, made
 
 
-def timed_stream(base: str, model: str, tokens: int, prompt: str, sent: float, out: list) -> None:
-    """One streamed request: (time to first token, tokens, seconds) appended to `out`."""
+def stream(base: str, model: str, tokens: int, out: list, prompt: str = PROMPT, sent: float | None = None) -> None:
+    """One streamed greedy request of `tokens` tokens: (time to first token, tokens, seconds), from `sent` (default:
+    now), appended to `out`."""
+    sent = time.perf_counter() if sent is None else sent
     body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": tokens, "temperature": 0,
             "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True}
     first, made = None, 0
@@ -115,8 +109,8 @@ def load_test(base: str, models: list[str], seconds: float, rate: float, tokens:
     at = rng.expovariate(rate)
     while at < seconds:
         time.sleep(max(0.0, start + at - time.perf_counter()))
-        t = threading.Thread(target=timed_stream, args=(base, rng.choice(models), tokens,
-                                                        f"{PROMPT} ({len(threads)})", time.perf_counter(), results))
+        t = threading.Thread(target=stream, args=(base, rng.choice(models), tokens, results,
+                                                  f"{PROMPT} ({len(threads)})", time.perf_counter()))
         t.start()
         threads.append(t)
         at += rng.expovariate(rate)
@@ -131,11 +125,10 @@ def load_test(base: str, models: list[str], seconds: float, rate: float, tokens:
 
 def streams(base: str, name: str, args, in_process: float, made: int, mixed: list[str]) -> None:
     """Parts 2 and 3: one stream against `generate` in process, then concurrent streams."""
-    counts: list[int] = []
-    start = time.perf_counter()
-    stream(base, f"{name}-{args.size}L", args.tokens, counts)
-    api = time.perf_counter() - start
-    print(f"2. one stream of {counts[0]} tokens ({args.size} layers): API {api:.2f} s vs in-process generate "
+    one: list[tuple] = []
+    stream(base, f"{name}-{args.size}L", args.tokens, one)
+    _, made_api, api = one[0]
+    print(f"2. one stream of {made_api} tokens ({args.size} layers): API {api:.2f} s vs in-process generate "
           f"{in_process:.2f} s ({made} tokens): {api / in_process:.2f}x the time (goal at most 1.1x)")
     rates = {}
     for n in (1, 4, 8):
