@@ -156,8 +156,8 @@ def at_size_job(services, job_id) -> str:
             f"this run's recipe, data and budget. Press Evaluate when they finish: they join the chart as 'distilled'.")
 
 
-def evaluate_job(services, job_id, tasks: str, data_dir: str, limit) -> str:
-    """Queue an evaluation of the family a finished distillation job produced."""
+def evaluate_job(services, job_id, tasks: str, data_dir: str, limit, parts=1) -> str:
+    """Queue an evaluation of the family a finished distillation job produced, shared out over `parts` jobs."""
     job = _job(services, job_id)
     folder = (job.result or {}).get("student_dir") if job else None
     if job is not None and not folder and job.run_dir:  # not finished: its newest checkpoint taken as a family
@@ -173,10 +173,12 @@ def evaluate_job(services, job_id, tasks: str, data_dir: str, limit) -> str:
     # the standard evaluation (shipped tasks, the run's held-out text, cost, both baselines) with what the form names
     request = EvalRequest.standard(folder, data_dir=data_dir or None,
                                    settings=EvalSettings(limit=int(limit) if limit else None),
-                                   **({"tasks": named} if named else {}))
+                                   parts=1 if parts in (None, "") else int(parts), **({"tasks": named} if named else {}))
     new = submit(engine=services.engine, app=services.celery, kind="eval", settings=request.to_dict(),
                  queue=services.queue)
-    return f"**Evaluation job {new.id} queued.** Its results appear on the Compare tab."
+    shared = (f" It is shared out over {request.parts} jobs: the other free workers of the queue take the parts, and "
+              "this job computes any part none takes, then gathers them." if request.parts > 1 else "")
+    return f"**Evaluation job {new.id} queued.** Its results appear on the Compare tab.{shared}"
 
 
 
@@ -215,6 +217,8 @@ def tab(services):
                                info="shipped with the project (offline), file stems in the data folder, or lm-eval names")
             data_dir = gr.Textbox(services.eval_data_dir or "", label="Evaluation data folder (optional)")
             limit = gr.Number(STANDARD_LIMIT, precision=0, label="Items per task")
+            parts = gr.Number(1, precision=0, label="Workers", elem_id="eval-parts",
+                              info="share it out over this many jobs, one per free worker of the queue")
         gr.Markdown("Also measured: perplexity, KL to the teacher and top-1 agreement on the run's held-out text "
                     "and on general text of another domain, memory and latency, and the undistilled and "
                     "layer-dropping baselines at every size.")
@@ -239,5 +243,6 @@ def tab(services):
     retry_btn.click(bind(retry_job, services, refused="Cannot retry"), job_id, action_md)
     snap_btn.click(bind(snapshot_job, services, refused="No family"), job_id, action_md, api_name="snapshot")
     at_size_btn.click(bind(at_size_job, services, refused="Not queued"), job_id, action_md, api_name="at_size")
-    eval_btn.click(bind(evaluate_job, services, refused="Not queued"), [job_id, tasks, data_dir, limit], action_md)
+    eval_btn.click(bind(evaluate_job, services, refused="Not queued"), [job_id, tasks, data_dir, limit, parts],
+                   action_md)
     return job_id

@@ -85,6 +85,16 @@ def request_cancel(*, session: Session, job_id: int) -> Job:
     return job
 
 
+def take_back(*, session: Session, job_id: int, note: str) -> bool:
+    """Cancel a job no worker has claimed, in one statement, so that the caller can do its work itself; False if a
+    worker holds it (or it ended) by now."""
+    stmt = (update(Job).where(Job.id == job_id, Job.status == JobStatus.QUEUED)
+            .values(status=JobStatus.CANCELLED, cancel_requested=True, finished_at=utcnow(), error=note))
+    done = session.exec(stmt).rowcount == 1
+    session.commit()
+    return done
+
+
 def retry_job(*, session: Session, job_id: int) -> Job:
     """Put a FAILED or CANCELLED job back in the queue; it resumes from its checkpoint if it has one."""
     job = session.get(Job, job_id)

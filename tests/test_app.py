@@ -562,6 +562,11 @@ def test_distilled_at_size_baselines_from_the_jobs_tab_and_families_compared_on_
     for jid in ids:
         assert run_job(jid, engine=s.engine, worker="test") == "SUCCEEDED"
     assert "Every distilled-at-size baseline of this run is done" in jobs.at_size_job(s, job)
+    assert evaluated(s, job, "quiz", s.eval_data_dir, 5, 0) == "**Not queued:** parts must be between 1 and 64, got 0"
+    msg = jobs.evaluate_job(s, job, "quiz", s.eval_data_dir, 5, 2)  # shared out: the settings say so, then cancelled
+    shared = int(msg.split("job ")[1].split(" ")[0])
+    assert "shared out over 2 jobs" in msg and crud.get_job(session=Session(s.engine), job_id=shared).settings["parts"] == 2
+    crud.request_cancel(session=Session(s.engine), job_id=shared)
     msg = jobs.evaluate_job(s, job, "quiz", s.eval_data_dir, 5)
     assert run_job(int(msg.split("job ")[1].split(" ")[0]), engine=s.engine, worker="test") == "SUCCEEDED"
     choices = common.family_choices(s)

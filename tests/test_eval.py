@@ -307,3 +307,54 @@ def test_a_task_is_scored_for_the_family_and_for_the_baselines_as_two_groups_and
         assert evaluate_student(req).computed == 2 and groups == [["undistilled-5", "undistilled-7"]]
     finally:
         shared.SharedScorer._score = real
+
+
+def test_share_out_keeps_models_scored_together_and_balances_layers():
+    from boomerang.evaluation.results import ModelEntry
+    from boomerang.evaluation.run import Candidate, share_out
+
+    def cand(key, series, n, shared=True):
+        return Candidate(ModelEntry(key, series, n, n * 10, n * 8), lambda: None, shared=shared)
+
+    family = [cand(f"s{n}", "interpolated", n) for n in (5, 6, 7, 8)]
+    baselines = [cand(f"b{n}", "drop-bi", n) for n in (5, 6, 7)]
+    distilled = [cand("d6", "distilled", 6, shared=False)]
+    every = family + baselines + distilled
+    assert share_out(every, 1) == [[c.entry.key for c in family + baselines + distilled]]
+    two = share_out(every, 2)  # family (26 layers) alone; the baselines (18) with the distilled student (6)
+    assert two == [["s5", "s6", "s7", "s8"], ["b5", "b6", "b7", "d6"]]
+    four = share_out(every, 4)  # three groups < four parts: the family is halved, smaller sizes in one half
+    assert sorted(map(sorted, four)) == sorted([["s5", "s6", "s7"], ["s8"], ["b5", "b6", "b7"], ["d6"]])
+    many = share_out(every, 12)  # more parts than models: some parts are empty, every model is in exactly one part
+    assert sorted(k for part in many for k in part) == sorted(c.entry.key for c in every) and [] in many
+    assert share_out(every, 4) == four  # the same plan in every process
+
+
+def test_an_evaluation_run_in_parts_then_gathered_equals_one_run(tmp_path, capsys):
+    """`--part I/N` computes that part's cells (no cost, no table); the same command without it finds them, times cost
+    and writes the report: the same numbers as in one run. `--parts` is for queued jobs and is refused here."""
+    save_tiny_teacher(tmp_path / "teacher", "llama")
+    main(["cut", "--teacher", str(tmp_path / "teacher"), "--out", str(tmp_path / "student")])
+    data = write_eval_files(tmp_path / "data")
+    (tmp_path / "held.txt").write_text("Held-out text for label-free metrics. " * 80)
+    argv = ["eval", str(tmp_path / "student"), "--tasks", "quiz", "--data-dir", str(data), "--baselines",
+            "undistilled", "--heldout-data", str(tmp_path / "held.txt"), "--cost", "--sizes", "5,7,8", "--dtype", "float32"]
+    assert main([*argv, "--out", str(tmp_path / "one")]) == 0
+    capsys.readouterr()
+    assert main([*argv, "--out", str(tmp_path / "parts"), "--part", "2/2"]) == 0
+    out = capsys.readouterr().out
+    assert "4 cells computed, 0 already on disk (part 2/2: run the same command without --part" in out  # 2 baselines
+    assert not (tmp_path / "parts" / "family.csv").exists()
+    assert main([*argv, "--out", str(tmp_path / "parts"), "--part", "1/2"]) == 0
+    assert "6 cells computed" in capsys.readouterr().out  # 3 sizes x (held-out, quiz)
+    assert main([*argv, "--out", str(tmp_path / "parts")]) == 0
+    assert "5 cells computed, 10 already on disk" in capsys.readouterr().out  # only cost: 5 models
+    one, parts = read_csv(tmp_path / "one" / "family.csv"), read_csv(tmp_path / "parts" / "family.csv")
+    pick = lambda rows: {(r["key"], r["task"], r["metric"]): r["value"] for r in rows if r["task"] != "cost"}  # noqa: E731
+    assert pick(one) == pick(parts) and len(pick(one)) == 5 * 5
+    for flags, message in ((["--parts", "2"], "shares out a queued evaluation over workers"),
+                           (["--part", "3/2"], "part must be I/N with 1 <= I <= N"),
+                           (["--part", "1/2", "--parts", "2"], "not both")):
+        assert main([*argv, "--out", str(tmp_path / "refused"), *flags]) != 0
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "refused").exists()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import redis
-from sqlmodel import Session
+from sqlmodel import Session, select
 
 from boomerang.errors import BoomerangError
 from db import crud
@@ -50,10 +50,10 @@ class Cluster:
         save_tiny_teacher(tmp / "teacher", "llama")
         (tmp / "corpus.txt").write_text(TEXT)
 
-    def start_worker(self, name: str, queues: str | None = None) -> subprocess.Popen:
+    def start_worker(self, name: str, queues: str | None = None, *flags: str) -> subprocess.Popen:
         log = open(self.tmp / f"{name}.log", "w")
         proc = subprocess.Popen([sys.executable, "-m", "boomerang.cli", "worker", "--name", name, "--queues", queues or self.queue,
-                                 "--sweep-every", "1"], env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                 "--sweep-every", "1", *flags], env=self.env, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
         self.workers[name] = proc
         deadline = time.time() + 60
@@ -303,6 +303,142 @@ def test_a_job_on_two_processes_that_fail_fails_with_their_output_and_the_worker
     again = cluster.distill(steps=3)
     done, _ = cluster.wait(again.id, lambda j: j.status in (JobStatus.SUCCEEDED, JobStatus.FAILED), timeout=120)
     assert done.status == JobStatus.SUCCEEDED, done.error
+
+
+def shared_out_evaluation(cluster, parts: int):
+    """A tiny family's evaluation (7 models: 3 sizes, both baselines at 2 sizes; a task, held-out text, cost) queued
+    shared out over `parts` jobs, and the same request run in this process in one piece, for reference."""
+    from test_eval import write_eval_files
+
+    from boomerang.cli import main
+    from boomerang.evaluation.run import EvalRequest, evaluate_student
+
+    main(["cut", "--teacher", str(cluster.tmp / "teacher"), "--out", str(cluster.tmp / "student")])
+    (cluster.tmp / "held.txt").write_text("Held-out text for label-free metrics. " * 80)
+    settings = dict(student=str(cluster.tmp / "student"), tasks=["quiz"], data_dir=str(write_eval_files(cluster.tmp / "data")),
+                    baselines=["undistilled", "drop-bi"], heldout_data=str(cluster.tmp / "held.txt"), cost=True,
+                    sizes="5,7,8", dtype="float32")
+    one = evaluate_student(EvalRequest(**settings, out=str(cluster.tmp / "one")))
+    job = submit(engine=cluster.engine, app=cluster.app, kind="eval", settings={**settings, "parts": parts,
+                                                                                "out": str(cluster.tmp / "shared")},
+                 queue=cluster.queue)
+    return job, one
+
+
+def values(rows, *, cost: bool = False) -> dict:
+    return {(r["key"], r["task"], r["metric"]): r["value"] for r in rows if (r["task"] == "cost") == cost}
+
+
+def test_an_evaluation_shared_out_over_two_workers_equals_one_process(cluster):
+    """Two workers (one CPU thread, two): the job asked for computes the family's part and the other worker the
+    baselines' at the same time; the report gathers both, with the same numbers as one process, each cell's rows
+    once in the database, and every cost cell timed by the gathering job after the parts."""
+    from db.models import EvalResult
+
+    cluster.start_worker("w1", None, "--threads", "1")
+    cluster.start_worker("w2", None, "--threads", "2")
+    job, one = shared_out_evaluation(cluster, parts=2)
+    done, _ = cluster.wait(job.id, lambda j: j.status in (JobStatus.SUCCEEDED, JobStatus.FAILED), timeout=240)
+    assert done.status == JobStatus.SUCCEEDED, done.error
+    part = int(done.result["parts"]["2/2"].removeprefix("job "))
+    helper = cluster.job(part)
+    assert done.result["parts"]["1/2"] == "here" and helper.status == JobStatus.SUCCEEDED, (done.result, helper.error)
+    assert {done.worker.split("@")[0], helper.worker.split("@")[0]} == {"w1", "w2"}, "the part ran beside, not after"
+    assert helper.settings["part"] == "2/2" and helper.result["computed"] == helper.result["cells"] > 0
+    threads = 1 if helper.worker.startswith("w1") else 2  # a worker's jobs compute with the threads it was given
+    assert f"evaluating part 2/2 on {helper.worker} with {threads} CPU threads" in helper.log, helper.log
+    rows = read_table(Path(done.result["table"]))
+    assert values(rows).keys() == values(one.rows).keys() and len(values(rows)) == len(rows) - len(values(rows, cost=True))
+    for key, value in values(one.rows).items():
+        assert values(rows)[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
+    assert values(rows, cost=True).keys() == values(one.rows, cost=True).keys()
+    with Session(cluster.engine) as s:
+        stored = list(s.exec(select(EvalResult)))
+    idents = [(r.model_key, r.task, r.metric, r.cell) for r in stored]
+    measured = [r for r in rows if r["value"] == r["value"]]  # NaN: not measured, not stored
+    assert len(idents) == len(set(idents)) == len(measured), "a cell's rows are stored once"
+    by_job = {r.job_id for r in stored if r.task == "cost"}
+    assert by_job == {done.id}, "cost is timed by the gathering job alone"
+    assert {r.job_id for r in stored if r.task != "cost"} == {done.id, part}
+
+
+def test_parts_no_worker_takes_are_taken_back_and_computed_by_the_job_itself(cluster):
+    """One worker: the parts it would wait for are taken back (cancelled before any worker claims them) and computed
+    by the job itself; the numbers are those of one process all the same."""
+    cluster.start_worker("w1")
+    job, one = shared_out_evaluation(cluster, parts=3)
+    done, _ = cluster.wait(job.id, lambda j: j.status in (JobStatus.SUCCEEDED, JobStatus.FAILED), timeout=240)
+    assert done.status == JobStatus.SUCCEEDED, done.error
+    for i in (2, 3):
+        where = done.result["parts"][f"{i}/3"]
+        assert where.startswith("here (job ") and where.endswith(" taken back)"), done.result
+        helper = cluster.job(int(where.split()[2]))
+        assert helper.status == JobStatus.CANCELLED and "computed it" in helper.error and helper.worker is None
+    rows = read_table(Path(done.result["table"]))
+    for key, value in values(one.rows).items():
+        assert values(rows)[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
+
+
+def test_a_queued_run_over_two_machines_is_joined_by_a_worker_on_each_and_equals_one_process(cluster):
+    """Two workers, each on a queue of its own, stand for two machines (loopback, gloo, one process each): the job on
+    node 0's queue queues a node job on the other machine's; both join, and the run equals one process on the same
+    global batch (losses within 1e-4 relative, final weights within 1e-4)."""
+    from torch.testing import assert_close
+
+    from boomerang.training.loop import distill
+    from boomerang.training.recipe import DistillConfig
+
+    m0, m1 = cluster.queue + "-m0", cluster.queue + "-m1"
+    cluster.start_worker("m0", m0, "--address", "127.0.0.1")
+    cluster.start_worker("m1", m1, "--address", "127.0.0.1")
+    job = cluster.distill(queue=m0, steps=5, checkpoint_every=2, device="cpu", nnodes=2, node_queues=[m1])
+    done, _ = cluster.wait(job.id, lambda j: j.status in (JobStatus.SUCCEEDED, JobStatus.FAILED), timeout=300)
+    assert done.status == JobStatus.SUCCEEDED, done.error
+    with Session(cluster.engine) as s:
+        nodes = [j for j in crud.list_jobs(session=s) if j.kind == "node"]
+    assert len(nodes) == 1 and nodes[0].status == JobStatus.SUCCEEDED, [(n.status, n.error) for n in nodes]
+    assert done.worker.startswith("m0") and nodes[0].worker.startswith("m1") and nodes[0].queue == m1
+    assert nodes[0].settings["node_rank"] == 1 and nodes[0].settings["rdzv"].startswith("127.0.0.1:")
+    assert cluster.steps(job.id) == [1, 2, 3, 4, 5] and nodes[0].step == 5
+    run_dir = Path(done.run_dir)
+    settings = dict(teacher=str(cluster.tmp / "teacher"), data=str(cluster.tmp / "corpus.txt"), steps=5, batch_size=4,
+                    seq_len=16, lr=1e-3, checkpoint_every=2, device="cpu", out=str(cluster.tmp / "one"))
+    distill(DistillConfig(**settings))
+    one = [json.loads(line) for line in (cluster.tmp / "one" / "metrics.jsonl").read_text().splitlines()]
+    two = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], rel=1e-4)
+    import torch
+
+    wa = torch.load(cluster.tmp / "one" / "checkpoint.pt", weights_only=True)["student"]
+    wb = torch.load(run_dir / "checkpoint.pt", weights_only=True)["student"]
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-4, msg=k)
+    with Session(cluster.engine) as s:
+        assert [st.folder for st in crud.list_students(session=s)] == [done.result["student_dir"]]
+
+
+def test_a_queued_run_whose_other_machine_has_no_worker_fails_naming_its_queue(cluster):
+    m0, nowhere = cluster.queue + "-m0", cluster.queue + "-nobody"
+    cluster.env["BOOMERANG_RDZV_TIMEOUT_S"] = "10"
+    cluster.start_worker("m0", m0, "--address", "127.0.0.1")
+    job = cluster.distill(queue=m0, steps=5, device="cpu", nnodes=2, node_queues=[nowhere])
+    done, _ = cluster.wait(job.id, lambda j: j.status in (JobStatus.SUCCEEDED, JobStatus.FAILED), timeout=180)
+    assert done.status == JobStatus.FAILED
+    assert "did not complete within 10 s: 1 of 2 machines joined" in done.error, done.error
+    assert f"taken by no worker of queue {nowhere}" in done.error, done.error
+    with Session(cluster.engine) as s:
+        nodes = [j for j in crud.list_jobs(session=s) if j.kind == "node"]
+    assert [n.status for n in nodes] == [JobStatus.CANCELLED]
+    with pytest.raises(BoomerangError, match="node_queues names the queue of each machine but node 0's: 1"):
+        cluster.distill(queue=m0, nnodes=2, node_queues=["a", "b"])
+
+
+def read_table(path: Path) -> list[dict]:
+    import csv
+
+    with open(path, newline="") as f:
+        return [{**r, "value": float(r["value"])} for r in csv.DictReader(f)]
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.slow)])

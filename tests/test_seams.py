@@ -272,14 +272,16 @@ def test_a_new_loss_term_reaches_metrics_the_database_the_log_and_the_chart(home
 def test_every_job_kind_has_one_registry_row_and_its_request_round_trips(tmp_path):
     from boomerang.evaluation.run import EvalRequest
     from boomerang.export import ExportRequest
+    from boomerang.training.parallel import NodeShare
     from boomerang.training.recipe import DistillConfig
     from workers.bodies import BODIES
     from workers.kinds import KINDS, build_request
 
-    assert set(KINDS) == set(BODIES) == {"distill", "eval", "export"}
+    assert set(KINDS) == set(BODIES) == {"distill", "eval", "export", "node"}
     assert len({k.task for k in KINDS.values()}) == len(KINDS)
     samples = {"distill": DistillConfig(), "export": ExportRequest(str(tmp_path), 5, str(tmp_path / "x")),
-               "eval": EvalRequest(str(tmp_path), cost=True)}
+               "eval": EvalRequest(str(tmp_path), cost=True, parts=3),
+               "node": NodeShare(DistillConfig(nnodes=2, node_queues=["b"]), 1, "10.0.0.1:29500", resume=True)}
     for kind, request in samples.items():
         assert isinstance(request, KINDS[kind].request)
         again = build_request(kind, json.loads(json.dumps(request.to_dict())))  # what a job row holds
@@ -332,7 +334,7 @@ def test_a_new_job_kind_is_a_registry_row_a_body_and_a_request_class(home, monke
     assert [row[1:4] for row in jobs_table(services)] == [["echo", "SUCCEEDED", "2/2"]]
     args = build_parser().parse_args(["submit", "echo", "--text", "ho", "--times", "3", "--queue", "q"])
     assert (args.kind, args.build(args), args.queue) == ("echo", EchoRequest("ho", 3), "q")
-    with pytest.raises(BoomerangError, match="no job kind 'nope': one of distill, eval, export, echo"):
+    with pytest.raises(BoomerangError, match="no job kind 'nope': one of distill, eval, export, node, echo"):
         validate("nope", {})
 
 

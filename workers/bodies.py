@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
 from sqlmodel import Session, select
 
 from boomerang.errors import BoomerangError
@@ -24,11 +26,13 @@ from boomerang.student import open_family
 from boomerang.training.checkpoint import CHECKPOINT, METRICS, RECIPE, STUDENT, checkpoint_step, truncate_metrics
 from boomerang.training.loop import StepReport
 from boomerang.training.loop import distill as run_distillation
-from boomerang.training.parallel import launch_processes, run_device
+from boomerang.training.parallel import NodeShare, Rendezvous, free_port, launch_processes, node_address, run_device
 from boomerang.training.recipe import DistillConfig
 from db import crud
-from db.models import Student
+from db.models import OPEN, JobStatus, Student
+from workers.broker import make_sender
 from workers.context import Cancelled, FollowUp, JobContext, Outcome, worker_name
+from workers.submit import submit
 from workers.workflows import register_family
 
 # ----------------------------------------------------------------------------- distill
@@ -41,10 +45,10 @@ def run_dir_for(job, cfg: DistillConfig) -> Path:
 
 
 def distill(ctx: JobContext, cfg: DistillConfig) -> Outcome:
-    if cfg.nnodes > 1:
-        raise BoomerangError(f"nnodes={cfg.nnodes}: a run over several machines is started from the command line on each "
-                             "of them (`boomerang distill --nnodes N --node-rank R --rdzv HOST:PORT`, "
-                             "docs/scale-out.md); a queued job runs on one worker's machine")
+    if cfg.nnodes > 1 and not cfg.node_queues:
+        raise BoomerangError(f"nnodes={cfg.nnodes}: a queued run over several machines needs node_queues, the queue of a "
+                             f"worker on each other machine ({cfg.nnodes - 1}; `--node-queues Q1,...`); or start it from "
+                             "the command line on each machine (docs/scale-out.md)")
     job = ctx.job
     out = run_dir_for(job, cfg)
     cfg = dataclasses.replace(cfg, out=str(out))
@@ -70,7 +74,10 @@ def distill(ctx: JobContext, cfg: DistillConfig) -> Outcome:
         ctx.log(p.text())
         ctx.progress(p.done, p.total, force=p.done in (0, p.total), phase=p.text(), eta_s=p.eta_s, tokens_per_s=None)
 
-    if cfg.processes > 1:
+    if cfg.nnodes > 1:
+        steps_done, stopped, student_dir = _distill_on_nodes(ctx, cfg, resume, on_step)
+        teacher = load_teacher(cfg.teacher, dtype=cfg.dtype)  # on the host: only to list the family's sizes
+    elif cfg.processes > 1:
         steps_done, stopped, student_dir = _distill_processes(ctx, cfg, resume, on_step)
         teacher = load_teacher(cfg.teacher, dtype=cfg.dtype)  # on the host: only to list the family's sizes
     else:
@@ -92,17 +99,66 @@ def distill(ctx: JobContext, cfg: DistillConfig) -> Outcome:
     return Outcome(result, follow_ups)
 
 
-def _distill_processes(ctx: JobContext, cfg: DistillConfig, resume: bool, on_step) -> tuple[int, bool, Path | None]:
-    """One job on several processes (GPUs): torchrun in a child, its steps read back from metrics.jsonl.
+RDZV_TIMEOUT_S = int(os.environ.get("BOOMERANG_RDZV_TIMEOUT_S", "600"))
+"""How long the machines of a queued multi-machine run wait for each other."""
+
+
+def _distill_on_nodes(ctx: JobContext, cfg: DistillConfig, resume: bool, on_step) -> tuple[int, bool, Path | None]:
+    """Node 0 of a run over `cfg.nnodes` machines: a rendezvous on this machine, a `node` job on each other machine's
+    queue, then this machine's processes. A node job that fails or is cancelled takes the run down (the processes fail
+    on their next collective, or stop with a checkpoint); the error names every node job's state."""
+    rdzv = Rendezvous(0, f"{node_address()}:{free_port()}", RDZV_TIMEOUT_S)
+    nodes: list[int] = []
+    for rank, queue in enumerate(cfg.node_queues, start=1):
+        share = NodeShare(recipe=cfg, node_rank=rank, rdzv=rdzv.endpoint, rdzv_timeout=rdzv.timeout, resume=resume)
+        nodes.append(submit(engine=ctx.engine, app=ctx.app or make_sender(), kind="node", settings=share.to_dict(),
+                            queue=queue).id)
+    ctx.log(f"node 0 of {cfg.nnodes} at {rdzv.endpoint}; nodes " + ", ".join(
+        f"{r} (job {j}, queue {q})" for r, (j, q) in enumerate(zip(nodes, cfg.node_queues, strict=True), start=1)))
+    try:
+        return _distill_processes(ctx, cfg, resume, on_step, rdzv=rdzv)
+    except BoomerangError as exc:
+        with Session(ctx.engine) as s:
+            states = []
+            for rank, j in enumerate(nodes, start=1):
+                job = crud.request_cancel(session=s, job_id=j)  # a node job still queued never joins now
+                taken = f"run by {job.worker}" if job.worker else f"taken by no worker of queue {job.queue}"
+                states.append(f"node {rank}: job {j} {job.status.value}, {taken}")
+        raise BoomerangError(f"{exc}\n" + "; ".join(states)) from None
+
+
+def node(ctx: JobContext, share: NodeShare) -> Outcome:
+    """One other machine's share of a queued multi-machine run: its processes join node 0's rendezvous; the job ends
+    when they do. Cancelling it stops the whole run after a step, with a checkpoint (node 0's job ends cancelled)."""
+    cfg = share.recipe
+    ctx.log(f"node {share.node_rank} of {cfg.nnodes} on {worker_name()} ({node_address()}): joining {share.rdzv}")
+    ctx.progress(0, cfg.steps, force=True, phase=f"node {share.node_rank} of {cfg.nnodes}: joining {share.rdzv}")
+
+    def on_step(r) -> None:
+        ctx.progress(r.step, r.total, tokens_per_s=r.tokens_per_s, eta_s=r.eta_s, phase=f"node {share.node_rank} of "
+                     f"{cfg.nnodes}")
+
+    steps, stopped, _ = _distill_processes(ctx, cfg, share.resume, on_step, rdzv=share.rendezvous())
+    if stopped:
+        raise Cancelled
+    ctx.progress(steps, cfg.steps, force=True)
+    return Outcome({"node_rank": share.node_rank, "steps": steps, "run_dir": cfg.out})
+
+
+def _distill_processes(ctx: JobContext, cfg: DistillConfig, resume: bool, on_step,
+                       rdzv: Rendezvous | None = None) -> tuple[int, bool, Path | None]:
+    """One job on several processes (GPUs): torchrun in a child, its steps read back from metrics.jsonl. With `rdzv`,
+    this machine's share of a multi-machine run (node 0 writes metrics, checkpoints and the student).
 
     Cancelling creates the stop file the processes watch: they finish the step and checkpoint.
     """
     out = Path(cfg.out)
-    stop = out.parent / f".{out.name}.stop"
+    rank = rdzv.node_rank if rdzv else 0
+    stop = out.parent / f".{out.name}.stop{'' if rank == 0 else f'-node{rank}'}"
     stop.unlink(missing_ok=True)
-    log_path = out.parent / f"{out.name}.log"
+    log_path = out.parent / f"{out.name}{'' if rank == 0 else f'.node{rank}'}.log"
     seen = {"step": 0, "offset": 0}
-    if resume:  # lines past the checkpoint (all of them, without one) will be written again by the resumed run
+    if resume and rank == 0:  # lines past the checkpoint (all of them, without one) will be written again
         seen["step"] = checkpoint_step(out / CHECKPOINT) if (out / CHECKPOINT).is_file() else 0
         truncate_metrics(out / METRICS, seen["step"])
 
@@ -124,8 +180,13 @@ def _distill_processes(ctx: JobContext, cfg: DistillConfig, resume: bool, on_ste
     result: dict = {}
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "a") as log:
-        runner = threading.Thread(target=lambda: result.update(
-            rc=launch_processes(cfg, resume=resume, stop_file=str(stop), log=log)), daemon=True)
+        def launch() -> None:
+            try:
+                result["rc"] = launch_processes(cfg, resume=resume, stop_file=str(stop), log=log, rdzv=rdzv)
+            except BoomerangError as exc:  # e.g. machines that never all met: its own words, not the log's end
+                result["error"] = exc
+
+        runner = threading.Thread(target=launch, daemon=True)
         runner.start()
         while runner.is_alive():
             runner.join(timeout=1.0)
@@ -136,12 +197,16 @@ def _distill_processes(ctx: JobContext, cfg: DistillConfig, resume: bool, on_ste
     read_steps()
     stopped = stop.exists()
     stop.unlink(missing_ok=True)
+    if "error" in result:
+        raise result["error"]
     if result.get("rc") != 0:
         lines = log_path.read_text(errors="replace").strip().splitlines()
         ours = list(dict.fromkeys(line for line in lines if line.startswith("error: ")))  # our processes' own errors
         detail = "\n".join(ours) if ours else "the end of the log:\n" + "\n".join(lines[-15:])
         raise BoomerangError(f"the {cfg.processes} distillation processes failed (exit {result.get('rc')}; "
                              f"output in {log_path})\n{detail}")
+    if rank > 0:  # node 0 writes the student: this machine's share ended cleanly with its processes
+        return seen["step"], stopped, None
     student = out / STUDENT
     if not stopped and not (student / "boomerang.json").is_file():
         raise BoomerangError(f"the distillation processes ended without writing {student}; see {log_path}")
@@ -152,6 +217,14 @@ def _distill_processes(ctx: JobContext, cfg: DistillConfig, resume: bool, on_ste
 
 
 def evaluate(ctx: JobContext, req: EvalRequest) -> Outcome:
+    if req.parts > 1:
+        return _evaluate_in_parts(ctx, req)
+    return _evaluate_here(ctx, req)
+
+
+def _evaluate_here(ctx: JobContext, req: EvalRequest, *, on_progress=None) -> Outcome:
+    """The evaluation (or one part of it) in this worker. `on_progress(done, total, eta_s)`: instead of the job's own
+    progress (a part run by the job that shares the evaluation out)."""
     start, computed, added = time.monotonic(), {"n": 0}, {"rows": 0}
     with Session(ctx.engine) as s:
         student = s.exec(select(Student).where(Student.folder == req.student)).first()
@@ -165,14 +238,123 @@ def evaluate(ctx: JobContext, req: EvalRequest) -> Outcome:
         ctx.log(f"{done}/{total} {key} {task}{' (cached)' if skipped else ''}")
         computed["n"] += 0 if skipped else 1
         per_cell = (time.monotonic() - start) / computed["n"] if computed["n"] else None
-        ctx.progress(done, total, force=done == total, eta_s=per_cell * (total - done) if per_cell else None)
+        eta = per_cell * (total - done) if per_cell else None
+        if on_progress:
+            on_progress(done, total, eta)
+        else:
+            ctx.progress(done, total, force=done == total, eta_s=eta)
 
+    ctx.log(f"evaluating{' part ' + req.part if req.part else ''} on {worker_name()} with {torch.get_num_threads()} "
+            "CPU threads")
     report = evaluate_student(req, on_cell=on_cell, should_stop=ctx.should_stop, on_rows=on_rows)
     if ctx.should_stop():
         raise Cancelled
     on_rows(report.rows)  # the same rows: none is added twice
+    if report.table is None:  # one part: the job that shared the evaluation out writes the report
+        return Outcome({"part": req.part, "cells": report.total, "computed": report.computed,
+                        "rows_added": added["rows"]})
     return Outcome({"cells": report.total, "computed": report.computed, "rows_added": added["rows"],
                     "table": str(report.table), "charts": [str(c) for c in report.charts]})
+
+
+PART_POLL_S = 1.0
+
+
+def _evaluate_in_parts(ctx: JobContext, req: EvalRequest) -> Outcome:
+    """An evaluation shared out over `req.parts` jobs (`share_out`): this job queues parts 2..N for the other workers
+    of its queue, computes part 1, then each part no worker has claimed yet (taken back: it runs here) or whose job
+    failed or was cancelled (its missing cells), waits for the parts running elsewhere, and gathers: the same request
+    in one piece finds every part's cells on disk, measures cost alone (no timing is taken while parts compute) and
+    writes the report. Cancelling this job cancels the parts. A job resumed after its worker died finds its parts'
+    jobs still open and waits for them instead of queueing them again."""
+    n, me = req.parts, ctx.job.id
+    part_of = {i: dataclasses.replace(req, parts=1, part=f"{i}/{n}") for i in range(1, n + 1)}
+    helpers = _part_jobs(ctx, part_of)
+    where = {1: "here", **{i: f"job {j}" if j else "here" for i, j in helpers.items()}}
+    ctx.log(f"shared out over {n} parts: " + ", ".join(f"{i}/{n} {w}" for i, w in where.items()))
+    here: dict[int, tuple[int, int]] = {}
+
+    def show(i: int):
+        def progress(done, total, eta):
+            here[i] = (done, total)
+            _parts_progress(ctx, n, helpers, here, eta)
+        return progress
+
+    def cancel_parts() -> None:
+        with Session(ctx.engine) as s:
+            for j in helpers.values():
+                if j:
+                    crud.request_cancel(session=s, job_id=j)
+
+    def compute(i: int) -> None:
+        try:
+            _evaluate_here(ctx, part_of[i], on_progress=show(i))
+        except Cancelled:
+            cancel_parts()
+            raise
+
+    compute(1)
+    pending = dict(helpers)
+    while pending:
+        for i, j in list(pending.items()):
+            with Session(ctx.engine) as s:
+                taken = j is None or crud.take_back(session=s, job_id=j, note=f"no worker took it: job {me} computed it")
+                job = None if taken else crud.get_job(session=s, job_id=j)
+            if taken:
+                ctx.log(f"part {i}/{n}: no other worker free, computed here")
+                where[i] = "here" + (f" (job {j} taken back)" if j else "")
+                compute(i)
+            elif job is None or job.status in (JobStatus.FAILED, JobStatus.CANCELLED):
+                how = f"{job.status.value.lower()} ({job.error or 'no error'})" if job else "is gone"
+                ctx.log(f"part {i}/{n}: job {j} {how}; its missing cells are computed here")
+                where[i] = f"here (job {j} {how.split(' (')[0]})"
+                compute(i)
+            elif job.status != JobStatus.SUCCEEDED:
+                continue
+            del pending[i]
+        if ctx.should_stop():
+            cancel_parts()
+            raise Cancelled
+        _parts_progress(ctx, n, helpers, here, None)
+        if pending:
+            time.sleep(PART_POLL_S)
+    gathered = _evaluate_here(ctx, dataclasses.replace(req, parts=1))
+    return Outcome({**gathered.result, "parts": {f"{i}/{n}": w for i, w in where.items()}})
+
+
+def _part_jobs(ctx: JobContext, part_of: dict[int, EvalRequest]) -> dict[int, int | None]:
+    """{part: its job id} for parts 2..N: an open job with the same settings (queued by this job before its worker
+    died), else a new one on this job's queue; None where none could be queued (this job computes it)."""
+    with Session(ctx.engine) as s:
+        open_jobs = [j for j in crud.list_jobs(session=s, limit=500) if j.kind == "eval" and j.status in OPEN]
+    out: dict[int, int | None] = {}
+    for i, request in part_of.items():
+        if i == 1:
+            continue
+        settings = request.to_dict()
+        found = next((j.id for j in open_jobs if j.settings == settings), None)
+        if found is None:
+            try:
+                found = submit(engine=ctx.engine, app=ctx.app or make_sender(), kind="eval", settings=settings,
+                               queue=ctx.job.queue).id
+            except BoomerangError as exc:
+                ctx.log(f"part {i} was not queued ({exc}); it is computed here")
+        out[i] = found
+    return out
+
+
+def _parts_progress(ctx: JobContext, n: int, helpers: dict[int, int | None], here: dict[int, tuple[int, int]],
+                    eta_s) -> None:
+    """The shared-out job's progress: cells done over cells planned, over every part (a part not started counts 0/0)."""
+    counts = dict(here)
+    with Session(ctx.engine) as s:
+        for i, j in helpers.items():
+            if j and i not in here:
+                job = crud.get_job(session=s, job_id=j)
+                counts[i] = (job.step, job.total) if job else (0, 0)
+    done, total = sum(c[0] for c in counts.values()), sum(c[1] for c in counts.values())
+    text = ", ".join(f"{i}/{n} {c[0]}/{c[1]}" for i, c in sorted(counts.items()))
+    ctx.progress(done, total, eta_s=eta_s, phase=f"parts (cells done / planned): {text}")
 
 
 # ----------------------------------------------------------------------------- export
@@ -186,5 +368,6 @@ def export(ctx: JobContext, req: ExportRequest) -> Outcome:
     return Outcome({"folder": str(out), "layers": req.layers})
 
 
-BODIES: dict[str, Callable[[JobContext, object], Outcome]] = {"distill": distill, "eval": evaluate, "export": export}
+BODIES: dict[str, Callable[[JobContext, object], Outcome]] = {"distill": distill, "eval": evaluate, "export": export,
+                                                             "node": node}
 """The body of each kind of `workers.kinds.KINDS` (a test checks that both name the same kinds)."""

@@ -28,11 +28,18 @@ def register(sub, helpers: dict) -> None:
     p.add_argument("--pool", default="prefork", choices=["prefork", "solo"],
                    help="prefork (default): the job runs in a child process, the parent never touches CUDA")
     p.add_argument("--sweep-every", type=float, default=15.0, help="seconds between sweeps for stale jobs")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads this worker's jobs compute with (default: torch's, every core): with several "
+                        "workers on one machine's CPU, give each its share of the cores")
+    p.add_argument("--address", default=None, help="how workers on other machines reach this one (the rendezvous of a "
+                                                   "queued multi-machine run whose node 0 runs here; default: the "
+                                                   "host name)")
     p.set_defaults(func=cmd_worker)
 
-    p = sub.add_parser("submit", help=f"queue a job: {' | '.join([*KINDS, 'baselines'])}")
+    offered = {kind: row for kind, row in KINDS.items() if row.offered}
+    p = sub.add_parser("submit", help=f"queue a job: {' | '.join([*offered, 'baselines'])}")
     kinds = p.add_subparsers(title="kind", required=True)
-    for kind, row in KINDS.items():  # one per registry row: its flags from the command that shares them, or its request
+    for kind, row in offered.items():  # one per registry row: its flags from the command that shares them, or its request
         command = helpers["requests"].get(kind)
         k = kinds.add_parser(kind, help=row.help)
         if command:
@@ -71,6 +78,13 @@ def cmd_worker(args) -> int:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(args.gpu)  # before anything can initialise CUDA
     if args.name:
         os.environ["BOOMERANG_WORKER_NAME"] = args.name
+    if args.address:
+        os.environ["BOOMERANG_NODE_ADDRESS"] = args.address
+    if args.threads is not None:
+        if args.threads < 1:
+            raise BoomerangError(f"--threads must be at least 1, got {args.threads}")
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # for the processes a job starts (torchrun) too
+    import torch
     from celery import signals
 
     from db.engine import make_engine
@@ -81,7 +95,14 @@ def cmd_worker(args) -> int:
     make_engine()  # migrate once, in the parent, before any child starts
     gpus = os.environ.get("CUDA_VISIBLE_DEVICES")
     device = f"GPU {gpus} (CUDA_VISIBLE_DEVICES={gpus})" if gpus not in (None, "") else "CPU"
-    print(f"boomerang worker {args.name or ''} on {device}; queues {args.queues}; broker {redis_url()}", flush=True)
+    threads = args.threads or torch.get_num_threads()
+    if args.threads is not None:  # in the process that runs jobs: a thread pool made before a fork is broken after it
+        if args.pool == "solo":
+            torch.set_num_threads(args.threads)
+        else:
+            signals.worker_process_init.connect(lambda **_: torch.set_num_threads(args.threads), weak=False)
+    print(f"boomerang worker {args.name or ''} on {device} ({threads} CPU threads); queues "
+          f"{args.queues}; broker {redis_url()}", flush=True)
 
     @signals.worker_ready.connect
     def _sweep(**_):

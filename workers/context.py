@@ -69,8 +69,10 @@ class Outcome:
 class JobContext:
     """What a job body gets: progress reporting, the stop flag, and the job row's settings."""
 
-    def __init__(self, engine, job, beat: Heartbeat):
+    def __init__(self, engine, job, beat: Heartbeat, app=None):
         self.engine, self.job, self.beat = engine, job, beat
+        self.app = app
+        """The Celery app that queues the jobs this one starts (None: a sender to REDIS_URL, made when needed)."""
         self._checked, self._cancel = 0.0, False
         self._pending, self._flushed, self._log, self._latest = [], 0.0, [], {}
 

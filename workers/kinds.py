@@ -18,6 +18,7 @@ from pathlib import Path
 from boomerang.errors import BoomerangError
 from boomerang.evaluation.run import EvalRequest
 from boomerang.export import ExportRequest
+from boomerang.training.parallel import NodeShare
 from boomerang.training.recipe import DistillConfig
 
 
@@ -35,6 +36,8 @@ class JobType:
     """Whether its progress has a token rate worth showing (training does; counting cells does not)."""
     on_submit: Callable | None = None
     """An extra check that only applies to queued jobs of this kind, or None."""
+    offered: bool = True
+    """Whether `boomerang submit` offers it; a kind that only jobs queue (a multi-machine run's nodes) is not."""
 
 
 def _fresh_run_folder(cfg: DistillConfig) -> None:
@@ -49,6 +52,8 @@ KINDS: dict[str, JobType] = {
     "eval": JobType(EvalRequest, "boomerang.evaluate", "queue an evaluation (same settings as `boomerang eval`)",
                     unit="cell"),
     "export": JobType(ExportRequest, "boomerang.export", "queue an export of one size", unit="size"),
+    "node": JobType(NodeShare, "boomerang.node", "join a multi-machine distillation as one of its other machines (its "
+                    "node-0 job queues these; docs/scale-out.md)", unit="step", rate=True, offered=False),
 }
 
 

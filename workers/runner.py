@@ -49,7 +49,7 @@ def run_job(job_id: int, *, expected_kind: str | None = None, engine=None, worke
         return JobStatus.FAILED.value
     beat = Heartbeat(engine, job_id, worker)
     beat.start()
-    ctx = JobContext(engine, job, beat)
+    ctx = JobContext(engine, job, beat, app)
     try:
         outcome = BODIES[job.kind](ctx, build_request(job.kind, job.settings))
         if beat.lost:
@@ -77,7 +77,7 @@ def queue_follow_ups(ctx: JobContext, follow_ups: tuple[FollowUp, ...], app=None
     ids = {}
     for f in follow_ups:
         try:
-            app = app or make_sender()
+            app = app or ctx.app or make_sender()
             job = submit(engine=ctx.engine, app=app, kind=f.kind, settings=f.request.to_dict(), queue=ctx.job.queue)
         except BoomerangError as exc:
             ctx.log(f"{f.what} was not queued ({exc}); start it from the Jobs tab or with boomerang submit {f.kind}")

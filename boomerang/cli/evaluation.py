@@ -106,6 +106,10 @@ def cmd_heldout(args) -> int:
 
 def cmd_eval(args) -> int:
     request = eval_request_from_args(args)
+    if request.parts > 1:
+        raise BoomerangError(f"--parts {request.parts} shares out a queued evaluation over workers: "
+                             f"`boomerang submit eval ... --parts {request.parts}`. In one process, run each part with "
+                             "--part I/N (on machines that share the results folder), then once without to gather them")
     request.check()  # the student, the task files line by line, the held-out file: before any model is loaded
     return run_eval(request)
 
@@ -127,7 +131,12 @@ def run_eval(request: EvalRequest) -> int:
         report = evaluate_student(request, on_cell=on_cell, on_rows=on_rows)
     finally:
         bar.close()
-    print(f"{report.computed} cells computed, {report.total - report.computed} already on disk; table {report.table}")
+    done = f"{report.computed} cells computed, {report.total - report.computed} already on disk"
+    if report.table is None:
+        print(f"{done} (part {request.part}: run the same command without --part to gather the parts, measure cost "
+              "and write the table)")
+        return 0
+    print(f"{done}; table {report.table}")
     for path in report.charts:
         print(f"chart {path}")
     return 0

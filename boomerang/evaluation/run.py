@@ -47,6 +47,8 @@ from boomerang.student import at_size_students, calibration_ids, cut_student, op
 BASELINES = ("undistilled", "drop-bi")
 CALIBRATION_TOKENS = 1024
 """Tokens the drop-bi baseline ranks layers on (a calibration split, never the evaluated blocks)."""
+MAX_PARTS = 64
+"""The most jobs one evaluation is shared out over."""
 STANDARD_LIMIT = 100
 """Items per task of the evaluation a distillation asks for with `evaluate` (one standard error about 0.05)."""
 
@@ -158,6 +160,51 @@ def reference_candidate(source: str, model: CausalLM) -> Candidate:
     embed = model.get_input_embeddings().weight.numel()  # type: ignore[operator]  # a module, typed loosely
     entry = ModelEntry(f"reference-{slug}", "reference", model.config.num_hidden_layers, params, params - embed, source)
     return Candidate(entry, lambda: model)
+
+
+def parse_part(part: str) -> tuple[int, int]:
+    """(I, N) of "I/N"; a BoomerangError unless 1 <= I <= N."""
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(part))
+    if not m or not 1 <= int(m[1]) <= int(m[2]):
+        raise BoomerangError(f"part must be I/N with 1 <= I <= N (e.g. 2/3), got {part!r}")
+    return int(m[1]), int(m[2])
+
+
+def share_out(candidates: list[Candidate], parts: int) -> list[list[str]]:
+    """The models' keys shared out over `parts` jobs, each part about the same work, the same for every process that
+    plans the same request.
+
+    Models that are scored together stay together where they can, since together they share layer calls: the family's
+    sizes are one group, the baselines another, every other model its own. A model's work is taken as its layer count.
+    While there are fewer groups than parts, the heaviest group is halved (its smaller models in one half); then each
+    group, heaviest first, goes to the lightest part. A part may be empty (more parts than models)."""
+
+    def weight(group: list[Candidate]) -> int:
+        return sum(c.entry.n_layers for c in group)
+
+    family = [c for c in candidates if c.shared and c.entry.series in FAMILY_SERIES]
+    baselines = [c for c in candidates if c.shared and c.entry.series not in FAMILY_SERIES]
+    groups = [g for g in (family, baselines) if g] + [[c] for c in candidates if not c.shared]
+    while len(groups) < parts:
+        big = max(groups, key=weight)
+        if len(big) < 2:
+            break
+        groups.remove(big)
+        ordered = sorted(big, key=lambda c: c.entry.n_layers)
+        cut, seen = len(ordered) - 1, 0
+        for i, c in enumerate(ordered[:-1], start=1):
+            seen += c.entry.n_layers
+            if 2 * seen >= weight(ordered):
+                cut = i
+                break
+        groups += [ordered[:cut], ordered[cut:]]
+    keys: list[list[str]] = [[] for _ in range(parts)]
+    loads = [0] * parts
+    for group in sorted(groups, key=weight, reverse=True):
+        i = loads.index(min(loads))
+        keys[i] += [c.entry.key for c in group]
+        loads[i] += weight(group)
+    return keys
 
 
 @dataclass
@@ -369,9 +416,23 @@ class EvalRequest(Settings):
     dtype: str = "auto"
     """auto (bfloat16 where this machine does it natively and faster, else float32; see boomerang.precision) | float32 |
     bfloat16 | float16. Part of every cell's key when not float32: numbers measured in other dtypes are not mixed."""
+    parts: int = 1
+    """A queued evaluation shared out over this many jobs, one per free worker (`share_out`): the job asked for queues
+    the others, computes its own part and any part no worker took, then measures cost alone and writes the report
+    (docs/scale-out.md). `boomerang eval` runs in one process: there, run each `--part` then once without."""
+    part: str | None = None
+    """I/N: only the cells of the I-th of N parts (`share_out`), without cost cells and without the report: what each job
+    of a shared-out evaluation computes. The same request without `part` then finds them on disk and gathers them."""
 
     def __post_init__(self):
         self.check_types()
+        if not 1 <= self.parts <= MAX_PARTS:
+            raise BoomerangError(f"parts must be between 1 and {MAX_PARTS}, got {self.parts}")
+        if self.part is not None:
+            parse_part(self.part)
+            if self.parts > 1:
+                raise BoomerangError("give parts (share out a queued evaluation) or part (compute one of its parts), "
+                                     "not both")
         self.tasks, self.baselines, self.references = list(self.tasks), list(self.baselines), list(self.references)
         self.distilled = [str(Path(f).expanduser().resolve()) for f in self.distilled]
         self.student = str(Path(self.student).expanduser().resolve())
@@ -440,6 +501,7 @@ class EvalReport:
     computed: int
     total: int
     table: object
+    """The family table's path; None for one part of a shared-out evaluation (the gathering job writes it)."""
     charts: list
     rows: list
 
@@ -472,12 +534,18 @@ def evaluate_student(req: EvalRequest, *, on_cell=None, should_stop=None, teache
     jobs = plan_cells(candidates, req.tasks, req.data_dir, req.settings, texts, req.cost, variant, dtype)
     if not jobs:
         raise BoomerangError("nothing to evaluate: give tasks, held-out data or cost")
+    if req.part:  # one part of a shared-out evaluation: its models' cells; cost is timed by the gathering job, alone
+        i, n = parse_part(req.part)
+        mine = set(share_out(candidates, n)[i - 1])
+        jobs = [j for j in jobs if j.candidate.entry.key in mine and j.task_name != "cost"]
     store = ResultStore(req.out or Path(req.student) / "eval")
     summary = read_manifest(req.student).distilled or {}
     made = provenance.base(teacher.model, summary.get("recipe"))
     computed = run_cells(jobs, store, family=family, tokenizer=teacher.tokenizer, settings=req.settings,
                          texts=texts, on_cell=on_cell, should_stop=should_stop, on_rows=on_rows, made=made)
     rows = store.rows(cells=[store.path(j.candidate.entry.key, j.task_name, j.key) for j in jobs])
+    if req.part:
+        return EvalReport(computed, len(jobs), None, [], rows)
     charts: list[Path] = []
     for task in [*req.tasks, *(["average"] if len(req.tasks) > 1 else [])]:
         pts = chart.points(rows, task, req.chart_metric)

@@ -10,6 +10,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -24,6 +25,7 @@ import torch.distributed as dist
 from boomerang.arch import adapter_for
 from boomerang.errors import BoomerangError
 from boomerang.models import resolve_device
+from boomerang.settings import Settings
 from boomerang.training.recipe import DistillConfig
 
 
@@ -170,6 +172,48 @@ class Rendezvous:
         if self.timeout < 1:
             raise BoomerangError(f"--rdzv-timeout must be at least 1 second, got {self.timeout}")
         return host, int(port)
+
+
+@dataclass
+class NodeShare(Settings):
+    """One machine's share of a queued multi-machine distillation: the job that a run's node-0 job queues for the
+    worker of each other machine (`DistillConfig.node_queues`)."""
+
+    recipe: DistillConfig
+    """The run's settings, its run folder (`out`, on storage every machine sees) included."""
+    node_rank: int
+    """This machine's place, 1 to nnodes - 1."""
+    rdzv: str
+    """HOST:PORT of node 0."""
+    rdzv_timeout: int = 600
+    """Seconds to wait for every machine to join."""
+    resume: bool = False
+    """Whether node 0 resumes the run from its checkpoint (every machine must do the same)."""
+
+    def __post_init__(self):
+        self.check_types()
+        self.rendezvous().check(self.recipe.nnodes)
+        if self.node_rank == 0:
+            raise BoomerangError("node 0 is the distillation job itself; a node job is 1 to nnodes - 1")
+
+    def rendezvous(self) -> Rendezvous:
+        return Rendezvous(self.node_rank, self.rdzv, self.rdzv_timeout)
+
+    def check(self) -> None:
+        """Nothing to check before queueing: node 0's job checked the recipe when it was queued."""
+
+
+def node_address() -> str:
+    """How the other machines reach this one: BOOMERANG_NODE_ADDRESS (`boomerang worker --address`), else the host
+    name."""
+    return os.environ.get("BOOMERANG_NODE_ADDRESS") or socket.getfqdn()
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now (for node 0's rendezvous)."""
+    with socket.socket() as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]
 
 
 def torchrun_command(cfg: DistillConfig, rdzv: Rendezvous | None) -> list[str]:

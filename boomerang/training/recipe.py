@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 
@@ -145,6 +145,9 @@ class DistillConfig(Settings):
     nnodes: int = 1
     """Machines the run spans, each running `processes` processes (torchrun's multi-node rendezvous: every machine runs
     `boomerang distill` with the same settings, its own --node-rank and node 0's --rdzv HOST:PORT)."""
+    node_queues: list[str] = field(default_factory=list)
+    """A queued job over `nnodes` machines: the queue of a worker on each other machine, nnodes - 1 of them (node 1's
+    first). The job's own worker is node 0; it queues a `node` job on each (docs/scale-out.md)."""
     fsdp: bool = False
     """Shard the teacher and the student over the processes (FSDP, one unit per layer): for teachers too large for one device."""
     evaluate: bool = False
@@ -193,6 +196,10 @@ class DistillConfig(Settings):
             if not 0 <= getattr(self, beta) < 1:
                 raise BoomerangError(f"{beta} must be in [0, 1), got {getattr(self, beta)}")
         PaperRule(self.keep_first, self.every, self.keep_last)  # validates the rule's numbers
+        self.node_queues = list(self.node_queues)
+        if self.node_queues and len(self.node_queues) != self.nnodes - 1:
+            raise BoomerangError(f"node_queues names the queue of each machine but node 0's: {self.nnodes - 1} for "
+                                 f"nnodes={self.nnodes}, got {len(self.node_queues)}")
 
     def autocast_dtype(self, device: torch.device) -> torch.dtype | None:
         """The dtype the forward passes autocast to on `device` (None: they run in the weights' dtype)."""
@@ -293,9 +300,9 @@ def read_recipe_file(path: str | Path) -> dict:
     return data
 
 
-AFTER_RUN = ("out", "evaluate")
+AFTER_RUN = ("out", "evaluate", "node_queues")
 """Fields that are not settings of the training: where the run folder is (a folder moved or copied
-elsewhere resumes) and what happens once the family is saved."""
+elsewhere resumes), what happens once the family is saved, and which workers run a queued run's other machines."""
 
 
 def recipe_changes(old: dict, new: dict) -> list[str]:
