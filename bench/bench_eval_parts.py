@@ -6,29 +6,24 @@ script checks that both give the same numbers (cost apart: timings) and prints t
     python bench/bench_eval_parts.py --student DIR [--workers 2] [--threads 1]
 
 Needs Redis (REDIS_URL, default redis://127.0.0.1:6379/14 here); the jobs table is a SQLite file in a temporary
-folder. Run it with nothing else running on the machine.
+folder. It goes through the command line as a user would (`boomerang worker`, `boomerang submit eval`) and watches
+the jobs table with sqlite3. Run it with nothing else running on the machine.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import json
 import os
+import re
+import sqlite3
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
 from pathlib import Path
-
-from sqlmodel import Session
-
-from boomerang.evaluation.run import EvalRequest
-from db import crud
-from db.engine import make_engine
-from db.models import FINISHED, JobStatus
-from workers.app import make_celery
-from workers.submit import submit
 
 
 def start_worker(tmp: Path, env: dict, name: str, queue: str, threads: int) -> subprocess.Popen:
@@ -47,15 +42,17 @@ def run(tmp: Path, env: dict, student: str, workers: int, threads: int, label: s
     """Start `workers` workers of `threads` threads, queue the evaluation in `workers` parts, wait; (seconds, table)."""
     queue = f"bench-{uuid.uuid4().hex[:6]}"
     procs = [start_worker(tmp, env, f"{label}-w{i}", queue, threads) for i in range(workers)]
-    engine, app = make_engine(env["DATABASE_URL"]), make_celery(env["REDIS_URL"])
-    req = EvalRequest.after_distillation(student, out=str(tmp / label), parts=workers)
     try:
         start = time.perf_counter()
-        job = submit(engine=engine, app=app, kind="eval", settings=req.to_dict(), queue=queue)
+        queued = subprocess.run([sys.executable, "-m", "boomerang.cli", "submit", "eval", student, "--out",
+                                 str(tmp / label), "--parts", str(workers), "--queue", queue, "--limit", "100"],
+                                env=env, capture_output=True, text=True, check=True).stdout
+        job_id = int(re.search(r"job (\d+) queued", queued)[1])
+        db = tmp / "jobs.db"
         while True:
-            with Session(engine) as s:
-                row = crud.get_job(session=s, job_id=job.id)
-            if row.status in FINISHED:
+            status, result, error = sqlite3.connect(db).execute(
+                "select status, result, error from jobs where id = ?", (job_id,)).fetchone()
+            if status in ("SUCCEEDED", "FAILED", "CANCELLED"):
                 break
             time.sleep(1.0)
         seconds = time.perf_counter() - start
@@ -63,10 +60,11 @@ def run(tmp: Path, env: dict, student: str, workers: int, threads: int, label: s
         for proc in procs:
             os.killpg(proc.pid, 15)
             proc.wait(timeout=60)
-    if row.status != JobStatus.SUCCEEDED:
-        raise SystemExit(f"{label}: job {job.id} {row.status.value}: {row.error}")
-    print(f"  {label:<34} {seconds:7.1f} s  ({row.result.get('parts', {'1/1': 'here'})})", flush=True)
-    return seconds, Path(row.result["table"])
+    if status != "SUCCEEDED":
+        raise SystemExit(f"{label}: job {job_id} {status}: {error}")
+    result = json.loads(result)
+    print(f"  {label:<34} {seconds:7.1f} s  ({result.get('parts', {'1/1': 'here'})})", flush=True)
+    return seconds, Path(result["table"])
 
 
 def numbers(table: Path) -> dict:
