@@ -418,6 +418,7 @@ def test_a_queued_run_over_two_machines_is_joined_by_a_worker_on_each_and_equals
         assert [st.folder for st in crud.list_students(session=s)] == [done.result["student_dir"]]
 
 
+@pytest.mark.slow  # waits out a rendezvous timeout; the command line's own timeout is in the default suite
 def test_a_queued_run_whose_other_machine_has_no_worker_fails_naming_its_queue(cluster):
     m0, nowhere = cluster.queue + "-m0", cluster.queue + "-nobody"
     cluster.env["BOOMERANG_RDZV_TIMEOUT_S"] = "10"
