@@ -5,7 +5,10 @@ weights, the middle size; bfloat16 where the CPU does it well, as the dashboard)
 tokens, each measurement in a thread of its own (see `fresh`):
   1. plain `generate` of the size alone, then of the teacher alone (the references);
   2. one side-by-side chat (size and teacher decoded together in one thread, as in the dashboard);
-  3. two side-by-side chats at the same time (four generations on the machine's cores).
+  3. two side-by-side chats at the same time (four generations on the machine's cores);
+  4. with --student: the same chat with the student owning every tensor, as before a student opened for use held
+     the teacher's tensors where its are equal (`student.share_unchanged`: the `cpu` recipe's frozen ends and
+     single-layer blocks), so that both are measured side by side in one run.
 
     python bench/bench_chat.py [--teacher default] [--student DIR] [--tokens 64] [--repeats 2]
 """
@@ -72,13 +75,18 @@ def side_by_side(size, teacher, tok, n: int) -> list[float]:
 
 def load(args):
     teacher = load_teacher(args.teacher, dtype=args.dtype)
+    owning = None
     if args.student:
+        from transformers import AutoModelForCausalLM
+
         student, manifest = load_student(args.student, teacher)
         plan = manifest.plan
+        own = AutoModelForCausalLM.from_pretrained(args.student, dtype=teacher.model.dtype).eval()
+        owning = Family(teacher.model, own, plan)  # every tensor its own: the size shares no call with the teacher's
     else:
         plan = LayerPlan.from_rule(teacher.n_layers)
-        student = cut_student(teacher.model, plan)  # its own weights, as a distilled student has
-    return teacher, Family(teacher.model, student, plan)
+        student = cut_student(teacher.model, plan)  # its own weights (a freshly cut student shares none)
+    return teacher, Family(teacher.model, student, plan), owning
 
 
 def main() -> None:
@@ -89,7 +97,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--dtype", default="auto", help="auto (the dashboard's: bfloat16 where it pays) | float32 | ...")
     args = parser.parse_args()
-    teacher, fam = fresh(load, args)
+    teacher, fam, owning = fresh(load, args)
     n_mid = fam.layer_counts[len(fam.layer_counts) // 2]
     size, tok, n = fam.build(n_mid), teacher.tokenizer, args.tokens
     # every side makes n tokens: min_new_tokens in plain generate, ignore_eos in the chat
@@ -99,11 +107,16 @@ def main() -> None:
     rows = {"size alone (generate)": [], "teacher alone (generate)": [], "size in one chat": [],
             "teacher in one chat": [], "size, two generate threads": [], "teacher, two generate threads": [],
             "size, two chats at once": [], "teacher, two chats at once": []}
+    if owning:
+        rows |= {"size in one chat, student owning": [], "teacher in one chat, student owning": []}
     for _ in range(args.repeats):
         rows["size alone (generate)"].append(fresh(plain, size, tok, n))
         rows["teacher alone (generate)"].append(fresh(plain, teacher.model, tok, n))
         a, b = side_by_side(size, teacher.model, tok, n)
         rows["size in one chat"].append(a), rows["teacher in one chat"].append(b)
+        if owning:
+            a, b = side_by_side(owning.build(n_mid), teacher.model, tok, n)
+            rows["size in one chat, student owning"].append(a), rows["teacher in one chat, student owning"].append(b)
         a, b = two_threads(size, teacher.model, tok, n)
         rows["size, two generate threads"].append(a), rows["teacher, two generate threads"].append(b)
         results = []
@@ -121,6 +134,9 @@ def main() -> None:
     print(f"one chat vs. the two models generated one after the other: "
           f"{(1 / s_alone + 1 / t_alone) / max(1 / med['size in one chat'], 1 / med['teacher in one chat']):.2f}x "
           "less wall time for both replies")
+    if owning:
+        print(f"one chat, student owning every tensor, vs. one after the other: "
+              f"{(1 / s_alone + 1 / t_alone) / max(1 / med['size in one chat, student owning'], 1 / med['teacher in one chat, student owning']):.2f}x")
     print(f"two generate threads at once (the chat before the decoder) vs. one after the other: "
           f"{(1 / s_alone + 1 / t_alone) / max(1 / med['size, two generate threads'], 1 / med['teacher, two generate threads']):.2f}x")
     print(f"two chats at once, each side vs. alone: size {med['size, two chats at once'] / s_alone:.2f}, "

@@ -155,7 +155,41 @@ def _load_student_model(folder: str | Path, manifest: Manifest, teacher: Teacher
             f"{folder}: the model has {model.config.num_hidden_layers} layers but the manifest's plan keeps "
             f"{manifest.plan.n_student}; the folder is inconsistent"
         )
-    return model.to(teacher.device).eval()  # type: ignore[arg-type]  # transformers types .to wrongly
+    model = model.to(teacher.device).eval()  # type: ignore[arg-type]  # transformers types .to wrongly
+    share_unchanged(model, teacher.model, manifest.plan)
+    return model
+
+
+def share_unchanged(student: CausalLM, teacher: CausalLM, plan: LayerPlan) -> int:
+    """Make a student opened for use hold the teacher's own tensors wherever its are equal to them: the ends and the
+    single-layer blocks a recipe froze (the `cpu` recipe freezes both), or any weight training left as it was. The
+    family then keeps one copy of each, and every path that runs several of its models at once (the evaluation, the
+    chat, the server) calls such a layer once for the rows of all of them (`sharing.model_path` knows a layer by its
+    tensors). Only equal tensors are shared, so every model computes what it did; ties (a head tied to the
+    embeddings) stay tied. Returns the number of tensors now shared. Never for a student about to be trained: it
+    must own its weights."""
+    import torch
+
+    arch = adapter_for(student)
+    ends, teacher_ends = arch.end_modules(student), arch.end_modules(teacher)
+    pairs = [(m, teacher_ends[path]) for path, m in ends.items() if path in teacher_ends]
+    layers, teacher_layers = arch.layer_list(student), arch.layer_list(teacher)
+    pairs += [(layers[j], teacher_layers[a]) for j, (a, b) in enumerate(plan.spans) if b - a == 1]
+    same: dict[int, torch.Tensor] = {}
+    for mine, theirs in pairs:
+        for kind in ("named_parameters", "named_buffers"):
+            own, other = (dict(getattr(m, kind)(remove_duplicate=False)) for m in (mine, theirs))
+            for name, t in own.items():
+                u = other.get(name)
+                if (u is not None and u is not t and u.shape == t.shape and u.dtype == t.dtype and u.device == t.device
+                        and torch.equal(u, t)):
+                    same[id(t)] = u
+    for module in student.modules():  # every reference: a tied head is the embeddings' tensor too
+        for table in (module._parameters, module._buffers):
+            for name, t in table.items():
+                if t is not None and id(t) in same:
+                    table[name] = same[id(t)]  # type: ignore[assignment]
+    return len(same)
 
 
 @dataclass

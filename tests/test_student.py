@@ -69,3 +69,56 @@ def test_bad_student_folders(tmp_path):
     (tmp_path / "broken" / MANIFEST).write_text("{not json")
     with pytest.raises(BoomerangError, match="is damaged"):
         read_manifest(tmp_path / "broken")
+
+
+def test_a_student_opened_for_use_holds_the_teacher_s_tensors_where_they_are_equal(tmp_path):
+    """Ends and single-layer blocks left as cut (the `cpu` recipe freezes them) become the teacher's own tensors when
+    a student folder is opened, a tied head included; what training changed stays the student's. Every size computes
+    exactly what it did with a student owning every tensor, and a size decoded beside the teacher calls the shared
+    blocks once for both rows."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from boomerang.decoding import Decoder, DecodeRow
+    from boomerang.family import Family
+
+    teacher_model = tiny_model("llama")
+    teacher = as_teacher(teacher_model)
+    plan = LayerPlan(N_LAYERS, (0, 1, 3, 5, 7))  # spans [0,1] [1,3] [3,5] [5,7] [7,8]: student layers 0 and 4 single
+    student = cut_student(teacher_model, plan)
+    with torch.no_grad():
+        student.model.layers[4].mlp.up_proj.weight.add_(0.01)  # a single block training changed
+        student.model.layers[1].mlp.up_proj.weight.add_(0.01)
+        student.model.norm.weight.mul_(1.5)
+    out = save_student(student, teacher.tokenizer, Manifest(teacher.source, teacher.fingerprint, plan), tmp_path / "s")
+    loaded, _ = load_student(out, teacher)
+    theirs = {id(t) for t in teacher_model.parameters()}
+
+    def held(module):  # each of its tensors: the teacher's (True) or its own (False)
+        return {name: id(p) in theirs for name, p in module.named_parameters()}
+
+    assert all(held(loaded.model.embed_tokens).values()) and all(held(loaded.model.layers[0]).values())
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight or all(held(loaded.lm_head).values())
+    assert not any(held(loaded.model.norm).values())
+    layer4 = held(loaded.model.layers[4])
+    assert not layer4["mlp.up_proj.weight"] and layer4["mlp.down_proj.weight"], "only the equal tensors are shared"
+    for j in (1, 2, 3):  # blocks of two teacher layers are never the teacher's
+        assert not any(held(loaded.model.layers[j]).values())
+
+    own = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ids = tokens()
+    with torch.no_grad():
+        for n in Family(teacher_model, own, plan).layer_counts:
+            a = Family(teacher_model, loaded, plan).build(n)(ids).logits
+            b = Family(teacher_model, own, plan).build(n)(ids).logits
+            assert torch.equal(a, b), n
+
+    def calls(student_model):
+        size = Family(teacher_model, student_model, plan).build(plan.n_student + 1)
+        dec = Decoder()
+        dec.add_many([DecodeRow(m, [5, 6, 7], 4, lambda t: True) for m in (size, teacher_model)])
+        while dec.rows:
+            dec.step()
+        return dec.layer_calls
+
+    assert calls(loaded) == calls(own) - 3, "student layer 0 is the teacher's: one call for both rows, each of 3 steps"
