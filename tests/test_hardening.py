@@ -302,6 +302,27 @@ def test_retry_while_redis_is_down_changes_nothing(tmp_path):
     assert after.status == JobStatus.FAILED and after.error == "it broke"
 
 
+def test_a_job_a_body_starts_while_redis_is_down_leaves_no_row_and_says_what_happens_instead(place, tmp_path):
+    """`JobContext.queue_job` (a follow-up, an evaluation's part): with Redis down, no job row is left behind, the
+    body goes on, and the job's log says what happens instead (by default: how to start it by hand)."""
+    from workers.app import make_celery
+    from workers.context import Heartbeat, JobContext
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'jobs.db'}")
+    with Session(engine) as s:
+        job = crud.create_job(session=s, job_in=JobCreate(kind="eval", settings={}, queue="q"))
+    ctx = JobContext(engine, job, Heartbeat(engine, job.id, "test"), make_celery("redis://127.0.0.1:9/0"))
+    settings = config(place, tmp_path / "run", steps=1).to_dict()
+    assert ctx.queue_job("distill", settings, "the run") is None
+    assert ctx.queue_job("distill", settings, "part 2/2", instead="it is computed here") is None
+    with Session(engine) as s:
+        assert [j.id for j in crud.list_jobs(session=s)] == [job.id], "a job that never reached the queue has no row"
+    first, second = ctx._log
+    assert first.startswith("the run was not queued (could not queue the job") and first.endswith(
+        "start it from the Jobs tab or with boomerang submit distill"), first
+    assert second.startswith("part 2/2 was not queued (") and second.endswith("; it is computed here"), second
+
+
 def test_a_full_disk_while_checkpointing_frees_the_partial_file(place, tmp_path, monkeypatch):
     import errno
 

@@ -30,8 +30,7 @@ from boomerang.training.parallel import NodeShare, Rendezvous, free_port, launch
 from boomerang.training.recipe import DistillConfig
 from db import crud
 from db.models import OPEN, JobStatus, Student
-from workers.broker import make_sender
-from workers.context import Cancelled, FollowUp, JobContext, Outcome, worker_name
+from workers.context import PROGRESS_EVERY_S, Cancelled, FollowUp, JobContext, Outcome, worker_name
 from workers.submit import submit
 from workers.workflows import register_family
 
@@ -111,8 +110,7 @@ def _distill_on_nodes(ctx: JobContext, cfg: DistillConfig, resume: bool, on_step
     nodes: list[int] = []
     for rank, queue in enumerate(cfg.node_queues, start=1):
         share = NodeShare(recipe=cfg, node_rank=rank, rdzv=rdzv.endpoint, rdzv_timeout=rdzv.timeout, resume=resume)
-        nodes.append(submit(engine=ctx.engine, app=ctx.app or make_sender(), kind="node", settings=share.to_dict(),
-                            queue=queue).id)
+        nodes.append(submit(engine=ctx.engine, app=ctx.sender(), kind="node", settings=share.to_dict(), queue=queue).id)
     ctx.log(f"node 0 of {cfg.nnodes} at {rdzv.endpoint}; nodes " + ", ".join(
         f"{r} (job {j}, queue {q})" for r, (j, q) in enumerate(zip(nodes, cfg.node_queues, strict=True), start=1)))
     try:
@@ -272,12 +270,12 @@ def _evaluate_in_parts(ctx: JobContext, req: EvalRequest) -> Outcome:
     helpers = _part_jobs(ctx, part_of)
     where = {1: "here", **{i: f"job {j}" if j else "here" for i, j in helpers.items()}}
     ctx.log(f"shared out over {n} parts: " + ", ".join(f"{i}/{n} {w}" for i, w in where.items()))
-    here: dict[int, tuple[int, int]] = {}
+    report = _PartsProgress(ctx, n, helpers)
 
     def show(i: int):
         def progress(done, total, eta):
-            here[i] = (done, total)
-            _parts_progress(ctx, n, helpers, here, eta)
+            report.here[i] = (done, total)
+            report(eta)
         return progress
 
     def cancel_parts() -> None:
@@ -305,9 +303,10 @@ def _evaluate_in_parts(ctx: JobContext, req: EvalRequest) -> Outcome:
                 where[i] = "here" + (f" (job {j} taken back)" if j else "")
                 compute(i)
             elif job is None or job.status in (JobStatus.FAILED, JobStatus.CANCELLED):
-                how = f"{job.status.value.lower()} ({job.error or 'no error'})" if job else "is gone"
-                ctx.log(f"part {i}/{n}: job {j} {how}; its missing cells are computed here")
-                where[i] = f"here (job {j} {how.split(' (')[0]})"
+                state = job.status.value.lower() if job else "gone"
+                ctx.log(f"part {i}/{n}: job {j} {state}" + (f" ({job.error or 'no error'})" if job else "")
+                        + "; its missing cells are computed here")
+                where[i] = f"here (job {j} {state})"
                 compute(i)
             elif job.status != JobStatus.SUCCEEDED:
                 continue
@@ -315,7 +314,7 @@ def _evaluate_in_parts(ctx: JobContext, req: EvalRequest) -> Outcome:
         if ctx.should_stop():
             cancel_parts()
             raise Cancelled
-        _parts_progress(ctx, n, helpers, here, None)
+        report()
         if pending:
             time.sleep(PART_POLL_S)
     gathered = _evaluate_here(ctx, dataclasses.replace(req, parts=1))
@@ -334,27 +333,33 @@ def _part_jobs(ctx: JobContext, part_of: dict[int, EvalRequest]) -> dict[int, in
         settings = request.to_dict()
         found = next((j.id for j in open_jobs if j.settings == settings), None)
         if found is None:
-            try:
-                found = submit(engine=ctx.engine, app=ctx.app or make_sender(), kind="eval", settings=settings,
-                               queue=ctx.job.queue).id
-            except BoomerangError as exc:
-                ctx.log(f"part {i} was not queued ({exc}); it is computed here")
+            found = ctx.queue_job("eval", settings, f"part {i}/{len(part_of)}", instead="it is computed here")
         out[i] = found
     return out
 
 
-def _parts_progress(ctx: JobContext, n: int, helpers: dict[int, int | None], here: dict[int, tuple[int, int]],
-                    eta_s) -> None:
-    """The shared-out job's progress: cells done over cells planned, over every part (a part not started counts 0/0)."""
-    counts = dict(here)
-    with Session(ctx.engine) as s:
-        for i, j in helpers.items():
-            if j and i not in here:
-                job = crud.get_job(session=s, job_id=j)
-                counts[i] = (job.step, job.total) if job else (0, 0)
-    done, total = sum(c[0] for c in counts.values()), sum(c[1] for c in counts.values())
-    text = ", ".join(f"{i}/{n} {c[0]}/{c[1]}" for i, c in sorted(counts.items()))
-    ctx.progress(done, total, eta_s=eta_s, phase=f"parts (cells done / planned): {text}")
+class _PartsProgress:
+    """The shared-out job's progress: cells done over cells planned, over every part (a part not started counts 0/0).
+    The parts computed elsewhere are read from their job rows at most every PROGRESS_EVERY_S, like the writes."""
+
+    def __init__(self, ctx: JobContext, n: int, helpers: dict[int, int | None]):
+        self.ctx, self.n, self.helpers = ctx, n, helpers
+        self.here: dict[int, tuple[int, int]] = {}
+        self.elsewhere: dict[int, tuple[int, int]] = {}
+        self.read_at = -float("inf")
+
+    def __call__(self, eta_s=None) -> None:
+        if time.monotonic() - self.read_at >= PROGRESS_EVERY_S:
+            with Session(self.ctx.engine) as s:
+                for i, j in self.helpers.items():
+                    if j:
+                        job = crud.get_job(session=s, job_id=j)
+                        self.elsewhere[i] = (job.step, job.total) if job else (0, 0)
+            self.read_at = time.monotonic()
+        counts = {**{i: c for i, c in self.elsewhere.items() if i not in self.here}, **self.here}
+        done, total = sum(c[0] for c in counts.values()), sum(c[1] for c in counts.values())
+        text = ", ".join(f"{i}/{self.n} {c[0]}/{c[1]}" for i, c in sorted(counts.items()))
+        self.ctx.progress(done, total, eta_s=eta_s, phase=f"parts (cells done / planned): {text}")
 
 
 # ----------------------------------------------------------------------------- export

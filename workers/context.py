@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from sqlmodel import Session
 
+from boomerang.errors import BoomerangError
 from db import crud
 
 HEARTBEAT_S = float(os.environ.get("BOOMERANG_HEARTBEAT_S", "5"))
@@ -75,6 +76,28 @@ class JobContext:
         """The Celery app that queues the jobs this one starts (None: a sender to REDIS_URL, made when needed)."""
         self._checked, self._cancel = 0.0, False
         self._pending, self._flushed, self._log, self._latest = [], 0.0, [], {}
+
+    def sender(self):
+        """The Celery app this job queues jobs with: the worker's, or a sender to REDIS_URL made on first use."""
+        if self.app is None:
+            from workers.broker import make_sender
+            self.app = make_sender()
+        return self.app
+
+    def queue_job(self, kind: str, settings: dict, what: str, *, queue: str | None = None,
+                  instead: str | None = None) -> int | None:
+        """Queue a job this one starts (on `queue`, default this job's own) and log it; None when it cannot be queued,
+        logged with `instead` (default: how to start it by hand). `what` names it in the log ('part 2/3')."""
+        from workers.submit import submit
+        try:
+            job = submit(engine=self.engine, app=self.sender(), kind=kind, settings=settings,
+                         queue=queue or self.job.queue)
+        except BoomerangError as exc:
+            self.log(f"{what} was not queued ({exc}); "
+                     + (instead or f"start it from the Jobs tab or with boomerang submit {kind}"))
+            return None
+        self.log(f"queued {what} as job {job.id}")
+        return job.id
 
     def should_stop(self) -> bool:
         """The library's stop flag. A stop writes a checkpoint next: the step rows it covers are stored first."""

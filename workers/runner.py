@@ -25,10 +25,9 @@ from db import crud
 from db.engine import make_engine
 from db.models import JobStatus
 from workers.bodies import BODIES
-from workers.broker import make_sender
 from workers.context import Cancelled, FollowUp, Heartbeat, JobContext, worker_name
 from workers.kinds import build_request
-from workers.submit import send, submit
+from workers.submit import send
 
 STALE_AFTER_S = float(os.environ.get("BOOMERANG_STALE_AFTER_S", "60"))
 
@@ -54,7 +53,7 @@ def run_job(job_id: int, *, expected_kind: str | None = None, engine=None, worke
         outcome = BODIES[job.kind](ctx, build_request(job.kind, job.settings))
         if beat.lost:
             return "lost"  # another worker took the job over; it will finish it
-        result = {**outcome.result, **queue_follow_ups(ctx, outcome.follow_ups, app)}
+        result = {**outcome.result, **queue_follow_ups(ctx, outcome.follow_ups)}
         _finish(engine, job_id, JobStatus.SUCCEEDED, result=result)
         return JobStatus.SUCCEEDED.value
     except Cancelled:
@@ -70,21 +69,11 @@ def run_job(job_id: int, *, expected_kind: str | None = None, engine=None, worke
         beat.done.set()
 
 
-def queue_follow_ups(ctx: JobContext, follow_ups: tuple[FollowUp, ...], app=None) -> dict:
+def queue_follow_ups(ctx: JobContext, follow_ups: tuple[FollowUp, ...]) -> dict:
     """Queue what a successful body asked for, on the job's queue; {result_key: job id, or None if not queued}.
 
     The job succeeded whatever happens here: a follow-up that cannot be queued is logged with how to start it."""
-    ids = {}
-    for f in follow_ups:
-        try:
-            app = app or ctx.app or make_sender()
-            job = submit(engine=ctx.engine, app=app, kind=f.kind, settings=f.request.to_dict(), queue=ctx.job.queue)
-        except BoomerangError as exc:
-            ctx.log(f"{f.what} was not queued ({exc}); start it from the Jobs tab or with boomerang submit {f.kind}")
-            ids[f.result_key] = None
-            continue
-        ctx.log(f"queued {f.what} as job {job.id}")
-        ids[f.result_key] = job.id
+    ids = {f.result_key: ctx.queue_job(f.kind, f.request.to_dict(), f.what) for f in follow_ups}
     if follow_ups:
         ctx.flush()
     return ids
