@@ -9,7 +9,7 @@ the optional llama.cpp extra installed (`bash scripts/install_llamacpp.sh`):
 3. one greedy stream of `--tokens` new tokens: llama.cpp at each type against `model.generate` in this
    process in float32 and bfloat16 (tokens/s, same prompt, same thread count).
 
-    python bench/bench_gguf.py --student DIR [--size 23] [--tokens 64] [--threads 2]
+    python bench/bench_gguf.py --student DIR [--size 23] [--tokens 64] [--threads 2] [--no-repack]
 """
 
 from __future__ import annotations
@@ -34,10 +34,22 @@ def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
-def llama_cpp_model(path: Path, threads: int):
+def llama_cpp_model(path: Path, threads: int, repack: bool = True):
     import llama_cpp
+    import llama_cpp.llama_cpp as native
 
-    return llama_cpp.Llama(str(path), n_ctx=1024, logits_all=True, verbose=False, n_threads=threads, seed=0)
+    defaults = native.llama_model_default_params
+    if not repack:  # llama.cpp's --no-repack: no extra buffer types (repacked and AMX weight layouts)
+        def without_repacking():
+            params = defaults()
+            params.use_extra_bufts = False
+            return params
+
+        native.llama_model_default_params = without_repacking
+    try:
+        return llama_cpp.Llama(str(path), n_ctx=1024, logits_all=True, verbose=False, n_threads=threads, seed=0)
+    finally:
+        native.llama_model_default_params = defaults
 
 
 def main() -> None:
@@ -47,6 +59,9 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--order", default="best")
+    ap.add_argument("--no-repack", action="store_true",
+                    help="llama.cpp without weight repacking (its AMX path segfaults on quantized files on some Intel "
+                         "CPUs: ggml-org/llama.cpp#20824)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -67,7 +82,7 @@ def main() -> None:
         for type_ in ("f16", "q8_0", "q4_k_m"):
             path = export_size_gguf(fam, args.size, Path(work) / f"{type_}.gguf", type_=type_, tokenizer=tok,
                                     teacher_source=opened.teacher.source)
-            llm = llama_cpp_model(path, args.threads)
+            llm = llama_cpp_model(path, args.threads, repack=not args.no_repack)
             llm.eval(ids)
             theirs = torch.from_numpy(np.array(llm.scores[:len(ids)]))
             top1 = float((theirs.argmax(-1) == ref.argmax(-1)).float().mean())
