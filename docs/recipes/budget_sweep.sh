@@ -10,8 +10,10 @@
 #                     docs/recipes/budget_sweep.sh cpu 150 0.25 0.5  (below 1x: under an hour)
 #   env: RUNS (default /tmp/sweep), DATA (WikiText-2 valid as text: required), BATCH (8), SEQ (128),
 #        SIZES (comma-separated; default three spread over the family), DEVICE (cpu) for the evaluations, and
-#        TEACHER (default: the packaged one), FLAGS (more distill flags, e.g. "--dtype bfloat16"). A run already done is not run again (distill
-#        --resume picks up a stopped one), so the sweep can be stopped and restarted.
+#        TEACHER (default: the packaged one), FLAGS (more distill flags, e.g. "--dtype bfloat16"), BASELINES (the
+#        layer-dropping baselines evaluated beside them: drop-bi by default, "" for none), OTHER (a text of another
+#        domain, never trained on: the same metrics on it too, in eval-other/ and a second comparison). A run already
+#        done is not run again (distill --resume picks up a stopped one), so the sweep can be stopped and restarted.
 set -euo pipefail
 . "$(dirname "$0")/quiet.sh"
 recipe=$1 steps=$2; shift 2
@@ -19,7 +21,7 @@ recipe=$1 steps=$2; shift 2
 runs=${RUNS:-/tmp/sweep}
 data=${DATA:?set DATA to WikiText-2 valid as text, e.g. wiki.valid.tokens of wikitext-2-v1}
 B=.venv/bin/boomerang
-students=()
+students=() others=() names=()
 for mult in "$@"; do
   # a multiple may be a fraction (0.25: a quarter of the 1x steps, rounded), to see a trend below 1x on a CPU
   n=$(awk -v s="$steps" -v m="$mult" 'BEGIN { n = int(s * m + 0.5); if (m !~ /^[0-9]*\.?[0-9]+$/ || n < 1) exit 1; print n }') \
@@ -34,10 +36,21 @@ for mult in "$@"; do
       "${resume[@]}" ${FLAGS:-}
   fi
   quiet 'distill: ' $B baselines "$run/student" ${SIZES:+--sizes "$SIZES"}
+  baselines=(); [ -n "${BASELINES-drop-bi}" ] && baselines=(--baselines "${BASELINES-drop-bi}")
   quiet eval $B eval "$run/student" --heldout-data "$run/student/heldout-tokens.pt" --general-data shipped \
-    --device "${DEVICE:-cpu}" --out "$run/student/eval"
+    "${baselines[@]}" --device "${DEVICE:-cpu}" --out "$run/student/eval"
+  if [ -n "${OTHER:-}" ]; then
+    quiet eval $B eval "$run/student" --general-data "$OTHER" "${baselines[@]}" --device "${DEVICE:-cpu}" \
+      --out "$run/student/eval-other"
+    others+=("$run/student/eval-other") names+=(--name "$recipe-${mult}x")
+  fi
   echo "== $recipe at ${mult}x ($n steps): $(( $(date +%s) - start )) s"
   students+=("$run/student")
 done
 $B compare "${students[@]}" --out "$runs/compare" | { grep -E "^(general|heldout) (at-size|[a-z0-9_]+: of )|^table" || true; }
 .venv/bin/python "$(dirname "$0")/summarize_gaps.py" "$runs/compare/at-size.csv"
+if [ ${#others[@]} -gt 0 ]; then
+  echo "== on the other domain ($OTHER)"
+  $B compare "${others[@]}" "${names[@]}" --out "$runs/compare-other" | { grep -E "^(general|heldout) (at-size|[a-z0-9_]+: of )|^table" || true; }
+  .venv/bin/python "$(dirname "$0")/summarize_gaps.py" "$runs/compare-other/at-size.csv"
+fi
