@@ -352,11 +352,11 @@ class _PartsProgress:
         if time.monotonic() - self.read_at >= PROGRESS_EVERY_S:
             with Session(self.ctx.engine) as s:
                 for i, j in self.helpers.items():
-                    if j:
+                    if j and i not in self.here:  # a part computed here counts its own cells
                         job = crud.get_job(session=s, job_id=j)
                         self.elsewhere[i] = (job.step, job.total) if job else (0, 0)
             self.read_at = time.monotonic()
-        counts = {**{i: c for i, c in self.elsewhere.items() if i not in self.here}, **self.here}
+        counts = {**self.elsewhere, **self.here}
         done, total = sum(c[0] for c in counts.values()), sum(c[1] for c in counts.values())
         text = ", ".join(f"{i}/{self.n} {c[0]}/{c[1]}" for i, c in sorted(counts.items()))
         self.ctx.progress(done, total, eta_s=eta_s, phase=f"parts (cells done / planned): {text}")

@@ -22,6 +22,7 @@ runs=${RUNS:-/tmp/sweep}
 data=${DATA:?set DATA to WikiText-2 valid as text, e.g. wiki.valid.tokens of wikitext-2-v1}
 B=.venv/bin/boomerang
 students=() others=() names=()
+baselines=(); [ -n "${BASELINES-drop-bi}" ] && baselines=(--baselines "${BASELINES-drop-bi}")
 for mult in "$@"; do
   # a multiple may be a fraction (0.25: a quarter of the 1x steps, rounded), to see a trend below 1x on a CPU
   n=$(awk -v s="$steps" -v m="$mult" 'BEGIN { n = int(s * m + 0.5); if (m !~ /^[0-9]*\.?[0-9]+$/ || n < 1) exit 1; print n }') \
@@ -36,7 +37,6 @@ for mult in "$@"; do
       "${resume[@]}" ${FLAGS:-}
   fi
   quiet 'distill: ' $B baselines "$run/student" ${SIZES:+--sizes "$SIZES"}
-  baselines=(); [ -n "${BASELINES-drop-bi}" ] && baselines=(--baselines "${BASELINES-drop-bi}")
   quiet eval $B eval "$run/student" --heldout-data "$run/student/heldout-tokens.pt" --general-data shipped \
     "${baselines[@]}" --device "${DEVICE:-cpu}" --out "$run/student/eval"
   if [ -n "${OTHER:-}" ]; then
