@@ -6,6 +6,11 @@ tokens, each measurement in a thread of its own (see `fresh`):
   1. plain `generate` of the size alone, then of the teacher alone (the references);
   2. one side-by-side chat (size and teacher decoded together in one thread, as in the dashboard);
   3. two side-by-side chats at the same time (four generations on the machine's cores);
+  3b. the teacher alone through the chat's decoder (one side): the chat's ceiling, what it would gain if the
+     size's reply cost nothing (a chat step runs at least every teacher layer and its head); and the same
+     with one OpenMP thread (on this CPU about as fast as two: decoding is bound by per-call work on a core);
+  3c. each side a decoder of its own in a thread of its own, one OpenMP thread each (no call shared, the two
+     cores each running one side): the alternative to sharing calls;
   4. with --student: the same chat with the student owning every tensor, as before a student opened for use held
      the teacher's tensors where its are equal (`student.share_unchanged`: the `cpu` recipe's frozen ends and
      single-layer blocks), so that both are measured side by side in one run.
@@ -67,9 +72,32 @@ def two_threads(size, teacher, tok, n: int) -> list[float]:
     return [rates[0], rates[1]]
 
 
+def one_thread(models: list, tok, n: int) -> list[float]:
+    """`chat` with one OpenMP thread (in the calling thread, which `fresh` ends after)."""
+    torch.set_num_threads(1)
+    return chat(models, tok, n)
+
+
+def split(size, teacher, tok, n: int) -> list[float]:
+    """Each side a chat of its own (one decoder row) in a thread of its own with one OpenMP thread, at once."""
+    rates: dict[int, float] = {}
+
+    def run(i, model):
+        rates[i] = one_thread([model], tok, n)[0]  # this thread's OpenMP team only; the thread ends with it
+
+    threads = [threading.Thread(target=run, args=(i, m)) for i, m in enumerate((size, teacher))]
+    [t.start() for t in threads], [t.join() for t in threads]
+    return [rates[0], rates[1]]
+
+
 def side_by_side(size, teacher, tok, n: int) -> list[float]:
+    return chat([size, teacher], tok, n)
+
+
+def chat(models: list, tok, n: int) -> list[float]:
+    """Tokens/s of each side of one chat of these models (one side: the decoder with one row)."""
     sampling = Sampling(max_new_tokens=n, temperature=0)
-    *_, last = stream_pair([(size, PROMPT), (teacher, PROMPT)], tok, sampling, threading.Event(), ignore_eos=True)
+    *_, last = stream_pair([(m, PROMPT) for m in models], tok, sampling, threading.Event(), ignore_eos=True)
     return [r.tokens / r.elapsed_s for r in last]  # end to end, as the user sees it
 
 
@@ -105,7 +133,9 @@ def main() -> None:
           f"{next(teacher.model.parameters()).dtype}; torch threads {torch.get_num_threads()}")
     fresh(plain, size, tok, 4)  # warm-up
     rows = {"size alone (generate)": [], "teacher alone (generate)": [], "size in one chat": [],
-            "teacher in one chat": [], "size, two generate threads": [], "teacher, two generate threads": [],
+            "teacher in one chat": [], "teacher alone (chat's decoder)": [],
+            "teacher alone (chat's decoder, 1 thread)": [],
+            "size, a decoder per side": [], "teacher, a decoder per side": [], "size, two generate threads": [], "teacher, two generate threads": [],
             "size, two chats at once": [], "teacher, two chats at once": []}
     if owning:
         rows |= {"size in one chat, student owning": [], "teacher in one chat, student owning": []}
@@ -114,6 +144,10 @@ def main() -> None:
         rows["teacher alone (generate)"].append(fresh(plain, teacher.model, tok, n))
         a, b = side_by_side(size, teacher.model, tok, n)
         rows["size in one chat"].append(a), rows["teacher in one chat"].append(b)
+        rows["teacher alone (chat's decoder)"].append(fresh(chat, [teacher.model], tok, n)[0])
+        rows["teacher alone (chat's decoder, 1 thread)"].append(fresh(one_thread, [teacher.model], tok, n)[0])
+        a, b = split(size, teacher.model, tok, n)
+        rows["size, a decoder per side"].append(a), rows["teacher, a decoder per side"].append(b)
         if owning:
             a, b = side_by_side(owning.build(n_mid), teacher.model, tok, n)
             rows["size in one chat, student owning"].append(a), rows["teacher in one chat, student owning"].append(b)
@@ -127,13 +161,18 @@ def main() -> None:
         rows["teacher, two chats at once"].append(statistics.mean(r[1] for r in results))
     med = {k: statistics.median(v) for k, v in rows.items()}
     for k, v in med.items():
-        print(f"{k:<28} {v:7.1f} tokens/s")
+        print(f"{k:<36} {v:7.1f} tokens/s")
     s_alone, t_alone = med["size alone (generate)"], med["teacher alone (generate)"]
     print(f"one chat, each side vs. alone: size {med['size in one chat'] / s_alone:.2f}, "
           f"teacher {med['teacher in one chat'] / t_alone:.2f}")
     print(f"one chat vs. the two models generated one after the other: "
           f"{(1 / s_alone + 1 / t_alone) / max(1 / med['size in one chat'], 1 / med['teacher in one chat']):.2f}x "
           "less wall time for both replies")
+    ceiling = (1 / s_alone + 1 / t_alone) * med["teacher alone (chat's decoder)"]
+    print(f"the chat's ceiling (the teacher alone in its decoder, as if the size's reply cost nothing) vs. one after "
+          f"the other: {ceiling:.2f}x")
+    print(f"a decoder per side, one OpenMP thread each, vs. one after the other: "
+          f"{(1 / s_alone + 1 / t_alone) / max(1 / med['size, a decoder per side'], 1 / med['teacher, a decoder per side']):.2f}x")
     if owning:
         print(f"one chat, student owning every tensor, vs. one after the other: "
               f"{(1 / s_alone + 1 / t_alone) / max(1 / med['size in one chat, student owning'], 1 / med['teacher in one chat, student owning']):.2f}x")
