@@ -60,16 +60,21 @@ def plain(model, tok, n: int) -> float:
     return (out.shape[1] - ids.shape[1]) / took
 
 
-def two_threads(size, teacher, tok, n: int) -> list[float]:
-    """The chat before the decoder: each side's `generate` in a thread of its own, at once (tokens/s each)."""
-    rates: dict[int, float] = {}
+def each_in_a_thread(fn, models) -> list:
+    """[fn(model) for each model], each in a thread of its own, all at once."""
+    out: dict[int, object] = {}
 
     def run(i, model):
-        rates[i] = plain(model, tok, n)
+        out[i] = fn(model)
 
-    threads = [threading.Thread(target=run, args=(i, m)) for i, m in enumerate((size, teacher))]
+    threads = [threading.Thread(target=run, args=(i, m)) for i, m in enumerate(models)]
     [t.start() for t in threads], [t.join() for t in threads]
-    return [rates[0], rates[1]]
+    return [out[i] for i in range(len(models))]
+
+
+def two_threads(size, teacher, tok, n: int) -> list[float]:
+    """The chat before the decoder: each side's `generate` in a thread of its own, at once (tokens/s each)."""
+    return each_in_a_thread(lambda model: plain(model, tok, n), (size, teacher))
 
 
 def one_thread(models: list, tok, n: int) -> list[float]:
@@ -79,19 +84,9 @@ def one_thread(models: list, tok, n: int) -> list[float]:
 
 
 def split(size, teacher, tok, n: int) -> list[float]:
-    """Each side a chat of its own (one decoder row) in a thread of its own with one OpenMP thread, at once."""
-    rates: dict[int, float] = {}
-
-    def run(i, model):
-        rates[i] = one_thread([model], tok, n)[0]  # this thread's OpenMP team only; the thread ends with it
-
-    threads = [threading.Thread(target=run, args=(i, m)) for i, m in enumerate((size, teacher))]
-    [t.start() for t in threads], [t.join() for t in threads]
-    return [rates[0], rates[1]]
-
-
-def side_by_side(size, teacher, tok, n: int) -> list[float]:
-    return chat([size, teacher], tok, n)
+    """Each side a chat of its own (one decoder row) in a thread of its own with one OpenMP thread, at once (each
+    thread's OpenMP team only; the threads end with it)."""
+    return each_in_a_thread(lambda model: one_thread([model], tok, n)[0], (size, teacher))
 
 
 def chat(models: list, tok, n: int) -> list[float]:
@@ -142,42 +137,42 @@ def main() -> None:
     for _ in range(args.repeats):
         rows["size alone (generate)"].append(fresh(plain, size, tok, n))
         rows["teacher alone (generate)"].append(fresh(plain, teacher.model, tok, n))
-        a, b = side_by_side(size, teacher.model, tok, n)
+        a, b = chat([size, teacher.model], tok, n)
         rows["size in one chat"].append(a), rows["teacher in one chat"].append(b)
         rows["teacher alone (chat's decoder)"].append(fresh(chat, [teacher.model], tok, n)[0])
         rows["teacher alone (chat's decoder, 1 thread)"].append(fresh(one_thread, [teacher.model], tok, n)[0])
         a, b = split(size, teacher.model, tok, n)
         rows["size, a decoder per side"].append(a), rows["teacher, a decoder per side"].append(b)
         if owning:
-            a, b = side_by_side(owning.build(n_mid), teacher.model, tok, n)
+            a, b = chat([owning.build(n_mid), teacher.model], tok, n)
             rows["size in one chat, student owning"].append(a), rows["teacher in one chat, student owning"].append(b)
         a, b = two_threads(size, teacher.model, tok, n)
         rows["size, two generate threads"].append(a), rows["teacher, two generate threads"].append(b)
-        results = []
-        threads = [threading.Thread(target=lambda results=results: results.append(side_by_side(size, teacher.model, tok, n)))
-                   for _ in range(2)]
-        [t.start() for t in threads], [t.join() for t in threads]
+        results = each_in_a_thread(lambda _: chat([size, teacher.model], tok, n), range(2))
         rows["size, two chats at once"].append(statistics.mean(r[0] for r in results))
         rows["teacher, two chats at once"].append(statistics.mean(r[1] for r in results))
     med = {k: statistics.median(v) for k, v in rows.items()}
     for k, v in med.items():
         print(f"{k:<36} {v:7.1f} tokens/s")
     s_alone, t_alone = med["size alone (generate)"], med["teacher alone (generate)"]
+
+    def vs_serial(what: str) -> float:
+        """How much sooner both replies come with `what` ('one chat', ...) than one `generate` after the other."""
+        return (1 / s_alone + 1 / t_alone) / max(1 / med[f"size{what}"], 1 / med[f"teacher{what}"])
+
     print(f"one chat, each side vs. alone: size {med['size in one chat'] / s_alone:.2f}, "
           f"teacher {med['teacher in one chat'] / t_alone:.2f}")
-    print(f"one chat vs. the two models generated one after the other: "
-          f"{(1 / s_alone + 1 / t_alone) / max(1 / med['size in one chat'], 1 / med['teacher in one chat']):.2f}x "
+    print(f"one chat vs. the two models generated one after the other: {vs_serial(' in one chat'):.2f}x "
           "less wall time for both replies")
     ceiling = (1 / s_alone + 1 / t_alone) * med["teacher alone (chat's decoder)"]
     print(f"the chat's ceiling (the teacher alone in its decoder, as if the size's reply cost nothing) vs. one after "
           f"the other: {ceiling:.2f}x")
-    print(f"a decoder per side, one OpenMP thread each, vs. one after the other: "
-          f"{(1 / s_alone + 1 / t_alone) / max(1 / med['size, a decoder per side'], 1 / med['teacher, a decoder per side']):.2f}x")
+    print(f"a decoder per side, one OpenMP thread each, vs. one after the other: {vs_serial(', a decoder per side'):.2f}x")
     if owning:
         print(f"one chat, student owning every tensor, vs. one after the other: "
-              f"{(1 / s_alone + 1 / t_alone) / max(1 / med['size in one chat, student owning'], 1 / med['teacher in one chat, student owning']):.2f}x")
+              f"{vs_serial(' in one chat, student owning'):.2f}x")
     print(f"two generate threads at once (the chat before the decoder) vs. one after the other: "
-          f"{(1 / s_alone + 1 / t_alone) / max(1 / med['size, two generate threads'], 1 / med['teacher, two generate threads']):.2f}x")
+          f"{vs_serial(', two generate threads'):.2f}x")
     print(f"two chats at once, each side vs. alone: size {med['size, two chats at once'] / s_alone:.2f}, "
           f"teacher {med['teacher, two chats at once'] / t_alone:.2f}")
 
